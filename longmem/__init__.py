@@ -1,6 +1,13 @@
-"""LongMem for fairseq: pass ``--user-dir longmem``; importing this package registers everything."""
+"""LongMem for fairseq: pass ``--user-dir longmem``; importing this package registers everything.
+
+The fairseq-free parts (``longmem.modules``: ALiBi, the memory bank) import without fairseq, e.g. on a
+GPU machine that only benchmarks the memory.
+"""
+import importlib.util
+
 from longmem import compat
 
 compat.apply()
 
-from longmem import models  # noqa: E402,F401  (registers newgpt and its archs)
+if importlib.util.find_spec("fairseq") is not None:
+    from longmem import models  # noqa: F401  (registers newgpt and its archs)

@@ -201,8 +201,8 @@ def test_a_short_training_run_lowers_the_loss():
 def test_clear_errors_at_build_time(small_dict, tmp_path):
     with pytest.raises(ValueError, match="unknown newgpt arch 'newgpt-huge'.*newgpt-medium"):
         build_newgpt("newgpt-huge", small_dict)
-    with pytest.raises(ValueError, match=r"retrieval_layer_index=6 is out of range.*num_layers=6.*\[0, 5\]"):
-        build_newgpt("newgpt-tiny", small_dict, retrieval_layer_index=6)
+    with pytest.raises(ValueError, match=r"retrieval_layer_index=4 is out of range.*num_layers=4.*\[0, 3\]"):
+        build_newgpt("newgpt-tiny", small_dict, retrieval_layer_index=4)
     with pytest.raises(ValueError, match="embed_dim=256 is not divisible by num_attention_heads=7"):
         build_newgpt("newgpt-tiny", small_dict, num_attention_heads=7)
     missing = str(tmp_path / "nowhere" / "dict.txt")

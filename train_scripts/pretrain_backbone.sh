@@ -28,6 +28,6 @@ exec "$PYTHON" -m fairseq_cli.train "$DATA" \
   --optimizer adam --adam-betas '(0.9, 0.98)' --adam-eps 1e-6 --weight-decay "$WEIGHT_DECAY" \
   --clip-norm "$CLIP_NORM" --lr "$LR" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" \
   --total-num-update "$MAX_UPDATE" --max-update "$MAX_UPDATE" \
-  --save-dir "$SAVE" --no-epoch-checkpoints --keep-last-epochs 1 --save-interval-updates 200 \
-  --keep-interval-updates 1 --validate-interval-updates 400 \
-  --log-format "$LOG_FORMAT" --log-interval 50 --seed "$SEED" --cpu --num-workers 0 "$@"
+  --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 100 \
+  --keep-interval-updates 1 --validate-interval-updates 1000000 \
+  --log-format "$LOG_FORMAT" --log-interval 10 --seed "$SEED" --cpu --num-workers 0 "$@"

@@ -307,7 +307,7 @@ class NewGPTLanguageModel(FairseqLanguageModel):
 # (embed_dim, num_layers, num_attention_heads, ffn_embed_dim, retrieval_layer_index)
 # Sizes are the released ones; only medium's retrieval layer (17) comes from the release.
 NEWGPT_ARCHS = {
-    "newgpt-tiny": (256, 6, 8, 1024, 4),
+    "newgpt-tiny": (256, 4, 4, 1024, 2),
     "newgpt-mini": (128, 8, 4, 512, 5),
     "newgpt-small": (768, 12, 12, 3072, 8),
     "newgpt-medium": (1024, 24, 16, 4096, 17),

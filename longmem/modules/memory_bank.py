@@ -1,0 +1,317 @@
+"""LongMem's cached memory: a chunked key/value bank with token-to-chunk retrieval (SPEC §3).
+
+A plain PyTorch object, no fairseq. Each stream holds the backbone's layer-m keys and values of the
+tokens it was given, split into H heads of d, grouped into chunks of ``chunk_size`` consecutive tokens.
+A chunk's index key, per head, is the mean of its keys. ``retrieve`` returns, for every query token and
+head, the ``k // chunk_size`` chunks of highest inner product with the query and all their tokens:
+``k`` token-level key/value pairs.
+
+Differences from the release, none of which changes a result where the release was correct:
+
+* ``shared=False`` (default) gives every batch row its own stream; ``shared=True`` is the release's
+  single bank fed batch-major by every row.
+* Eviction is a FIFO ring buffer: new chunks overwrite the oldest in place, so an ``add`` costs the
+  same whatever ``memory_size`` is (the release calls faiss ``remove_ids`` and shifts tensors).
+* Slots that memory cannot fill yet are masked (``mask`` False, zero keys/values); the release gathers
+  garbage rows for faiss's ``-1`` ids.
+* Runs on CPU: the ``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when
+  ``faiss.get_num_gpus() > 0``), the ``"torch"`` backend an exact matmul + top-k on the tensors' device.
+
+Example::
+
+    bank = ChunkedMemoryBank(num_heads=16, head_dim=64, memory_size=65536, chunk_size=4, k=64)
+    out = bank.retrieve(q)   # q (B, T, H*d) -> out.keys/out.values (B, H, T, k, d), out.mask (B, H, T, k)
+    bank.add(k, v)           # k, v (B, T, H*d)
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from longmem.utils.atomic import atomic_open
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "faiss", "torch")
+# queries scored per matmul in the torch backend: bounds the (B, H, T, C) score tensor
+_TORCH_QUERY_BLOCK = 256
+
+
+@dataclass
+class Retrieved:
+    keys: torch.Tensor       # (B, H, T, k, d), storage dtype; zeros where mask is False
+    values: torch.Tensor     # (B, H, T, k, d)
+    mask: torch.Tensor       # (B, H, T, k) bool, True = a real slot
+    chunk_ids: torch.Tensor  # (B, H, T, k // chunk_size) int64: the n-th chunk its stream held since
+                             # its last reset (0-based), best first; -1 where nothing was there
+
+
+def _faiss():
+    """faiss with its torch bridge loaded, or None when faiss is not installed."""
+    try:
+        import faiss
+        import faiss.contrib.torch_utils  # noqa: F401  (faiss.knn / knn_gpu accept torch tensors)
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_gpus(faiss) -> int:
+    try:
+        return faiss.get_num_gpus()
+    except AttributeError:  # faiss-cpu builds may lack the symbol
+        return 0
+
+
+class ChunkedMemoryBank:
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        memory_size: int,
+        chunk_size: int,
+        k: int,
+        num_streams: int = 1,
+        shared: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype: torch.dtype = torch.float16,
+    ):
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("memory_size", memory_size),
+                            ("chunk_size", chunk_size), ("k", k), ("num_streams", num_streams)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ChunkedMemoryBank: {name} must be a positive int, got {value!r}")
+        if k % chunk_size:
+            raise ValueError(f"ChunkedMemoryBank: k={k} is not a multiple of chunk_size={chunk_size}; "
+                             f"retrieval returns whole chunks, so choose k in {chunk_size}, {2 * chunk_size}, ...")
+        if memory_size % chunk_size:
+            raise ValueError(f"ChunkedMemoryBank: memory_size={memory_size} is not a multiple of "
+                             f"chunk_size={chunk_size}; memory holds whole chunks")
+        if backend not in BACKENDS:
+            raise ValueError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"ChunkedMemoryBank: storage dtype must be floating point, got {dtype}")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.memory_size, self.chunk_size, self.k = memory_size, chunk_size, k
+        self.num_streams, self.shared = num_streams, shared
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.capacity = memory_size // chunk_size  # chunks per stream
+        self.chunks_per_query = k // chunk_size
+        self.backend = self._choose_backend(backend)
+
+        S, H, C, c, d = self.num_banks, num_heads, self.capacity, chunk_size, head_dim
+        self.keys = torch.zeros(S, H, C, c, d, dtype=dtype, device=self.device)
+        self.values = torch.zeros(S, H, C, c, d, dtype=dtype, device=self.device)
+        self.chunk_keys = torch.zeros(S, H, C, d, dtype=torch.float32, device=self.device)
+        self.chunk_serial = torch.full((S, C), -1, dtype=torch.long, device=self.device)
+        # ring state, kept on the host: no device sync is needed to read it
+        self.write_pos = [0] * S   # next slot to write
+        self.filled = [0] * S      # slots holding a chunk; slots [0, filled) until the ring wraps
+        self.next_serial = [0] * S
+
+    @property
+    def num_banks(self) -> int:
+        return 1 if self.shared else self.num_streams
+
+    # ------------------------------------------------------------------ backend
+    def _choose_backend(self, backend: str) -> str:
+        faiss = _faiss()
+        if backend == "faiss":
+            if faiss is None:
+                raise ImportError("ChunkedMemoryBank: backend='faiss' needs faiss: pip install faiss-cpu "
+                                  "(or faiss-gpu), or use backend='torch'")
+            if self.device.type == "cuda" and _faiss_gpus(faiss) == 0:
+                raise RuntimeError("ChunkedMemoryBank: backend='faiss' on a CUDA device needs the faiss GPU "
+                                   "build (faiss.get_num_gpus() is 0); use backend='torch' there")
+            return "faiss"
+        if backend == "torch":
+            return "torch"
+        if self.device.type == "cuda":
+            chosen = "faiss" if faiss is not None and _faiss_gpus(faiss) > 0 else "torch"
+        else:
+            chosen = "faiss" if faiss is not None else "torch"
+        logger.info("memory bank: backend 'auto' chose %r (device %s, faiss %s)", chosen, self.device,
+                    "missing" if faiss is None else f"with {_faiss_gpus(faiss)} GPU(s)")
+        return chosen
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, name: str, x: torch.Tensor) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"ChunkedMemoryBank: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"ChunkedMemoryBank: {name} must be floating point (expected {self.dtype} or "
+                            f"another float dtype), received {x.dtype}")
+        width = self.num_heads * self.head_dim
+        if x.dim() != 3 or x.size(-1) != width:
+            raise ValueError(f"ChunkedMemoryBank: {name} must be (B, T, num_heads*head_dim) = "
+                             f"(B, T, {width}), received {tuple(x.shape)}")
+        if not self.shared and x.size(0) != self.num_streams:
+            raise ValueError(f"ChunkedMemoryBank: {name} has batch size {x.size(0)} but the bank has "
+                             f"num_streams={self.num_streams} (one row per stream); received {tuple(x.shape)}")
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+
+    # ------------------------------------------------------------------ write
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write tokens: keys, values (B, T, H*d). Per-stream: row b goes to stream b. Shared: rows are
+        concatenated batch-major into the one bank. Tokens that do not fill a last chunk are dropped."""
+        self._check("keys", keys)
+        self._check("values", values)
+        if keys.shape != values.shape:
+            raise ValueError(f"ChunkedMemoryBank: keys {tuple(keys.shape)} and values "
+                             f"{tuple(values.shape)} must have the same shape")
+        keys = keys.to(self.device, self.dtype)
+        values = values.to(self.device, self.dtype)
+        if self.shared:
+            keys, values = keys.reshape(1, -1, keys.size(-1)), values.reshape(1, -1, values.size(-1))
+        c = self.chunk_size
+        n = keys.size(1) // c  # whole chunks per stream
+        if n == 0:
+            return
+        skipped = max(0, n - self.capacity)  # only the newest `capacity` chunks would survive
+        keys, values = keys[:, skipped * c: n * c], values[:, skipped * c: n * c]
+        n -= skipped
+        S, H, d = keys.size(0), self.num_heads, self.head_dim
+        k_chunks = keys.view(S, n, c, H, d).permute(0, 3, 1, 2, 4)  # (S, H, n, c, d)
+        v_chunks = values.view(S, n, c, H, d).permute(0, 3, 1, 2, 4)
+        means = k_chunks.float().mean(dim=3)  # (S, H, n, d), from the stored-precision keys
+        for s in range(S):
+            slots = (self.write_pos[s] + torch.arange(n)) % self.capacity  # (n,)
+            slots = slots.to(self.device)
+            self.keys[s].index_copy_(1, slots, k_chunks[s])
+            self.values[s].index_copy_(1, slots, v_chunks[s])
+            self.chunk_keys[s].index_copy_(1, slots, means[s])
+            first = self.next_serial[s] + skipped
+            self.chunk_serial[s].index_copy_(0, slots, torch.arange(first, first + n, device=self.device))
+            self.next_serial[s] = first + n
+            self.write_pos[s] = (self.write_pos[s] + n) % self.capacity
+            self.filled[s] = min(self.capacity, self.filled[s] + n)
+
+    def reset(self, stream: Optional[int] = None) -> None:
+        """Forget everything, or one stream (e.g. at a document boundary of that row)."""
+        streams = range(self.num_banks) if stream is None else [self._stream_index(stream)]
+        for s in streams:
+            self.write_pos[s] = self.filled[s] = self.next_serial[s] = 0
+            self.chunk_serial[s].fill_(-1)
+
+    def _stream_index(self, stream: int) -> int:
+        if self.shared:
+            if stream != 0:
+                raise IndexError(f"ChunkedMemoryBank: a shared bank has one stream (0), got stream={stream}")
+            return 0
+        if not 0 <= stream < self.num_streams:
+            raise IndexError(f"ChunkedMemoryBank: stream={stream} out of range [0, {self.num_streams - 1}]")
+        return stream
+
+    def num_tokens(self, stream: int = 0) -> int:
+        return self.filled[self._stream_index(stream)] * self.chunk_size
+
+    # ------------------------------------------------------------------ read
+    @torch.no_grad()
+    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+        """queries (B, T, H*d) -> the k memory tokens of each query token and head."""
+        self._check("queries", queries)
+        B, T, _ = queries.shape
+        H, kc = self.num_heads, self.chunks_per_query
+        q = self._split_heads(queries.to(self.device)).float()  # (B, H, T, d)
+        bank_of_row = [0] * B if self.shared else list(range(B))
+        scores_ids = torch.full((B, H, T, kc), -1, dtype=torch.long, device=self.device)  # slots
+        for b, s in enumerate(bank_of_row):
+            n = self.filled[s]
+            if n == 0:
+                continue
+            top = min(kc, n)
+            base = self.chunk_keys[s, :, :n]  # (H, n, d): the ring fills slots 0..n-1 before it wraps
+            if self.backend == "faiss":
+                scores_ids[b, :, :, :top] = self._search_faiss(q[b], base, top)
+            else:
+                scores_ids[b, :, :, :top] = self._search_torch(q[b], base, top)
+        return self._gather(scores_ids, bank_of_row)
+
+    def _search_torch(self, q: torch.Tensor, base: torch.Tensor, top: int) -> torch.Tensor:
+        """q (H, T, d) float32, base (H, n, d) -> slot ids (H, T, top), best first."""
+        out = []
+        for start in range(0, q.size(1), _TORCH_QUERY_BLOCK):
+            scores = torch.bmm(q[:, start: start + _TORCH_QUERY_BLOCK], base.transpose(1, 2))  # (H, t, n)
+            out.append(scores.topk(top, dim=-1, sorted=True).indices)
+        return torch.cat(out, dim=1)
+
+    def _search_faiss(self, q: torch.Tensor, base: torch.Tensor, top: int) -> torch.Tensor:
+        """Exact inner-product search by faiss, one call per head, on torch tensors directly."""
+        faiss = _faiss()
+        out = torch.empty(q.size(0), q.size(1), top, dtype=torch.long, device=self.device)
+        for h in range(q.size(0)):
+            xq, xb = q[h].contiguous(), base[h].contiguous()
+            if self.device.type == "cuda":
+                res = self._gpu_resources()
+                _, ids = faiss.knn_gpu(res, xq, xb, top, metric=faiss.METRIC_INNER_PRODUCT)
+            else:
+                _, ids = faiss.knn(xq, xb, top, metric=faiss.METRIC_INNER_PRODUCT)
+            out[h] = ids.to(self.device)
+        return out
+
+    def _gpu_resources(self):
+        if getattr(self, "_faiss_res", None) is None:
+            self._faiss_res = _faiss().StandardGpuResources()
+        return self._faiss_res
+
+    def _gather(self, slot_ids: torch.Tensor, bank_of_row) -> Retrieved:
+        """slot ids (B, H, T, kc), -1 = empty -> keys/values (B, H, T, k, d) and the mask."""
+        B, H, T, kc = slot_ids.shape
+        C, c, d = self.capacity, self.chunk_size, self.head_dim
+        valid = slot_ids.ge(0)  # (B, H, T, kc)
+        banks = torch.tensor(bank_of_row, device=self.device).view(B, 1, 1, 1)
+        heads = torch.arange(H, device=self.device).view(1, H, 1, 1)
+        flat = ((banks * H + heads) * C + slot_ids.clamp(min=0)).view(-1)  # rows of (S*H*C, c, d)
+        keys = self.keys.view(-1, c, d).index_select(0, flat).view(B, H, T, kc * c, d)
+        values = self.values.view(-1, c, d).index_select(0, flat).view(B, H, T, kc * c, d)
+        mask = valid.unsqueeze(-1).expand(B, H, T, kc, c).reshape(B, H, T, kc * c)
+        if not bool(valid.all()):
+            keys = keys.masked_fill(~mask.unsqueeze(-1), 0)
+            values = values.masked_fill(~mask.unsqueeze(-1), 0)
+        serial = self.chunk_serial[banks.view(B, 1, 1, 1).expand_as(slot_ids), slot_ids.clamp(min=0)]
+        chunk_ids = serial.masked_fill(~valid, -1)
+        return Retrieved(keys=keys, values=values, mask=mask, chunk_ids=chunk_ids)
+
+    # ------------------------------------------------------------------ persistence
+    def config(self) -> dict:
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim, "memory_size": self.memory_size,
+                "chunk_size": self.chunk_size, "k": self.k, "num_streams": self.num_streams,
+                "shared": self.shared}
+
+    def state_dict(self) -> dict:
+        return {"config": self.config(), "dtype": str(self.dtype).replace("torch.", ""),
+                "keys": self.keys.cpu(), "values": self.values.cpu(), "chunk_keys": self.chunk_keys.cpu(),
+                "chunk_serial": self.chunk_serial.cpu(), "write_pos": list(self.write_pos),
+                "filled": list(self.filled), "next_serial": list(self.next_serial)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ours, theirs = self.config(), state["config"]
+        if ours != theirs:
+            diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
+            raise ValueError("ChunkedMemoryBank: saved memory does not fit this bank: "
+                             + ", ".join(f"{k} saved={a} here={b}" for k, (a, b) in diff.items()))
+        self.keys.copy_(state["keys"])
+        self.values.copy_(state["values"])
+        self.chunk_keys.copy_(state["chunk_keys"])
+        self.chunk_serial.copy_(state["chunk_serial"])
+        self.write_pos = list(state["write_pos"])
+        self.filled = list(state["filled"])
+        self.next_serial = list(state["next_serial"])
+
+    def save(self, path: str) -> None:
+        """Write atomically: a crash leaves the previous file intact."""
+        with atomic_open(str(path), "wb") as f:
+            torch.save(self.state_dict(), f)
+
+    @classmethod
+    def load(cls, path: str, backend: str = "auto", device=None) -> "ChunkedMemoryBank":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        bank = cls(**state["config"], backend=backend, device=device, dtype=getattr(torch, state["dtype"]))
+        bank.load_state_dict(state)
+        return bank

@@ -1,0 +1,23 @@
+"""Write one benchmark's section of docs/benchmarks.md, leaving the other sections as they are."""
+import datetime
+import os
+import re
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DOC = os.path.join(REPO, "docs", "benchmarks.md")
+HEADER = ("# Benchmarks\n\nWritten by the scripts in `tests/benchmarks/` (`make bench` runs them all). Each "
+          "section is replaced when its script runs again. Compare ratios within one section: they come "
+          "from one run on one machine, and the machines are shared and noisy.\n")
+
+
+def write_section(name: str, title: str, body: str) -> None:
+    text = open(DOC, encoding="utf-8").read() if os.path.exists(DOC) else HEADER
+    stamp = datetime.date.today().isoformat()
+    section = f"<!-- {name}:start -->\n## {title}\n\nRun on {stamp}.\n\n{body}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+    tmp = DOC + ".tmp"
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, DOC)

@@ -1,0 +1,158 @@
+"""ChunkedMemoryBank against a brute-force reference written here: plain loops over the chunks held."""
+import pytest
+import torch
+
+from longmem.modules.memory_bank import ChunkedMemoryBank
+
+H, D = 3, 8
+
+
+class ReferenceMemory:
+    """What SPEC §3 says, as literally as possible: a FIFO list of chunks per stream."""
+
+    def __init__(self, streams, memory_size, chunk_size, k, shared, dtype):
+        self.chunks = [[] for _ in range(1 if shared else streams)]  # (serial, keys (c,H,D), values)
+        self.serial = [0] * len(self.chunks)
+        self.capacity, self.c, self.k, self.shared, self.dtype = memory_size // chunk_size, chunk_size, k, shared, dtype
+
+    def add(self, keys, values):
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        rows = [(keys.reshape(-1, H * D), values.reshape(-1, H * D))] if self.shared else list(zip(keys, values))
+        for s, (k_row, v_row) in enumerate(rows):
+            for start in range(0, len(k_row) - self.c + 1, self.c):
+                self.chunks[s].append((self.serial[s], k_row[start: start + self.c].view(self.c, H, D),
+                                       v_row[start: start + self.c].view(self.c, H, D)))
+                self.serial[s] += 1
+            del self.chunks[s][: max(0, len(self.chunks[s]) - self.capacity)]
+
+    def retrieve(self, queries):
+        """-> per (b, h, t): list of (serial, keys (c, D), values (c, D)) best first."""
+        B, T, _ = queries.shape
+        out = {}
+        for b in range(B):
+            held = self.chunks[0 if self.shared else b]
+            for h in range(H):
+                for t in range(T):
+                    q = queries[b, t].view(H, D)[h].double()
+                    scored = [(float(q @ keys[:, h].double().mean(0)), serial, keys[:, h], values[:, h])
+                              for serial, keys, values in held]
+                    scored.sort(key=lambda x: -x[0])
+                    out[b, h, t] = [(s, k, v) for _, s, k, v in scored[: self.k // self.c]]
+        return out
+
+
+def assert_matches(got, ref, k, c):
+    B, Hh, T, _ = got.mask.shape
+    for (b, h, t), chunks in ref.items():
+        n = len(chunks)
+        assert got.chunk_ids[b, h, t, :n].tolist() == [s for s, _, _ in chunks], (b, h, t)
+        assert (got.chunk_ids[b, h, t, n:] == -1).all()
+        assert got.mask[b, h, t, : n * c].all() and not got.mask[b, h, t, n * c:].any()
+        if n:
+            torch.testing.assert_close(got.keys[b, h, t, : n * c], torch.cat([kk for _, kk, _ in chunks]), rtol=0, atol=0)
+            torch.testing.assert_close(got.values[b, h, t, : n * c], torch.cat([vv for _, _, vv in chunks]), rtol=0, atol=0)
+        assert (got.keys[b, h, t, n * c:] == 0).all() and (got.values[b, h, t, n * c:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 4])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_retrieval_matches_brute_force_through_partial_fill_and_wrap(backend, chunk_size, shared, dtype):
+    torch.manual_seed(chunk_size)
+    streams, memory_size, k = 2, 12 * chunk_size, 4 * chunk_size  # 12 chunks held, 4 retrieved
+    bank = ChunkedMemoryBank(H, D, memory_size, chunk_size, k, num_streams=streams, shared=shared,
+                             backend=backend, dtype=dtype)
+    ref = ReferenceMemory(streams, memory_size, chunk_size, k, shared, dtype)
+    # adds of various lengths (remainders dropped): first partly filled (< k/csz chunks), then full,
+    # then several wraps of the ring
+    for T in (2 * chunk_size + (chunk_size > 1), 5 * chunk_size, 7 * chunk_size + 1, 9 * chunk_size, 3, 13 * chunk_size):
+        keys, values = torch.randn(streams, T, H * D), torch.randn(streams, T, H * D)
+        queries = torch.randn(streams, 5, H * D)
+        assert_matches(bank.retrieve(queries), ref.retrieve(queries), k, chunk_size)
+        bank.add(keys, values)
+        ref.add(keys, values)
+    queries = torch.randn(streams, 5, H * D)
+    assert_matches(bank.retrieve(queries), ref.retrieve(queries), k, chunk_size)
+    for s in range(1 if shared else streams):
+        assert bank.num_tokens(s) == len(ref.chunks[s]) * chunk_size
+
+
+def test_backends_agree_at_larger_scale():
+    torch.manual_seed(0)
+    banks = [ChunkedMemoryBank(4, 16, 4096, 4, 16, num_streams=2, backend=b, dtype=torch.float32)
+             for b in ("torch", "faiss")]
+    for _ in range(5):
+        keys, values = torch.randn(2, 1000, 64), torch.randn(2, 1000, 64)
+        for bank in banks:
+            bank.add(keys, values)
+    q = torch.randn(2, 50, 64)
+    a, b = (bank.retrieve(q) for bank in banks)
+    assert torch.equal(a.chunk_ids, b.chunk_ids)
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_a_stream_never_sees_another_streams_tokens(backend):
+    bank = ChunkedMemoryBank(H, D, 64, 2, 8, num_streams=3, backend=backend, dtype=torch.float32)
+    for _ in range(3):
+        keys = torch.randn(3, 10, H * D)
+        values = torch.arange(1, 4, dtype=torch.float32).view(3, 1, 1).expand(3, 10, H * D)  # stream b -> b+1
+        bank.add(keys, values)
+    bank.reset(stream=1)
+    out = bank.retrieve(torch.randn(3, 7, H * D))
+    for b in range(3):
+        real = out.values[b][out.mask[b]]
+        assert (real == b + 1).all()
+    assert not out.mask[1].any() and bank.num_tokens(1) == 0 and bank.num_tokens(0) == 30
+
+
+def test_memory_empty_masks_everything():
+    bank = ChunkedMemoryBank(H, D, 16, 4, 8, num_streams=1, backend="torch")
+    out = bank.retrieve(torch.randn(1, 3, H * D))
+    assert out.keys.shape == (1, H, 3, 8, D) and out.keys.dtype == torch.float16
+    assert not out.mask.any() and (out.chunk_ids == -1).all() and (out.values == 0).all()
+
+
+def test_retrieval_order_is_best_first_and_tokens_in_order():
+    bank = ChunkedMemoryBank(1, 2, 16, 2, 4, backend="torch", dtype=torch.float32)
+    keys = torch.tensor([[[1., 0], [1, 0], [5, 0], [5, 0], [3, 0], [3, 0]]])
+    values = torch.arange(12, dtype=torch.float32).view(1, 6, 2)
+    bank.add(keys, values)
+    out = bank.retrieve(torch.tensor([[[1., 0]]]))
+    assert out.chunk_ids[0, 0, 0].tolist() == [1, 2]  # chunk keys 5 > 3 > 1
+    assert out.values[0, 0, 0].tolist() == [[4, 5], [6, 7], [8, 9], [10, 11]]
+
+
+def test_save_and_load_round_trip_including_the_ring_position(tmp_path):
+    torch.manual_seed(1)
+    bank = ChunkedMemoryBank(H, D, 24, 2, 6, num_streams=2, backend="torch")
+    bank.add(torch.randn(2, 31, H * D), torch.randn(2, 31, H * D))  # wraps: 15 chunks into 12 slots
+    bank.save(tmp_path / "mem.pt")
+    loaded = ChunkedMemoryBank.load(tmp_path / "mem.pt", backend="torch")
+    more = torch.randn(2, 9, H * D), torch.randn(2, 9, H * D)
+    bank.add(*more)
+    loaded.add(*more)
+    q = torch.randn(2, 4, H * D)
+    a, b = bank.retrieve(q), loaded.retrieve(q)
+    assert torch.equal(a.chunk_ids, b.chunk_ids) and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert loaded.write_pos == bank.write_pos and loaded.filled == bank.filled
+    other = ChunkedMemoryBank(H, D * 2, 24, 2, 6, num_streams=2)
+    with pytest.raises(ValueError, match="head_dim saved=8 here=16"):
+        other.load_state_dict(torch.load(tmp_path / "mem.pt", weights_only=True))
+
+
+def test_wrong_input_gives_errors_naming_expected_and_received():
+    bank = ChunkedMemoryBank(H, D, 16, 2, 4, num_streams=2)
+    with pytest.raises(ValueError, match=r"\(B, T, 24\), received \(2, 5, 20\)"):
+        bank.add(torch.randn(2, 5, 20), torch.randn(2, 5, 20))
+    with pytest.raises(ValueError, match=r"batch size 3 but the bank has num_streams=2"):
+        bank.retrieve(torch.randn(3, 5, 24))
+    with pytest.raises(TypeError, match=r"floating point .*received torch.int64"):
+        bank.add(torch.ones(2, 5, 24, dtype=torch.long), torch.ones(2, 5, 24, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"keys \(2, 5, 24\) and values \(2, 6, 24\)"):
+        bank.add(torch.randn(2, 5, 24), torch.randn(2, 6, 24))
+    with pytest.raises(ValueError, match="k=6 is not a multiple of chunk_size=4"):
+        ChunkedMemoryBank(H, D, 16, 4, 6)
+    with pytest.raises(ValueError, match="unknown backend 'annoy'"):
+        ChunkedMemoryBank(H, D, 16, 4, 8, backend="annoy")
