@@ -171,7 +171,8 @@ def sample(out, data_bin, bpe, prompt):
         bpe="sentencepiece", sentencepiece_model=os.path.join(bpe, "spm.model"),
     )
     hub.eval()
-    return hub.sample(prompt, beam=1, sampling=True, sampling_topk=20, temperature=0.8, max_len_b=60, seed=1)
+    return hub.sample(prompt, beam=1, sampling=True, sampling_topk=20, temperature=0.8, min_len=30,
+                      max_len_b=60, seed=1)
 
 
 def main(argv=None):

@@ -144,3 +144,46 @@ def test_cli_rejects_a_head_count_that_does_not_divide_the_width(data_bin):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "embed_dim=64 is not divisible by num_attention_heads=5" in proc.stderr
+
+
+# ---------------------------------------------------------------- LongMem (SideNet) through fairseq-train
+def sidenet_args(root, backbone, max_update):
+    return [root / "bin", "--user-dir", "longmem", "--task", "language_modeling",
+            "--arch", "transformer_lm_sidenet_tiny", "--pretrained-model-path", backbone,
+            "--decoder-layers", "1", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+            "--decoder-ffn-embed-dim", "128", "--retrieval-layer-index", "1", "--layer-reduction-factor", "2",
+            "--reload-ptm-layer", "--use-external-memory", "--memory-size", "256", "--k", "8",
+            "--chunk-size", "2", "--memory-backend", "torch", "--dropout", "0.0", "--attention-dropout", "0.0",
+            "--tokens-per-sample", "32", "--sample-break-mode", "none", "--batch-size", "8",
+            "--optimizer", "adam", "--lr", "1e-2", "--max-update", max_update, "--save-dir", root / "longmem_ckpt",
+            "--log-format", "json", "--log-interval", "5", "--cpu", "--seed", "1", "--no-epoch-checkpoints",
+            "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def sidenet_trained(data_bin):
+    """A barely trained backbone (3 updates), so that the SideNet has something to learn."""
+    root = data_bin
+    args = [str(a) for a in train_args(root, 3)]
+    args[args.index("--save-dir") + 1] = str(root / "weak_backbone")
+    run("fairseq_cli.train", *args)
+    backbone = root / "weak_backbone" / "checkpoint_last.pt"
+    log = run("fairseq_cli.train", *sidenet_args(root, backbone, 40))
+    return root, backbone, log
+
+
+def test_fairseq_train_longmem_with_memory_lowers_the_loss_and_saves(sidenet_trained):
+    root, _, log = sidenet_trained
+    losses = train_losses(log)
+    assert len(losses) >= 4 and losses[-1] < 0.9 * losses[0], losses
+    state = torch.load(root / "longmem_ckpt" / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["_name"] == "transformer_lm_sidenet_tiny"
+    assert "decoder.layers.0.self_attn.memory_bias" in state["model"]
+    assert "decoder.pretrained_model.decoder.model.lm_head.bias" in state["model"]
+    assert "num. trained: " in log
+
+
+def test_fairseq_train_longmem_resumes(sidenet_trained):
+    root, backbone, _ = sidenet_trained
+    log = run("fairseq_cli.train", *sidenet_args(root, backbone, 50))
+    assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 40 updates\)", log), log[-3000:]

@@ -1,0 +1,74 @@
+"""Joint attention over local context and retrieved memory, with a per-head gate (SPEC §4).
+
+With ``q`` scaled by ``d^-0.5``::
+
+    A = softmax(q Kᵀ + ALiBi + causal mask)        over the local tokens
+    M = softmax(q K̃ᵀ)                              over the token's k retrieved memory tokens
+    out_h = (1 - σ(g_h)) · A V + σ(g_h) · M Ṽ       then out_proj
+
+K̃, Ṽ are the raw cached backbone keys/values; only the query comes from the SideNet. The gate
+``memory_bias`` (one scalar per head, initialised to 0) weighs memory by σ(g), as the release does
+(the paper's text writes it the other way round).
+
+Memory slots that do not exist (``mask`` False) are excluded from M; a token with no memory slot at
+all gets plain local attention (weight 1 on A V). That is exactly the release's output whenever its
+memory held enough chunks, and plain attention where it would have read garbage.
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class JointMemoryAttention(nn.Module):
+    """Self-attention whose layer may also read memory; q/k/v/out projections without bias."""
+
+    def __init__(self, embed_dim: int, num_heads: int, attention_dropout: float, use_memory: bool):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.attention_dropout = attention_dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.use_memory = use_memory
+        if use_memory:
+            self.memory_bias = nn.Parameter(torch.zeros(num_heads))  # the gate g, one per head
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor,
+        retrieve: Optional[Callable[[torch.Tensor], object]] = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C) (already layer-normed); attn_bias: (B or 1, H, T, T) ALiBi + masks.
+        ``retrieve(queries (B, T, C)) -> Retrieved`` reads memory with the unscaled q_proj output."""
+        B, T, C = x.shape
+        query = self.q_proj(x)  # (B, T, C)
+        q, k, v = self.split_heads(query), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        p = self.attention_dropout if self.training else 0.0
+        local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
+        if self.use_memory and retrieve is not None:
+            memory = retrieve(query.detach())
+            out = self.mix_with_memory(q, local, memory.keys, memory.values, memory.mask, p)
+        else:
+            out = local
+        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
+
+    def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask, dropout_p=0.0):
+        """q, local: (B, H, T, d); mem_keys/values: (B, H, T, k, d); mem_mask: (B, H, T, k)."""
+        mem_keys, mem_values = mem_keys.to(q.dtype), mem_values.to(q.dtype)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q * self.head_dim ** -0.5, mem_keys)  # (B, H, T, k)
+        scores = scores.masked_fill(~mem_mask, torch.finfo(scores.dtype).min)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
+        from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (B, H, T, d)
+        gate = torch.sigmoid(self.memory_bias).view(1, -1, 1, 1).to(q.dtype)  # (1, H, 1, 1)
+        gate = gate * mem_mask.any(dim=-1, keepdim=True).to(q.dtype)  # no memory slot -> local only
+        return (1 - gate) * local + gate * from_memory

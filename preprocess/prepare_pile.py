@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Pile-format JSON-lines shards -> sampled documents -> BPE -> ``fairseq-preprocess`` (SPEC §6).
+
+Each input line is ``{"text": ..., "meta": {"pile_set_name": ...}}``; shards may be ``.jsonl`` or
+``.jsonl.zst``. Documents are kept by per-subset weights read from a JSON file (see
+``configs/pile_subset_weights.json``): weight ``w`` keeps ``floor(w)`` copies of a document plus one more
+with probability ``w - floor(w)``, decided by a hash of (seed, shard name, line number), so the sample
+does not depend on the number of worker processes. Blank lines are dropped; each document is written as
+a block of lines followed by an empty line. Lines are encoded with GPT-2 BPE (``encoder.json`` +
+``vocab.bpe``, the ids written as the tokens of fairseq's GPT-2 ``dict.txt``) or a sentencepiece model,
+in parallel over shards, then binarized with ``fairseq-preprocess --only-source --srcdict``.
+
+Malformed lines (not JSON, no text, wrong types) are counted, skipped and reported, never fatal.
+
+    python preprocess/prepare_pile.py --train shards/0*.jsonl.zst --valid val.jsonl.zst \\
+        --weights configs/pile_subset_weights.json --gpt2-bpe ../shared/data/gpt2_bpe \\
+        --destdir data-bin/pile --workers 8
+"""
+import argparse
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from multiprocessing import Pool
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from longmem.utils.atomic import atomic_open  # noqa: E402
+
+logger = logging.getLogger("prepare_pile")
+SPLITS = ("train", "valid", "test")
+
+
+def open_shard(path: str):
+    """A text stream over a .jsonl or .jsonl.zst shard."""
+    if path.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError as e:
+            raise SystemExit(f"{path} is zstd-compressed: pip install zstandard") from e
+        raw = open(path, "rb")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def keep_count(weight: float, seed: int, shard: str, line_no: int) -> int:
+    """floor(w) copies plus one with probability frac(w), from a hash: reproducible in any process."""
+    whole, frac = int(math.floor(weight)), weight - math.floor(weight)
+    if frac <= 0:
+        return whole
+    h = hashlib.blake2b(f"{seed}|{os.path.basename(shard)}|{line_no}".encode(), digest_size=8).digest()
+    return whole + (int.from_bytes(h, "big") / 2 ** 64 < frac)
+
+
+def clean_document(text: str) -> list:
+    """The document's non-blank lines, stripped of trailing whitespace."""
+    return [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+
+
+def read_documents(path: str, weights: dict, default_weight: float, seed: int):
+    """Yield (subset, lines) for every kept document; return statistics via StopIteration value."""
+    stats = {"lines": 0, "malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter()}
+    with open_shard(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            stats["lines"] += 1
+            try:
+                record = json.loads(line)
+                text = record["text"]
+                meta = record.get("meta") or {}
+                subset = meta.get("pile_set_name", "unknown") if isinstance(meta, dict) else "unknown"
+                if not isinstance(text, str) or not isinstance(subset, str):
+                    raise TypeError("text and meta.pile_set_name must be strings")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                stats["malformed"] += 1
+                if len(stats["malformed_examples"]) < 5:
+                    stats["malformed_examples"].append(f"{os.path.basename(path)}:{line_no}: {type(e).__name__}: {e}")
+                continue
+            stats["seen"][subset] += 1
+            lines = clean_document(text)
+            if not lines:
+                continue
+            copies = keep_count(weights.get(subset, default_weight), seed, path, line_no)
+            for _ in range(copies):
+                stats["kept"][subset] += 1
+                yield subset, lines
+    return stats
+
+
+class Encoder:
+    """GPT-2 BPE (fairseq's implementation of OpenAI's encoder) or a sentencepiece model."""
+
+    def __init__(self, gpt2_bpe: str = None, sentencepiece_model: str = None):
+        if gpt2_bpe:
+            from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+            files = [os.path.join(gpt2_bpe, n) for n in ("encoder.json", "vocab.bpe")]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise SystemExit(f"GPT-2 BPE files missing: {missing}; --gpt2-bpe must hold encoder.json and vocab.bpe")
+            self.bpe = get_encoder(*files)
+            self.encode = lambda text: " ".join(map(str, self.bpe.encode(text)))
+        elif sentencepiece_model:
+            import sentencepiece as spm
+
+            if not os.path.isfile(sentencepiece_model):
+                raise SystemExit(f"sentencepiece model {sentencepiece_model!r} does not exist")
+            sp = spm.SentencePieceProcessor(model_file=sentencepiece_model)
+            self.encode = lambda text: " ".join(sp.encode(text, out_type=str))
+        else:
+            raise SystemExit("choose an encoder: --gpt2-bpe DIR or --sentencepiece-model FILE")
+
+
+def process_shard(job):
+    """One shard -> its encoded documents in ``out`` (one line per text line, empty line after each
+    document); returns the shard's statistics."""
+    path, out, weights, default_weight, seed, gpt2_bpe, spm_model = job
+    encoder = Encoder(gpt2_bpe, spm_model)
+    docs = read_documents(path, weights, default_weight, seed)
+    with atomic_open(out, "w", encoding="utf-8") as f:
+        while True:
+            try:
+                _, lines = next(docs)
+            except StopIteration as stop:
+                stats = stop.value
+                break
+            for line in lines:
+                f.write(encoder.encode(line) + "\n")
+            f.write("\n")
+    return path, stats
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for split in SPLITS:
+        p.add_argument(f"--{split}", nargs="*", default=[], help=f"{split} shards (.jsonl or .jsonl.zst)")
+    p.add_argument("--weights", help="JSON {subset: weight}; subsets not listed get --default-weight")
+    p.add_argument("--default-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--gpt2-bpe", help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--sentencepiece-model")
+    p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe)")
+    p.add_argument("--destdir", required=True, help="fairseq data-bin output")
+    p.add_argument("--workdir", help="where encoded text goes (default: DESTDIR/encoded)")
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--no-binarize", action="store_true", help="stop after writing the encoded text")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
+    from tqdm import tqdm
+
+    if not args.train:
+        raise SystemExit("--train needs at least one shard")
+    for split in SPLITS:
+        for shard in getattr(args, split):
+            if not os.path.isfile(shard):
+                raise SystemExit(f"{split} shard {shard!r} does not exist")
+    weights = {}
+    if args.weights:
+        with open(args.weights, encoding="utf-8") as f:
+            weights = json.load(f)
+        bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or v < 0}
+        if bad:
+            raise SystemExit(f"{args.weights}: weights must be non-negative numbers, got {bad}")
+    Encoder(args.gpt2_bpe, args.sentencepiece_model)  # fail early on missing files
+    srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
+    if not args.no_binarize and (not srcdict or not os.path.isfile(srcdict)):
+        raise SystemExit(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
+    workdir = args.workdir or os.path.join(args.destdir, "encoded")
+    os.makedirs(workdir, exist_ok=True)
+
+    jobs = []
+    for split in SPLITS:
+        for i, shard in enumerate(getattr(args, split)):
+            jobs.append((shard, os.path.join(workdir, f"{split}.{i:05d}.bpe"), weights, args.default_weight,
+                         args.seed, args.gpt2_bpe, args.sentencepiece_model))
+    report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0}
+    with Pool(max(1, min(args.workers, len(jobs)))) as pool:
+        for shard, stats in tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards", unit="shard"):
+            for key in ("malformed", "lines"):
+                report[key] += stats[key]
+            report["malformed_examples"] += stats["malformed_examples"]
+            report["seen"].update(stats["seen"])
+            report["kept"].update(stats["kept"])
+    with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
+    logger.info("%d lines read, %d malformed (skipped)%s", report["lines"], report["malformed"],
+                "".join(f"\n  {e}" for e in report["malformed_examples"][:5]))
+    for subset in sorted(report["seen"]):
+        logger.info("  %-24s seen %8d kept %8d", subset, report["seen"][subset], report["kept"][subset])
+
+    for split in SPLITS:  # one text file per split, shards in the order given
+        parts = [j[1] for j in jobs if os.path.basename(j[1]).startswith(split + ".")]
+        if parts:
+            with atomic_open(os.path.join(workdir, f"{split}.bpe"), "w", encoding="utf-8") as out:
+                for part in parts:
+                    with open(part, encoding="utf-8") as f:
+                        for line in f:
+                            out.write(line)
+    if args.no_binarize:
+        return report
+    cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", srcdict,
+           "--destdir", args.destdir, "--workers", str(args.workers)]
+    for split, flag in (("train", "--trainpref"), ("valid", "--validpref"), ("test", "--testpref")):
+        if getattr(args, split):
+            cmd += [flag, os.path.join(workdir, f"{split}.bpe")]
+    logger.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
