@@ -30,6 +30,7 @@ from fairseq.models import (
 )
 
 from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_positions
+from longmem.modules.heads import merge_heads, split_heads
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +83,6 @@ class NewGPTAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False)
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
 
     def forward(
         self,
@@ -95,7 +93,8 @@ class NewGPTAttention(nn.Module):
         """x: (B, T, C); attn_bias: (B or 1, H, T, S). Returns the output (B, T, C) and this call's
         key and value projections (B, T, C), before the head split and without ALiBi."""
         key, value = self.k_proj(x), self.v_proj(x)  # (B, T, C)
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(key), self.split_heads(value)
+        H = self.num_heads
+        q, k, v = split_heads(self.q_proj(x), H), split_heads(key, H), split_heads(value, H)
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, H, S, d)
@@ -105,8 +104,7 @@ class NewGPTAttention(nn.Module):
             q, k, v, attn_mask=attn_bias.to(q.dtype),
             dropout_p=self.attention_dropout if self.training else 0.0,
         )  # (B, H, T, d)
-        out = out.transpose(1, 2).reshape(x.shape)  # (B, T, C)
-        return self.out_proj(out), key, value
+        return self.out_proj(merge_heads(out)), key, value  # (B, T, C)
 
 
 class NewGPTMLP(nn.Module):

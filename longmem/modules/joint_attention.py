@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from longmem.modules.heads import merge_heads, split_heads
+
 
 class JointMemoryAttention(nn.Module):
     """Self-attention whose layer may also read memory; q/k/v/out projections without bias."""
@@ -38,9 +40,6 @@ class JointMemoryAttention(nn.Module):
         if use_memory:
             self.memory_bias = nn.Parameter(torch.zeros(num_heads))  # the gate g, one per head
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
 
     def forward(
         self,
@@ -50,9 +49,9 @@ class JointMemoryAttention(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, C) (already layer-normed); attn_bias: (B or 1, H, T, T) ALiBi + masks.
         ``retrieve(queries (B, T, C)) -> Retrieved`` reads memory with the unscaled q_proj output."""
-        B, T, C = x.shape
         query = self.q_proj(x)  # (B, T, C)
-        q, k, v = self.split_heads(query), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+        H = self.num_heads
+        q, k, v = split_heads(query, H), split_heads(self.k_proj(x), H), split_heads(self.v_proj(x), H)
         p = self.attention_dropout if self.training else 0.0
         local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
         if self.use_memory and retrieve is not None:
@@ -60,7 +59,7 @@ class JointMemoryAttention(nn.Module):
             out = self.mix_with_memory(q, local, memory.keys, memory.values, memory.mask, p)
         else:
             out = local
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, C))
+        return self.out_proj(merge_heads(out))  # (B, T, C)
 
     def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask, dropout_p=0.0):
         """q, local: (B, H, T, d); mem_keys/values: (B, H, T, k, d); mem_mask: (B, H, T, k)."""

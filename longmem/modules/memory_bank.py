@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from longmem.modules.heads import split_heads
 from longmem.utils.atomic import atomic_open
 
 logger = logging.getLogger(__name__)
@@ -151,9 +152,6 @@ class ChunkedMemoryBank:
             raise ValueError(f"ChunkedMemoryBank: {name} has batch size {x.size(0)} but the bank has "
                              f"num_streams={self.num_streams} (one row per stream); received {tuple(x.shape)}")
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
 
     # ------------------------------------------------------------------ write
     @torch.no_grad()
@@ -218,7 +216,7 @@ class ChunkedMemoryBank:
         self._check("queries", queries)
         B, T, _ = queries.shape
         H, kc = self.num_heads, self.chunks_per_query
-        q = self._split_heads(queries.to(self.device)).float()  # (B, H, T, d)
+        q = split_heads(queries.to(self.device), self.num_heads).float()  # (B, H, T, d)
         bank_of_row = [0] * B if self.shared else list(range(B))
         scores_ids = torch.full((B, H, T, kc), -1, dtype=torch.long, device=self.device)  # slots
         for b, s in enumerate(bank_of_row):
