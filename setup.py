@@ -15,6 +15,7 @@ setup(
         "tqdm",
         "sentencepiece",
         "regex",
+        "zstandard",
     ],
     extras_require={
         "cpu": ["faiss-cpu==1.15.1"],

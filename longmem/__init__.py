@@ -10,4 +10,4 @@ from longmem import compat
 compat.apply()
 
 if importlib.util.find_spec("fairseq") is not None:
-    from longmem import models  # noqa: F401  (registers newgpt and its archs)
+    from longmem import models, tasks  # noqa: F401  (registers the models, archs and task)

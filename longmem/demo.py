@@ -8,7 +8,10 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
 3. data-bin  ``fairseq-preprocess --only-source``.
 4. backbone  ``train_scripts/pretrain_backbone.sh`` (``fairseq-train --arch newgpt-tiny``); an
              interrupted run resumes from its last checkpoint.
-5. evaluate  ``fairseq-eval-lm`` on the held-out plays, beside a unigram baseline.
+5. longmem   ``train_scripts/train_longmem.sh``: memory-augmented adaptation of a SideNet on the frozen
+             backbone, each batch row its own stream with its own memory.
+6. evaluate  ``fairseq-eval-lm`` on the held-out plays, each play read in order with its own memory:
+             a unigram baseline, the backbone alone, LongMem with memory off and with memory on.
 
     python -m longmem.demo --out demo_out
 """
@@ -129,6 +132,21 @@ def pretrain(out, data_bin, preset_path):
     return os.path.join(save_dir, "checkpoint_last.pt")
 
 
+def adapt(out, data_bin, backbone, preset_path):
+    save_dir = os.path.join(out, "longmem")
+    done = os.path.join(save_dir, "adapt.done")
+    with Stage("longmem", done) as st:
+        if not st.cached:
+            os.makedirs(save_dir, exist_ok=True)
+            env = dict(os.environ, PYTHON=sys.executable, PRESET=preset_path,
+                       LOG_FORMAT="tqdm" if sys.stdout.isatty() else "simple")
+            run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data_bin, backbone, save_dir,
+                 "--log-file", os.path.join(save_dir, "train.log")], env=env)
+            with atomic_open(done) as f:
+                f.write("ok\n")
+    return os.path.join(save_dir, "checkpoint_last.pt")
+
+
 def unigram_perplexity(data_bin, split="test"):
     """Perplexity of add-one-smoothed unigram frequencies of the training split, on ``split``'s tokens
     (the same tokens fairseq-eval-lm scores, </s> included)."""
@@ -148,12 +166,17 @@ def unigram_perplexity(data_bin, split="test"):
     return math.exp(nll / sum(evaluated.values()))
 
 
-def eval_lm(out, data_bin, checkpoint, tokens_per_sample, split="test"):
-    text = run([sys.executable, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(REPO, "longmem"),
-         "--path", checkpoint, "--gen-subset", split, "--tokens-per-sample", tokens_per_sample,
-         "--context-window", int(tokens_per_sample) // 2, "--batch-size", 8, "--cpu", "--num-workers", 0],
-        capture=True)
-    log_path = os.path.join(out, f"eval_{split}.log")
+def eval_lm(out, data_bin, checkpoint, tokens_per_sample, split="test", name="backbone", overrides=None):
+    """fairseq-eval-lm with the streaming task: one row reads the split in order, its memory reset at
+    each document (play), segments of ``tokens_per_sample`` with no overlap."""
+    cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(REPO, "longmem"),
+           "--task", "longmem_language_modeling", "--memory-reset-at-document-boundary",
+           "--path", checkpoint, "--gen-subset", split, "--tokens-per-sample", tokens_per_sample,
+           "--batch-size", 1, "--cpu", "--num-workers", 0]
+    if overrides:
+        cmd += ["--model-overrides", repr(overrides)]
+    text = run(cmd, capture=True)
+    log_path = os.path.join(out, f"eval_{split}_{name}.log")
     with atomic_open(log_path) as f:
         f.write(text)
     found = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", text)
@@ -182,6 +205,10 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece BPE vocabulary")
     p.add_argument("--preset", default=os.path.join(REPO, "configs", "backbone_tiny.sh"),
                    help="backbone pretraining preset")
+    p.add_argument("--longmem-preset", default=os.path.join(REPO, "configs", "longmem_tiny.sh"),
+                   help="memory-augmented adaptation preset")
+    p.add_argument("--until", choices=["corpus", "bpe", "data-bin", "backbone", "longmem"],
+                   help="stop after this stage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
@@ -190,26 +217,46 @@ def main(argv=None):
     start = time.time()
 
     corpus = build_corpus(out)
+    if args.until == "corpus":
+        return
     bpe = build_bpe(out, corpus, args.vocab_size)
+    if args.until == "bpe":
+        return
     data_bin = binarize(out, bpe, args.workers)
-    checkpoint = pretrain(out, data_bin, args.preset)
+    if args.until == "data-bin":
+        return
+    backbone = pretrain(out, data_bin, args.preset)
+    if args.until == "backbone":
+        return
+    longmem_ckpt = adapt(out, data_bin, backbone, args.longmem_preset)
+    if args.until == "longmem":
+        return
 
-    logger.info("[evaluate] running (always: it takes seconds)")
-    results = {"split": "test (held-out plays: macbeth, twelfth_night)",
-               "unigram_ppl": unigram_perplexity(data_bin, "test"),
-               "newgpt_tiny_ppl": eval_lm(out, data_bin, checkpoint, preset["TOKENS_PER_SAMPLE"], "test"),
-               "checkpoint": checkpoint}
+    logger.info("[evaluate] running (always: about a minute)")
+    T = preset["TOKENS_PER_SAMPLE"]
+    results = {
+        "split": "test (held-out plays: macbeth, twelfth_night)",
+        "unigram": unigram_perplexity(data_bin, "test"),
+        "backbone": eval_lm(out, data_bin, backbone, T, name="backbone"),
+        "longmem_memory_off": eval_lm(out, data_bin, longmem_ckpt, T, name="memory_off",
+                                      overrides={"use_external_memory": False}),
+        "longmem_memory_on": eval_lm(out, data_bin, longmem_ckpt, T, name="memory_on"),
+        "checkpoints": {"backbone": backbone, "longmem": longmem_ckpt},
+    }
     results["sample"] = sample(out, data_bin, bpe, "KING. My lord,")
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
 
     print()
     print("=" * 72)
-    print(f"Held-out perplexity ({results['split']}), per BPE token:")
-    print(f"  unigram baseline (train frequencies, add-one)  {results['unigram_ppl']:10.1f}")
-    print(f"  newgpt-tiny backbone (fairseq-eval-lm)         {results['newgpt_tiny_ppl']:10.1f}")
-    print(f"Checkpoint: {checkpoint}")
-    print(f"Sample: {results['sample']}")
+    print(f"Held-out perplexity ({results['split']}), per BPE token, each play read in order")
+    print(f"in {T}-token segments, memory reset at each play:")
+    print(f"  unigram baseline (train frequencies, add-one)   {results['unigram']:10.1f}")
+    print(f"  newgpt-tiny backbone alone                      {results['backbone']:10.1f}")
+    print(f"  LongMem (backbone + SideNet), memory off        {results['longmem_memory_off']:10.1f}")
+    print(f"  LongMem (backbone + SideNet), memory on         {results['longmem_memory_on']:10.1f}")
+    print(f"Checkpoints: {backbone}\n             {longmem_ckpt}")
+    print(f"Backbone sample: {results['sample']}")
     print(f"Demo wall time this run: {time.time() - start:.0f} s")
     print("=" * 72)
 

@@ -187,3 +187,42 @@ def test_fairseq_train_longmem_resumes(sidenet_trained):
     root, backbone, _ = sidenet_trained
     log = run("fairseq_cli.train", *sidenet_args(root, backbone, 50))
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 40 updates\)", log), log[-3000:]
+
+
+def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_trained):
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 12)]
+    args[args.index("language_modeling")] = "longmem_language_modeling"
+    args[args.index("--save-dir") + 1] = str(root / "stream_ckpt")
+    log = run("fairseq_cli.train", *args, "--memory-reset-at-document-boundary", "--validate-interval-updates", "6")
+    assert "train: " in log and "tokens" in log and "as one stream" in log
+    assert len(train_losses(log)) >= 2
+    assert re.search(r'"valid_loss": "[\d.]+"', log), log[-2000:]
+    log = run("fairseq_cli.train", *args[:args.index("--save-dir") + 1], str(root / "release_ckpt"),
+              *args[args.index("--save-dir") + 2:], "--release-order")
+    assert len(train_losses(log)) >= 2
+
+
+@pytest.mark.parametrize("preset", ["longmem_paper.sh", "longmem_tiny.sh"])
+def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, shared_data, tmp_path):
+    """The script's command, parsed by fairseq-train's own parser (no training)."""
+    from fairseq import options
+
+    backbone = tmp_path / "backbone.pt"
+    backbone.write_bytes(b"")
+    env = dict(os.environ, DRY_RUN="1", PRESET=os.path.join(REPO, "configs", preset))
+    data = os.path.join(shared_data, "gpt2_bpe")
+    out = subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data, str(backbone),
+                          str(tmp_path / "save")], env=env, capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr.decode()
+    cmd = out.stdout.decode().split("\0")[:-1]
+    assert cmd[1:3] == ["-m", "fairseq_cli.train"]
+    args = options.parse_args_and_arch(options.get_training_parser(), cmd[3:])
+    expected = {"longmem_paper.sh": ("transformer_lm_sidenet_gpt2_small", 65536, 64, 4, 17, 1024, 2e-4),
+                "longmem_tiny.sh": ("transformer_lm_sidenet_tiny", 8192, 32, 4, 2, 256, 1e-3)}[preset]
+    assert (args.arch, args.memory_size, args.k, args.chunk_size, args.retrieval_layer_index,
+            args.tokens_per_sample, args.lr[0]) == expected
+    assert args.task == "longmem_language_modeling" and args.use_external_memory and args.reload_ptm_layer
+    assert args.layer_reduction_factor == 2 and args.adam_betas == "(0.9, 0.98)" and args.weight_decay == 0.01
+    if preset == "longmem_paper.sh":
+        assert args.fp16 and args.use_gpu_to_search and args.batch_size == 8 and args.max_update == 100000

@@ -121,7 +121,10 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if cfg.reload_ptm_layer:
             self.reload_from_backbone()
 
-        self.memory: Optional[ChunkedMemoryBank] = None
+        # named memories: training and validation read different streams and must not mix
+        self.memories = {}
+        self.memory_slot = "train"
+        self.reset_at_document_boundaries = False
         self.memory_enabled = cfg.use_external_memory
         self.memory_writes = True
         self.backbone_loaded = False
@@ -169,31 +172,48 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         return self
 
     # ---------------------------------------------------------------- memory
-    def reset_memory(self, stream: Optional[int] = None) -> None:
-        if self.memory is not None:
-            self.memory.reset(stream)
+    @property
+    def memory(self) -> Optional[ChunkedMemoryBank]:
+        return self.memories.get(self.memory_slot)
+
+    def use_memory_slot(self, slot: str) -> None:
+        """Switch to another named memory (the task keeps "train" and "valid" apart)."""
+        self.memory_slot = slot
+
+    def reset_memory(self, stream: Optional[int] = None, slot: Optional[str] = None) -> None:
+        bank = self.memories.get(self.memory_slot if slot is None else slot)
+        if bank is not None:
+            bank.reset(stream)
 
     def _memory_for_batch(self, batch_size: int, device) -> ChunkedMemoryBank:
         cfg = self.cfg
         streams = 1 if cfg.memory_shared else batch_size
-        if self.memory is None or (not cfg.memory_shared and self.memory.num_streams != batch_size):
-            if self.memory is not None:
-                logger.info("memory: batch size changed %d -> %d, starting empty per-stream memory",
-                            self.memory.num_streams, batch_size)
+        bank = self.memory
+        if bank is None or (not cfg.memory_shared and bank.num_streams != batch_size):
+            if bank is not None:
+                logger.info("memory %r: batch size changed %d -> %d, starting empty per-stream memory",
+                            self.memory_slot, bank.num_streams, batch_size)
             on_gpu = device.type == "cuda" and cfg.use_gpu_to_search
             bb = self.pretrained_model.decoder.model
-            self.memory = ChunkedMemoryBank(
+            bank = ChunkedMemoryBank(
                 bb.num_heads, cfg.decoder_embed_dim // bb.num_heads, cfg.memory_size, cfg.chunk_size, cfg.k,
                 num_streams=streams, shared=cfg.memory_shared, backend=str(cfg.memory_backend),
                 device=device if on_gpu else "cpu",
                 dtype=torch.float16 if on_gpu else torch.float32,
             )
-        return self.memory
+            self.memories[self.memory_slot] = bank
+        return bank
 
-    def _retrieve(self, queries):
+    def _retrieve(self, queries, new_document_from=None):
+        """new_document_from (B,) or None: tokens at or after that position (a new document of that
+        row) see no memory."""
         out = self.memory.retrieve(queries)
         dev = queries.device
         out.keys, out.values, out.mask = out.keys.to(dev), out.values.to(dev), out.mask.to(dev)
+        if new_document_from is not None:
+            T = queries.size(1)
+            after = torch.arange(T, device=dev).view(1, T) >= new_document_from.to(dev).view(-1, 1)  # (B, T)
+            out.mask = out.mask & ~after.view(after.size(0), 1, T, 1)
         return out
 
     # ---------------------------------------------------------------- forward
@@ -201,12 +221,13 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if incremental_state is not None:
             raise NotImplementedError("transformer_lm_sidenet scores whole segments; incremental decoding "
                                       "is not supported (score with fairseq-eval-lm or the model's forward)")
-        x, extra = self.extract_features(prev_output_tokens)
+        x, extra = self.extract_features(prev_output_tokens, doc_start=kwargs.get("doc_start"))
         if not features_only:
             x = self.output_layer(x)
         return x, extra
 
-    def extract_features(self, tokens, **kwargs):
+    def extract_features(self, tokens, doc_start=None, **kwargs):
+        """doc_start (B, T) bool, from the longmem task: where a new document begins in each row."""
         if self.training and not self.backbone_loaded:
             raise RuntimeError(f"the backbone was never loaded: --pretrained-model-path "
                                f"{self.cfg.pretrained_model_path!r} does not exist; pass the newgpt checkpoint")
@@ -217,11 +238,16 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                 tokens, features_only=True, return_all_hiddens=True, return_retrieval_kv=use_memory)
         hidden = bb["inner_states"]  # L + 1, detached
         bias = self.pretrained_model.decoder.model.attention_bias(tokens, T, hidden[0].dtype)
-        retrieve = None
+        retrieve, first_new, last_new = None, None, None
         if use_memory:
             memory = self._memory_for_batch(B, hidden[0].device)
+            if doc_start is not None and self.reset_at_document_boundaries and not self.cfg.memory_shared \
+                    and bool(doc_start.any()):
+                positions = torch.arange(T, device=doc_start.device).expand(B, T)
+                first_new = torch.where(doc_start, positions, T).min(1).values  # (B,), T = none
+                last_new = torch.where(doc_start, positions, -1).max(1).values  # (B,), -1 = none
             if any(memory.filled):
-                retrieve = self._retrieve
+                retrieve = self._retrieve if first_new is None else (lambda q: self._retrieve(q, first_new))
         r = self.cfg.layer_reduction_factor
         x = hidden[0]  # (B, T, C): the backbone's token embeddings
         for i, layer in enumerate(self.layers):
@@ -229,7 +255,12 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             x = layer(x, residual, bias, retrieve if i == self.memory_layer_index else None)
         x = self.layer_norm(x)
         if use_memory and self.memory_writes:
-            self.memory.add(*bb["retrieval_kv"])  # after retrieval: a segment never reads itself
+            start = None
+            if last_new is not None:
+                for b in torch.nonzero(last_new >= 0).view(-1).tolist():
+                    memory.reset(b)  # the row's new document starts with an empty memory
+                start = last_new.clamp(min=0)
+            memory.add(*bb["retrieval_kv"], start=start)  # after retrieval: a segment never reads itself
         return x, {"attn": [None], "inner_states": None}
 
     def output_layer(self, features):

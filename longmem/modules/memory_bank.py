@@ -155,8 +155,9 @@ class ChunkedMemoryBank:
 
     # ------------------------------------------------------------------ write
     @torch.no_grad()
-    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write tokens: keys, values (B, T, H*d). Per-stream: row b goes to stream b. Shared: rows are
+    def add(self, keys: torch.Tensor, values: torch.Tensor, start=None) -> None:
+        """Write tokens: keys, values (B, T, H*d). Per-stream: row b goes to stream b, from position
+        ``start[b]`` on when ``start`` is given (a document that began mid-segment). Shared: rows are
         concatenated batch-major into the one bank. Tokens that do not fill a last chunk are dropped."""
         self._check("keys", keys)
         self._check("values", values)
@@ -166,29 +167,33 @@ class ChunkedMemoryBank:
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
         if self.shared:
-            keys, values = keys.reshape(1, -1, keys.size(-1)), values.reshape(1, -1, values.size(-1))
-        c = self.chunk_size
-        n = keys.size(1) // c  # whole chunks per stream
+            if start is not None:
+                raise ValueError("ChunkedMemoryBank: start positions need per-stream memory (shared=False)")
+            self._add_stream(0, keys.reshape(-1, keys.size(-1)), values.reshape(-1, values.size(-1)))
+            return
+        for s in range(keys.size(0)):
+            first = 0 if start is None else int(start[s])
+            self._add_stream(s, keys[s, first:], values[s, first:])
+
+    def _add_stream(self, s: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (N, H*d) into stream s: whole chunks only, the newest `capacity` of them."""
+        c, H, d = self.chunk_size, self.num_heads, self.head_dim
+        n = keys.size(0) // c  # whole chunks
+        skipped = max(0, n - self.capacity)  # only the newest `capacity` chunks would survive
+        n -= skipped
         if n == 0:
             return
-        skipped = max(0, n - self.capacity)  # only the newest `capacity` chunks would survive
-        keys, values = keys[:, skipped * c: n * c], values[:, skipped * c: n * c]
-        n -= skipped
-        S, H, d = keys.size(0), self.num_heads, self.head_dim
-        k_chunks = keys.view(S, n, c, H, d).permute(0, 3, 1, 2, 4)  # (S, H, n, c, d)
-        v_chunks = values.view(S, n, c, H, d).permute(0, 3, 1, 2, 4)
-        means = k_chunks.float().mean(dim=3)  # (S, H, n, d), from the stored-precision keys
-        for s in range(S):
-            slots = (self.write_pos[s] + torch.arange(n)) % self.capacity  # (n,)
-            slots = slots.to(self.device)
-            self.keys[s].index_copy_(1, slots, k_chunks[s])
-            self.values[s].index_copy_(1, slots, v_chunks[s])
-            self.chunk_keys[s].index_copy_(1, slots, means[s])
-            first = self.next_serial[s] + skipped
-            self.chunk_serial[s].index_copy_(0, slots, torch.arange(first, first + n, device=self.device))
-            self.next_serial[s] = first + n
-            self.write_pos[s] = (self.write_pos[s] + n) % self.capacity
-            self.filled[s] = min(self.capacity, self.filled[s] + n)
+        k_chunks = keys[skipped * c: (skipped + n) * c].view(n, c, H, d).permute(2, 0, 1, 3)  # (H, n, c, d)
+        v_chunks = values[skipped * c: (skipped + n) * c].view(n, c, H, d).permute(2, 0, 1, 3)
+        slots = ((self.write_pos[s] + torch.arange(n)) % self.capacity).to(self.device)  # (n,)
+        self.keys[s].index_copy_(1, slots, k_chunks)
+        self.values[s].index_copy_(1, slots, v_chunks)
+        self.chunk_keys[s].index_copy_(1, slots, k_chunks.float().mean(dim=2))  # from stored precision
+        first = self.next_serial[s] + skipped
+        self.chunk_serial[s].index_copy_(0, slots, torch.arange(first, first + n, device=self.device))
+        self.next_serial[s] = first + n
+        self.write_pos[s] = (self.write_pos[s] + n) % self.capacity
+        self.filled[s] = min(self.capacity, self.filled[s] + n)
 
     def reset(self, stream: Optional[int] = None) -> None:
         """Forget everything, or one stream (e.g. at a document boundary of that row)."""

@@ -1,0 +1,1 @@
+from longmem.tasks import longmem_language_modeling  # noqa: F401

@@ -1,0 +1,111 @@
+"""Task ``longmem_language_modeling``: language modelling where each batch row reads its text in order.
+
+Extends fairseq's ``language_modeling``. Every batch row is its own contiguous stream through the split
+(``stream_dataset.py``), so the model's per-row memory holds that row's preceding text. The memory is
+reset at the start of every epoch, kept apart from validation (which reads its own streams with its
+own memory), and optionally reset at the document boundaries of each row
+(``--memory-reset-at-document-boundary``). ``--release-order`` reproduces the release instead:
+consecutive segments, no shuffling, one memory shared by all rows.
+"""
+import logging
+from dataclasses import dataclass, field
+
+from fairseq.data import data_utils, iterators
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from omegaconf import open_dict
+
+from longmem.tasks.stream_dataset import StreamBatches, TokenStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LongMemLanguageModelingConfig(LanguageModelingConfig):
+    memory_reset_at_document_boundary: bool = field(
+        default=False, metadata={"help": "empty a row's memory where a new document starts in that row"})
+    release_order: bool = field(
+        default=False, metadata={"help": "the release's order: consecutive segments per batch, one memory "
+                                         "shared by all rows (sets --memory-shared)"})
+
+
+def longmem_decoder(model):
+    """The SideNet decoder inside a (possibly wrapped) model, or None for a model without memory."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    decoder = getattr(model, "decoder", None)
+    return decoder if hasattr(decoder, "use_memory_slot") else None
+
+
+@register_task("longmem_language_modeling", dataclass=LongMemLanguageModelingConfig)
+class LongMemLanguageModelingTask(LanguageModelingTask):
+    def build_model(self, cfg, from_checkpoint=False):
+        if self.args.release_order and hasattr(cfg, "memory_shared"):
+            with open_dict(cfg):
+                cfg.memory_shared = True
+        model = super().build_model(cfg, from_checkpoint)
+        decoder = longmem_decoder(model)
+        if decoder is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
+            decoder.reset_at_document_boundaries = self.args.memory_reset_at_document_boundary
+        return model
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        paths = self.args.data.split(":")
+        data_path = paths[(epoch - 1) % len(paths)]  # fairseq's data shards, one per epoch in turn
+        split_path = f"{data_path}/{split}"
+        dataset = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
+        if dataset is None:
+            raise FileNotFoundError(f"dataset not found: {split} ({split_path})")
+        self.datasets[split] = TokenStream(dataset, self.dictionary.eos())
+        logger.info("%s: %d tokens, %d documents as one stream", split, len(self.datasets[split]),
+                    int(self.datasets[split].doc_start.sum()))
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,
+                           num_shards=1, shard_id=0, num_workers=0, epoch=1, data_buffer_size=0,
+                           disable_iterator_cache=False, skip_remainder_batch=False, grouped_shuffling=False,
+                           update_epoch_batch_itr=False):
+        if not isinstance(dataset, TokenStream):
+            return super().get_batch_iterator(
+                dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch, data_buffer_size,
+                disable_iterator_cache, skip_remainder_batch, grouped_shuffling, update_epoch_batch_itr)
+        if max_sentences is None:
+            raise ValueError("longmem_language_modeling needs --batch-size: each row is one memory stream")
+        if max_sentences % required_batch_size_multiple:
+            raise ValueError(f"--batch-size {max_sentences} is not a multiple of "
+                             f"--required-batch-size-multiple {required_batch_size_multiple}")
+        batches = StreamBatches(dataset, max_sentences, self.args.tokens_per_sample, self.dictionary.pad(),
+                                num_shards, shard_id, layout="release" if self.args.release_order else "streams")
+        return iterators.EpochBatchIterator(
+            dataset=batches, collate_fn=batches.collater, batch_sampler=[[i] for i in range(len(batches))],
+            seed=seed, num_shards=1, shard_id=0, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size, disable_shuffling=True,  # the order is the point
+        )
+
+    # ------------------------------------------------------------ memory bookkeeping
+    def begin_epoch(self, epoch, model):
+        decoder = longmem_decoder(model)
+        if decoder is not None:
+            decoder.reset_memory(slot="train")
+
+    def begin_valid_epoch(self, epoch, model):
+        decoder = longmem_decoder(model)
+        if decoder is not None:
+            decoder.reset_memory(slot="valid")
+
+    def _with_memory_slot(self, model, slot, sample):
+        decoder = longmem_decoder(model)
+        if decoder is not None:
+            decoder.use_memory_slot(slot)
+            decoder.reset_at_document_boundaries = self.args.memory_reset_at_document_boundary
+        elif sample and "net_input" in sample:
+            sample["net_input"].pop("doc_start", None)  # models without memory take no such input
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        self._with_memory_slot(model, "train", sample)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        self._with_memory_slot(model, "valid", sample)
+        return super().valid_step(sample, model, criterion)

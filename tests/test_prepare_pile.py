@@ -1,0 +1,101 @@
+"""Pile preprocessing: sampling, cleaning, malformed lines, zstd, GPT-2 BPE, binarization."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "preprocess"))
+
+import prepare_pile  # noqa: E402
+
+WEIGHTS = {"Pile-CC": 1.0, "Github": 0.0, "ArXiv": 2.0}
+LINES = [
+    json.dumps({"text": "Doc A line1\n\n   \nline2  ", "meta": {"pile_set_name": "Pile-CC"}}),
+    "this is not json",
+    json.dumps({"text": "B text", "meta": {"pile_set_name": "Github"}}),
+    json.dumps({"meta": {"pile_set_name": "Pile-CC"}}),
+    json.dumps({"text": 5, "meta": {"pile_set_name": "Pile-CC"}}),
+    "",
+    json.dumps({"text": "C1\r\nC2", "meta": {"pile_set_name": "ArXiv"}}),
+    json.dumps({"text": "\n\n", "meta": {"pile_set_name": "ArXiv"}}),
+    json.dumps({"text": "D", "meta": {"pile_set_name": "Wikipedia (en)"}}),
+    '{"text": "truncated',
+]
+EXPECTED_DOCS = [("Pile-CC", ["Doc A line1", "line2"]), ("ArXiv", ["C1", "C2"]), ("ArXiv", ["C1", "C2"])]
+
+
+def write_shards(tmp_path):
+    plain = tmp_path / "00.jsonl"
+    plain.write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    import zstandard
+
+    packed = tmp_path / "01.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    return plain, packed
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_exact_documents_and_counts_per_subset_from_plain_and_zstd(tmp_path, which):
+    shard = write_shards(tmp_path)[which]
+    gen = prepare_pile.read_documents(str(shard), WEIGHTS, default_weight=0.0, seed=1)
+    docs = []
+    while True:
+        try:
+            docs.append(next(gen))
+        except StopIteration as stop:
+            stats = stop.value
+            break
+    assert docs == EXPECTED_DOCS
+    assert stats["malformed"] == 4 and stats["lines"] == 9
+    assert dict(stats["seen"]) == {"Pile-CC": 1, "Github": 1, "ArXiv": 2, "Wikipedia (en)": 1}
+    assert dict(stats["kept"]) == {"Pile-CC": 1, "ArXiv": 2}
+    assert any(":2: JSONDecodeError" in e for e in stats["malformed_examples"])
+
+
+def test_fractional_weights_keep_about_that_share_reproducibly():
+    kept = [prepare_pile.keep_count(0.3, 7, "shard.jsonl", n) for n in range(20000)]
+    again = [prepare_pile.keep_count(0.3, 7, "shard.jsonl", n) for n in range(20000)]
+    assert kept == again
+    assert abs(sum(kept) / len(kept) - 0.3) < 0.02
+    assert prepare_pile.keep_count(2.0, 1, "s", 3) == 2
+
+
+def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(shared_data):
+    from fairseq.data import Dictionary
+
+    bpe = os.path.join(shared_data, "gpt2_bpe")
+    encoded = prepare_pile.Encoder(gpt2_bpe=bpe).encode("Hello world")
+    assert encoded == "15496 995"
+    rows = [line.split()[0] for line in open(os.path.join(bpe, "dict.txt"), encoding="utf-8")]
+    d = Dictionary.load(os.path.join(bpe, "dict.txt"))
+    assert [d.index(t) for t in encoded.split()] == [4 + rows.index("15496"), 4 + rows.index("995")]
+
+
+def test_end_to_end_shards_to_fairseq_data(tmp_path, shared_data):
+    from fairseq.data import Dictionary, data_utils
+    from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+    plain, packed = write_shards(tmp_path)
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps(WEIGHTS))
+    bpe = os.path.join(shared_data, "gpt2_bpe")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocess", "prepare_pile.py"),
+                           "--train", str(plain), "--valid", str(packed), "--weights", str(weights),
+                           "--default-weight", "0", "--gpt2-bpe", bpe, "--destdir", str(tmp_path / "bin"),
+                           "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "malformed" in proc.stderr and "8 malformed" in proc.stderr  # 4 per shard, reported
+    d = Dictionary.load(str(tmp_path / "bin" / "dict.txt"))
+    enc = get_encoder(os.path.join(bpe, "encoder.json"), os.path.join(bpe, "vocab.bpe"))
+    for split in ("train", "valid"):
+        lines = [d.string(t[:-1]) for t in data_utils.load_indexed_dataset(str(tmp_path / "bin" / split), d)]
+        decoded = [enc.decode([int(x) for x in line.split()]) if line else "" for line in lines]
+        expected = []
+        for _, doc in EXPECTED_DOCS:
+            expected += doc + [""]
+        assert decoded == expected
+    report = json.loads((tmp_path / "bin" / "encoded" / "report.json").read_text())
+    assert report["kept"] == {"Pile-CC": 2, "ArXiv": 4} and report["malformed"] == 8

@@ -1,0 +1,110 @@
+"""The longmem_language_modeling task's streams, document boundaries and memory resets."""
+import numpy as np
+import pytest
+import torch
+
+from longmem.tasks.stream_dataset import StreamBatches, TokenStream
+
+EOS, PAD = 2, 1
+
+
+class Lines:
+    """A stand-in for fairseq's indexed dataset: one tensor per line, each ending with </s>."""
+
+    def __init__(self, lines):
+        self.lines = [torch.tensor(l + [EOS]) for l in lines]
+        self.sizes = np.array([len(l) for l in self.lines])
+
+    def __len__(self):
+        return len(self.lines)
+
+    def __getitem__(self, i):
+        return self.lines[i]
+
+
+def corpus(seed=0, n_lines=40):
+    rng = np.random.RandomState(seed)
+    lines = []
+    for _ in range(n_lines):
+        lines.append([] if rng.rand() < 0.2 else list(rng.randint(10, 1000, rng.randint(1, 9))))
+    return Lines(lines)
+
+
+@pytest.mark.parametrize("B,T", [(3, 5), (4, 7), (1, 16)])
+def test_row_b_of_batch_i_plus_1_continues_row_b_and_every_token_is_a_target_once(B, T):
+    data = corpus()
+    stream = TokenStream(data, EOS)
+    all_tokens = torch.cat(data.lines)
+    batches = StreamBatches(stream, B, T, PAD)
+    samples = [batches.collater([batches[i]]) for i in range(len(batches))]
+    rows_tgt = [torch.cat([s["target"][b] for s in samples]) for b in range(B)]
+    rows_src = [torch.cat([s["net_input"]["src_tokens"][b] for s in samples]) for b in range(B)]
+    # every token of the split, in order, is a target exactly once (pads only at the very end)
+    joined = torch.cat(rows_tgt)
+    assert torch.equal(joined[: len(all_tokens)], all_tokens)
+    assert (joined[len(all_tokens):] == PAD).all()
+    # the input of each position is the token before its target, across batch boundaries too
+    previous = torch.cat([torch.tensor([EOS]), all_tokens])
+    for b in range(B):
+        real = rows_tgt[b].ne(PAD)
+        n = int(real.sum())
+        start = sum(int(rows_tgt[j].ne(PAD).sum()) for j in range(b))
+        assert torch.equal(rows_src[b][:n], previous[start: start + n])
+        assert all(s["target"].shape == (B, min(T, s["target"].size(1))) for s in samples)
+    assert all(s["ntokens"] == int(s["target"].ne(PAD).sum()) for s in samples)
+
+
+def test_ranks_get_disjoint_rows_that_cover_the_split():
+    data = corpus(1, 60)
+    stream = TokenStream(data, EOS)
+    ranks = [StreamBatches(stream, 2, 6, PAD, num_shards=3, shard_id=r) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1  # the same number of batches on every rank
+    rows = []
+    for r in ranks:
+        rows += [torch.cat([r.collater([i])["target"][b] for i in range(len(r))]) for b in range(2)]
+    joined = torch.cat(rows)
+    all_tokens = torch.cat(data.lines)
+    assert torch.equal(joined[: len(all_tokens)], all_tokens) and (joined[len(all_tokens):] == PAD).all()
+
+
+def test_document_starts_follow_empty_lines():
+    data = Lines([[5, 6], [7], [], [8, 9], [], [], [10]])
+    stream = TokenStream(data, EOS)
+    # tokens: 5 6 </s> 7 </s> </s> 8 9 </s> </s> </s> 10 </s>
+    assert stream.tokens.tolist() == [5, 6, 2, 7, 2, 2, 8, 9, 2, 2, 2, 10, 2]
+    assert torch.nonzero(stream.doc_start).view(-1).tolist() == [0, 6, 11]
+
+
+def test_release_order_is_consecutive_segments():
+    data = corpus(2, 30)
+    stream = TokenStream(data, EOS)
+    batches = StreamBatches(stream, 3, 4, PAD, layout="release")
+    first, second = batches.collater([0]), batches.collater([1])
+    all_tokens = torch.cat(data.lines)
+    assert torch.equal(first["target"].reshape(-1), all_tokens[:12])
+    assert torch.equal(second["target"].reshape(-1), all_tokens[12:24])
+
+
+def test_memory_resets_exactly_at_the_document_boundary(tmp_path):
+    from test_sidenet import sidenet
+    from conftest import make_dictionary
+
+    d = make_dictionary(40)
+    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model.eval()
+    model.decoder.reset_at_document_boundaries = True
+    seen = []
+    original = model.decoder._retrieve
+    model.decoder._retrieve = lambda q, new=None: seen.append(original(q, new)) or seen[-1]
+    seg1, seg2 = torch.randint(4, 40, (2, 10)), torch.randint(4, 40, (2, 10))
+    doc_start = torch.zeros(2, 10, dtype=torch.bool)
+    doc_start[0, 6] = True  # row 0: a new document starts at position 6; row 1: none
+    with torch.no_grad():
+        model(seg1)
+        model(seg2, doc_start=doc_start)
+    mask = seen[-1].mask  # (B, H, T, k)
+    assert mask[0, :, :6].any(-1).all() and not mask[0, :, 6:].any()
+    assert mask[1].any(-1).all()
+    memory = model.decoder.memory
+    assert memory.num_tokens(0) == 4  # emptied, then positions 6..9 written
+    assert memory.num_tokens(1) == 20

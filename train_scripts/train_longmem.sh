@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Memory-augmented adaptation: a frozen newgpt backbone + trainable SideNet, with fairseq-train.
+#
+#   bash train_scripts/train_longmem.sh DATA_BIN BACKBONE_CHECKPOINT SAVE_DIR [extra fairseq-train flags...]
+#
+# Hyper-parameters come from a preset (default configs/longmem_tiny.sh; the released recipe is
+# PRESET=configs/longmem_paper.sh). Flags after SAVE_DIR go to fairseq-train and win over the preset.
+# With no arguments: the embedded CPU default. It reuses `make demo`'s corpus and tiny backbone
+# (building and pretraining them first when missing) and adapts into demo_out/longmem.
+# Re-running resumes from SAVE_DIR/checkpoint_last.pt. DRY_RUN=1 prints the fairseq-train command instead.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${PYTHON:-python}
+PRESET=${PRESET:-$ROOT/configs/longmem_tiny.sh}
+if [[ $# -eq 0 ]]; then
+  "$PYTHON" -m longmem.demo --out "$ROOT/demo_out" --until backbone
+  set -- "$ROOT/demo_out/data-bin" "$ROOT/demo_out/backbone/checkpoint_last.pt" "$ROOT/demo_out/longmem"
+fi
+[[ $# -ge 3 ]] || { echo "usage: $0 DATA_BIN BACKBONE_CHECKPOINT SAVE_DIR [fairseq-train flags]" >&2; exit 2; }
+DATA=$1; BACKBONE=$2; SAVE=$3; shift 3
+[[ -f $PRESET ]] || { echo "preset $PRESET not found (see configs/)" >&2; exit 2; }
+[[ -f $DATA/dict.txt ]] || { echo "no fairseq data at $DATA (dict.txt missing)" >&2; exit 2; }
+[[ -f $BACKBONE ]] || { echo "backbone checkpoint $BACKBONE not found (train one: train_scripts/pretrain_backbone.sh)" >&2; exit 2; }
+# shellcheck disable=SC1090
+source "$PRESET"
+LOG_FORMAT=${LOG_FORMAT:-$([[ -t 1 ]] && echo tqdm || echo simple)}
+
+# shellcheck disable=SC2086
+CMD=("$PYTHON" -m fairseq_cli.train "$DATA" \
+  --user-dir "$ROOT/longmem" --task "$TASK" --arch "$ARCH" --pretrained-model-path "$BACKBONE" \
+  --reload-ptm-layer --use-external-memory --memory-size "$MEMORY_SIZE" --k "$K" --chunk-size "$CHUNK_SIZE" \
+  --retrieval-layer-index "$RETRIEVAL_LAYER_INDEX" --layer-reduction-factor "$LAYER_REDUCTION_FACTOR" \
+  --sample-break-mode none --tokens-per-sample "$TOKENS_PER_SAMPLE" --batch-size "$BATCH_SIZE" \
+  --update-freq "$UPDATE_FREQ" --dropout "$DROPOUT" --attention-dropout "$ATTENTION_DROPOUT" \
+  --optimizer adam --adam-betas '(0.9, 0.98)' --adam-eps 1e-6 --weight-decay "$WEIGHT_DECAY" \
+  --lr "$LR" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" \
+  --total-num-update "$MAX_UPDATE" --max-update "$MAX_UPDATE" \
+  --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 500 --keep-interval-updates 1 \
+  --log-format "$LOG_FORMAT" --log-interval 10 --seed "$SEED" --num-workers 0 $EXTRA_FLAGS "$@")
+# DRY_RUN=1: print the command, NUL-separated, instead of running it (used by the tests)
+if [[ -n ${DRY_RUN:-} ]]; then printf '%s\0' "${CMD[@]}"; exit 0; fi
+exec "${CMD[@]}"
