@@ -9,7 +9,8 @@
 # demo_out/backbone. Re-running resumes from SAVE_DIR/checkpoint_last.pt.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-python}
+# the project venv (make install) when there is one, else the python on PATH
+if [[ -z ${PYTHON:-} ]]; then PYTHON=python; [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python; fi
 PRESET=${PRESET:-$ROOT/configs/backbone_tiny.sh}
 DATA=${1:-$ROOT/demo_out/data-bin}
 SAVE=${2:-$ROOT/demo_out/backbone}

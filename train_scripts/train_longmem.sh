@@ -10,7 +10,8 @@
 # Re-running resumes from SAVE_DIR/checkpoint_last.pt. DRY_RUN=1 prints the fairseq-train command instead.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-python}
+# the project venv (make install) when there is one, else the python on PATH
+if [[ -z ${PYTHON:-} ]]; then PYTHON=python; [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python; fi
 PRESET=${PRESET:-$ROOT/configs/longmem_tiny.sh}
 if [[ $# -eq 0 ]]; then
   "$PYTHON" -m longmem.demo --out "$ROOT/demo_out" --until backbone
