@@ -108,3 +108,27 @@ def test_memory_resets_exactly_at_the_document_boundary(tmp_path):
     memory = model.decoder.memory
     assert memory.num_tokens(0) == 4  # emptied, then positions 6..9 written
     assert memory.num_tokens(1) == 20
+
+
+def test_task_resets_memory_each_epoch_and_keeps_validation_apart(tmp_path):
+    from types import SimpleNamespace
+
+    from longmem.tasks.longmem_language_modeling import LongMemLanguageModelingTask as Task
+    from test_sidenet import sidenet
+    from conftest import make_dictionary
+
+    model, _ = sidenet(tmp_path, make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model.eval()
+    task = SimpleNamespace(args=SimpleNamespace(memory_reset_at_document_boundary=True))
+    decoder = model.decoder
+    with torch.no_grad():
+        Task._with_memory_slot(task, model, "train", None)
+        model(torch.randint(4, 40, (2, 8)))
+        Task._with_memory_slot(task, model, "valid", None)
+        model(torch.randint(4, 40, (3, 6)))
+    assert decoder.reset_at_document_boundaries
+    assert decoder.memories["train"].num_tokens(1) == 8 and decoder.memories["valid"].num_tokens(2) == 6
+    Task.begin_valid_epoch(task, 1, model)
+    assert decoder.memories["valid"].num_tokens(0) == 0 and decoder.memories["train"].num_tokens(0) == 8
+    Task.begin_epoch(task, 2, model)
+    assert decoder.memories["train"].num_tokens(0) == 0
