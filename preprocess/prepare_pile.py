@@ -180,7 +180,7 @@ def main(argv=None):
                          args.seed, args.gpt2_bpe, args.sentencepiece_model))
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0}
     with Pool(max(1, min(args.workers, len(jobs)))) as pool:
-        for shard, stats in tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards", unit="shard"):
+        for _, stats in tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards", unit="shard"):
             for key in ("malformed", "lines"):
                 report[key] += stats[key]
             report["malformed_examples"] += stats["malformed_examples"]
