@@ -19,6 +19,6 @@ setup(
     ],
     extras_require={
         "cpu": ["faiss-cpu==1.15.1"],
-        "gpu": ["faiss-gpu"],
+        "gpu": ["faiss-gpu==1.15.1"],
     },
 )
