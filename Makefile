@@ -24,7 +24,7 @@ $(STAMP): requirements.txt setup.py Makefile
 	$(PY) -c "import fairseq" 2>/dev/null || env -u CUDA_HOME $(PIP) install -q --no-cache-dir --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 	# 4. the rest, pinned; no torchaudio.
 	$(PIP) install -q hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
-	    bitarray cffi regex sacrebleu tqdm scikit-learn faiss-cpu==1.15.1 sentencepiece zstandard pytest
+	    bitarray cffi regex sacrebleu tqdm scikit-learn faiss-cpu==1.15.1 sentencepiece zstandard matplotlib pytest
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 

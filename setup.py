@@ -16,6 +16,7 @@ setup(
         "sentencepiece",
         "regex",
         "zstandard",
+        "matplotlib",
     ],
     extras_require={
         "cpu": ["faiss-cpu==1.15.1"],

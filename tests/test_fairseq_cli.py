@@ -226,3 +226,34 @@ def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, shared
     assert args.layer_reduction_factor == 2 and args.adam_betas == "(0.9, 0.98)" and args.weight_decay == 0.01
     if preset == "longmem_paper.sh":
         assert args.fp16 and args.use_gpu_to_search and args.batch_size == 8 and args.max_update == 100000
+
+
+def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path):
+    root, backbone, _ = sidenet_trained
+    docs = [synthetic_text(n, seed).strip() for n, seed in ((30, 5), (12, 6), (50, 7))]
+    (tmp_path / "multi.txt").write_text("\n\n".join(docs) + "\n")
+    run("fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt",
+        "--testpref", tmp_path / "multi.txt", "--destdir", tmp_path / "multi_bin", "--workers", "1")
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"),
+                           str(tmp_path / "multi_bin"), "--backbone", str(backbone), "--longmem",
+                           str(root / "longmem_ckpt" / "checkpoint_last.pt"), "--tokens-per-sample", "32",
+                           "--results-path", str(out), "--plot", str(tmp_path / "eval.png"), "--cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["documents"] == 3
+    n_tokens = sum(len(d.split()) for d in docs) + sum(d.count("\n") + 1 for d in docs) + 2  # + </s>s, separators
+    for name in ("backbone alone", "LongMem, memory off", "LongMem, memory on"):
+        r = results["models"][name]
+        assert r["tokens"] == n_tokens and math.isfinite(r["ppl"])
+        assert sum(r["tokens_by_length"].values()) == n_tokens
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+    # a checkpoint whose dictionary does not match the data
+    (tmp_path / "other.txt").write_text("alpha beta gamma\n")
+    run("fairseq_cli.preprocess", "--only-source", "--trainpref", tmp_path / "other.txt", "--testpref", tmp_path / "other.txt",
+        "--destdir", tmp_path / "other_bin", "--workers", "1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"),
+                           str(tmp_path / "other_bin"), "--backbone", str(backbone), "--cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "predicts" in proc.stderr and "dict.txt has" in proc.stderr

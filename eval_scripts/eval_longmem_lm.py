@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Long-document perplexity by length bucket and position in the document (logic: longmem/evaluation/lm.py).
+
+Each document of the split is read in order in --tokens-per-sample segments; LongMem's memory is emptied
+at each document. Compares in one run: the backbone alone (--backbone), LongMem with memory off and
+LongMem with memory on (--longmem, same weights). Writes a JSON file and a PNG of loss against position.
+
+    python eval_scripts/eval_longmem_lm.py demo_out/data-bin --gen-subset test \\
+        --backbone demo_out/backbone/checkpoint_last.pt --longmem demo_out/longmem/checkpoint_last.pt \\
+        --tokens-per-sample 256 --results-path lm_eval.json --plot lm_eval.png
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load(path, data, dictionary, cpu):
+    import torch
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path!r} does not exist")
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    heads = [v for k, v in state["model"].items() if k.endswith("model.lm_head.weight")]
+    if heads and heads[0].size(0) != len(dictionary):
+        raise SystemExit(f"{path} predicts {heads[0].size(0)} symbols but {data}/dict.txt has {len(dictionary)}: "
+                         f"evaluate on data binarized with the model's dictionary (fairseq-preprocess --srcdict)")
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data}, state=state)
+    model = models[0].eval()
+    if not cpu and torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results["models"].items():
+        labels = list(r["loss_by_position"])
+        ax.plot(range(len(labels)), list(r["loss_by_position"].values()), marker="o", label=name)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_xlabel("position in the document (tokens)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(f"{results['documents']} documents, segments of {results['tokens_per_sample']} tokens")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="fairseq data-bin folder (dict.txt and the split)")
+    p.add_argument("--gen-subset", default="test")
+    p.add_argument("--backbone", help="newgpt checkpoint: scored alone")
+    p.add_argument("--longmem", help="LongMem checkpoint: scored with memory off and on")
+    p.add_argument("--tokens-per-sample", type=int, default=1024)
+    p.add_argument("--results-path", help="JSON output")
+    p.add_argument("--plot", help="PNG of loss against position in the document")
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    if not (args.backbone or args.longmem):
+        raise SystemExit("nothing to evaluate: pass --backbone and/or --longmem")
+    import longmem  # noqa: F401  (registers the models)
+    from fairseq.data import Dictionary, data_utils
+    from tqdm import tqdm
+
+    from longmem.evaluation.lm import evaluate
+    from longmem.tasks.stream_dataset import TokenStream
+    from longmem.utils.atomic import atomic_open
+
+    dict_path = os.path.join(args.data, "dict.txt")
+    if not os.path.isfile(dict_path):
+        raise SystemExit(f"{args.data} holds no dict.txt: pass a fairseq-preprocess output folder")
+    dictionary = Dictionary.load(dict_path)
+    dataset = data_utils.load_indexed_dataset(os.path.join(args.data, args.gen_subset), dictionary)
+    if dataset is None:
+        raise SystemExit(f"split {args.gen_subset!r} not found in {args.data}")
+    stream = TokenStream(dataset, dictionary.eos())
+    models = {}
+    if args.backbone:
+        models["backbone alone"] = (load(args.backbone, args.data, dictionary, args.cpu), None)
+    if args.longmem:
+        lm = load(args.longmem, args.data, dictionary, args.cpu)
+        models["LongMem, memory off"] = (lm, False)
+        models["LongMem, memory on"] = (lm, True)
+    results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm)
+
+    names = list(results["models"])
+    print(f"\n{results['documents']} documents of {args.gen_subset}, segments of {args.tokens_per_sample} tokens")
+    print("| perplexity | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    print("| all | " + " | ".join(f"{results['models'][n]['ppl']:.2f}" for n in names) + " |")
+    first = results["models"][names[0]]
+    for bucket, count in first["tokens_by_length"].items():
+        print(f"| documents {bucket} ({count:,} tokens) | "
+              + " | ".join(f"{results['models'][n]['by_length'][bucket]:.2f}" for n in names) + " |")
+    for pos in first["by_position"]:
+        print(f"| position {pos} | " + " | ".join(f"{results['models'][n]['by_position'][pos]:.2f}" for n in names) + " |")
+    if args.results_path:
+        with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Long-document perplexity: each document read in order with its own memory, losses kept per token.
+
+The paper reports LongMem's perplexity on PG-22 by document-length bucket and on ArXiv; the release
+ships no script for it. Here every document of a binarized split is streamed in segments of
+``tokens_per_sample`` (no overlap) through one model; a LongMem model's memory is emptied at the start
+of each document and filled as the document is read (retrieve, then write), so each segment sees the
+document's earlier segments. The same per-token losses give perplexity overall, per length bucket and
+per position in the document.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+# PG-22's length buckets (tokens), with one more for short documents
+LENGTH_BUCKETS = [(0, 5_000, "<5k"), (5_000, 10_000, "5k-10k"), (10_000, 100_000, "10k-100k"),
+                  (100_000, 500_000, "100k-500k"), (500_000, 1_000_000, "500k-1M"), (1_000_000, math.inf, ">1M")]
+
+
+def document_spans(doc_start: torch.Tensor) -> List[tuple]:
+    """(start, end) of every document of a stream, from its document-start marks."""
+    starts = torch.nonzero(doc_start).view(-1).tolist()
+    ends = starts[1:] + [len(doc_start)]
+    return list(zip(starts, ends))
+
+
+def length_bucket(n_tokens: int) -> str:
+    for low, high, name in LENGTH_BUCKETS:
+        if low <= n_tokens < high:
+            return name
+    raise ValueError(n_tokens)
+
+
+def position_bin(position: int) -> int:
+    """Log2 bins of the position in the document: 0 = [0, 256), 1 = [256, 512), 2 = [512, 1024), ..."""
+    return max(0, int(position).bit_length() - 8)
+
+
+def position_bin_label(b: int) -> str:
+    low = 0 if b == 0 else 256 << (b - 1)
+    return f"{low}-{256 << b}"
+
+
+@torch.no_grad()
+def score_document(model, tokens: torch.Tensor, tokens_per_sample: int, eos: int,
+                   memory: Optional[bool] = None) -> torch.Tensor:
+    """Per-token negative log-likelihood (nats, float64) of ``tokens`` (1-D), read in segments.
+
+    ``memory``: None for a model without memory; True/False switch a LongMem model's memory on or off
+    (its memory is emptied first either way)."""
+    if memory is not None:
+        model.set_memory(enabled=memory, writes=True)
+        model.reset_memory()
+    device = next(model.parameters()).device
+    src = torch.cat([torch.tensor([eos]), tokens[:-1]]).to(device)  # (N,)
+    tgt = tokens.to(device)
+    nll = torch.empty(len(tokens), dtype=torch.float64)
+    for start in range(0, len(tokens), tokens_per_sample):
+        seg = slice(start, start + tokens_per_sample)
+        logits = model(src[seg].unsqueeze(0))[0][0]  # (t, V)
+        lp = torch.log_softmax(logits.double(), dim=-1)
+        nll[seg] = -lp.gather(-1, tgt[seg].unsqueeze(-1)).squeeze(-1).cpu()
+    return nll
+
+
+@dataclass
+class Tally:
+    """Summed loss and count per group; perplexity = exp(mean nats)."""
+    total: Dict[str, List[float]] = field(default_factory=dict)
+
+    def add(self, key, nll: torch.Tensor) -> None:
+        s = self.total.setdefault(key, [0.0, 0])
+        s[0] += float(nll.sum())
+        s[1] += int(nll.numel())
+
+    def ppl(self) -> Dict[str, float]:
+        return {k: math.exp(s / n) for k, (s, n) in self.total.items() if n}
+
+    def counts(self) -> Dict[str, int]:
+        return {k: n for k, (_, n) in self.total.items()}
+
+
+def evaluate(models: Dict[str, tuple], stream, tokens_per_sample: int, eos: int, progress=None) -> dict:
+    """models: {name: (model, memory flag or None)}. Returns perplexities overall, per length bucket
+    and per position bin, for each model, over the documents of ``stream`` (a TokenStream)."""
+    spans = document_spans(stream.doc_start)
+    results = {}
+    for name, (model, memory) in models.items():
+        overall, buckets, positions = Tally(), Tally(), Tally()
+        iterator = spans if progress is None else progress(spans, desc=name, unit="doc")
+        for start, end in iterator:
+            nll = score_document(model, stream.tokens[start:end], tokens_per_sample, eos, memory)
+            overall.add("all", nll)
+            buckets.add(length_bucket(end - start), nll)
+            bins = torch.tensor([position_bin(p) for p in range(end - start)])
+            for b in bins.unique().tolist():
+                positions.add(b, nll[bins == b])
+        results[name] = {
+            "ppl": overall.ppl()["all"], "tokens": overall.counts()["all"],
+            "by_length": buckets.ppl(), "tokens_by_length": buckets.counts(),
+            "by_position": {position_bin_label(b): p for b, p in sorted(positions.ppl().items())},
+            "loss_by_position": {position_bin_label(b): math.log(p) for b, p in sorted(positions.ppl().items())},
+        }
+    return {"documents": len(spans), "tokens_per_sample": tokens_per_sample, "models": results}
