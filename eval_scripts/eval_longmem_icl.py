@@ -53,22 +53,6 @@ class TextCodec:
         return full[len(prefix)] if full[: len(prefix)] == prefix else self.encode(" " + word)[0]
 
 
-def load_model(path, dictionary, dict_path, device):
-    from fairseq import checkpoint_utils
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path!r} does not exist")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    heads = [v for k, v in state["model"].items() if k.endswith("model.lm_head.weight")]
-    if heads and heads[0].size(0) != len(dictionary):
-        raise SystemExit(f"{path} predicts {heads[0].size(0)} symbols but the dictionary has {len(dictionary)}: "
-                         f"pass the model's dict.txt with --dict")
-    overrides = {"data": os.path.dirname(os.path.abspath(dict_path))}
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides=overrides, state=state)
-    return models[0].eval().to(device)
-
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="the ICL datasets in the released layout")
@@ -100,6 +84,7 @@ def main(argv=None):
     import longmem  # noqa: F401
     from longmem.evaluation import icl
     from longmem.utils.atomic import atomic_open
+    from longmem.utils.checkpoints import load_model_for_dictionary
 
     for task in args.tasks:
         if task not in icl.TASKS:
@@ -112,13 +97,14 @@ def main(argv=None):
     if not dict_path or not os.path.isfile(dict_path):
         raise SystemExit(f"dictionary {dict_path!r} not found: pass --dict")
     dictionary = Dictionary.load(dict_path)
+    dict_dir = os.path.dirname(os.path.abspath(dict_path))
     codec = TextCodec(dictionary, args.gpt2_bpe, args.sentencepiece_model)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     models = {}
     if "backbone" in args.modes:
-        models["backbone"] = load_model(args.backbone, dictionary, dict_path, device)
+        models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device)
     if {"memory-off", "memory-on"} & set(args.modes):
-        lm = load_model(args.longmem, dictionary, dict_path, device)
+        lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device)
         lm.decoder.cfg.memory_shared = True  # one memory that every query row reads
         lm.decoder.cfg.chunk_size = args.chunk_size
         for mode in ("memory-off", "memory-on"):

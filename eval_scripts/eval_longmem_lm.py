@@ -19,24 +19,6 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def load(path, data, dictionary, cpu):
-    import torch
-    from fairseq import checkpoint_utils
-
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path!r} does not exist")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    heads = [v for k, v in state["model"].items() if k.endswith("model.lm_head.weight")]
-    if heads and heads[0].size(0) != len(dictionary):
-        raise SystemExit(f"{path} predicts {heads[0].size(0)} symbols but {data}/dict.txt has {len(dictionary)}: "
-                         f"evaluate on data binarized with the model's dictionary (fairseq-preprocess --srcdict)")
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data}, state=state)
-    model = models[0].eval()
-    if not cpu and torch.cuda.is_available():
-        model = model.cuda()
-    return model
-
-
 def plot(results, path):
     import matplotlib
 
@@ -80,6 +62,7 @@ def main(argv=None):
     from longmem.evaluation.lm import evaluate
     from longmem.tasks.stream_dataset import TokenStream
     from longmem.utils.atomic import atomic_open
+    from longmem.utils.checkpoints import load_model_for_dictionary
 
     dict_path = os.path.join(args.data, "dict.txt")
     if not os.path.isfile(dict_path):
@@ -89,11 +72,15 @@ def main(argv=None):
     if dataset is None:
         raise SystemExit(f"split {args.gen_subset!r} not found in {args.data}")
     stream = TokenStream(dataset, dictionary.eos())
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    load = lambda path: load_model_for_dictionary(path, dictionary, args.data, device)  # noqa: E731
     models = {}
     if args.backbone:
-        models["backbone alone"] = (load(args.backbone, args.data, dictionary, args.cpu), None)
+        models["backbone alone"] = (load(args.backbone), None)
     if args.longmem:
-        lm = load(args.longmem, args.data, dictionary, args.cpu)
+        lm = load(args.longmem)
         models["LongMem, memory off"] = (lm, False)
         models["LongMem, memory on"] = (lm, True)
     results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm)
