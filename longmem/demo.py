@@ -117,30 +117,17 @@ def binarize(out, bpe, workers):
     return data_bin
 
 
-def pretrain(out, data_bin, preset_path):
-    save_dir = os.path.join(out, "backbone")
-    done = os.path.join(save_dir, "pretrain.done")
-    with Stage("backbone", done) as st:
+def train_stage(out, name, script, inputs, preset_path, done_name):
+    """A training stage: ``train_scripts/<script> INPUTS... out/<name>`` with a preset; returns the
+    last checkpoint. An interrupted run resumes from it when the stage runs again."""
+    save_dir = os.path.join(out, name)
+    done = os.path.join(save_dir, done_name)
+    with Stage(name, done) as st:
         if not st.cached:
             os.makedirs(save_dir, exist_ok=True)
             env = dict(os.environ, PYTHON=sys.executable, PRESET=preset_path,
                        LOG_FORMAT="tqdm" if sys.stdout.isatty() else "simple")
-            run(["bash", os.path.join(REPO, "train_scripts", "pretrain_backbone.sh"), data_bin, save_dir,
-                 "--log-file", os.path.join(save_dir, "train.log")], env=env)
-            with atomic_open(done) as f:
-                f.write("ok\n")
-    return os.path.join(save_dir, "checkpoint_last.pt")
-
-
-def adapt(out, data_bin, backbone, preset_path):
-    save_dir = os.path.join(out, "longmem")
-    done = os.path.join(save_dir, "adapt.done")
-    with Stage("longmem", done) as st:
-        if not st.cached:
-            os.makedirs(save_dir, exist_ok=True)
-            env = dict(os.environ, PYTHON=sys.executable, PRESET=preset_path,
-                       LOG_FORMAT="tqdm" if sys.stdout.isatty() else "simple")
-            run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data_bin, backbone, save_dir,
+            run(["bash", os.path.join(REPO, "train_scripts", script), *inputs, save_dir,
                  "--log-file", os.path.join(save_dir, "train.log")], env=env)
             with atomic_open(done) as f:
                 f.write("ok\n")
@@ -225,10 +212,11 @@ def main(argv=None):
     data_bin = binarize(out, bpe, args.workers)
     if args.until == "data-bin":
         return
-    backbone = pretrain(out, data_bin, args.preset)
+    backbone = train_stage(out, "backbone", "pretrain_backbone.sh", [data_bin], args.preset, "pretrain.done")
     if args.until == "backbone":
         return
-    longmem_ckpt = adapt(out, data_bin, backbone, args.longmem_preset)
+    longmem_ckpt = train_stage(out, "longmem", "train_longmem.sh", [data_bin, backbone], args.longmem_preset,
+                               "adapt.done")
     if args.until == "longmem":
         return
 
