@@ -2,7 +2,8 @@
 
 import torch
 
-from longmem.evaluation.lm import document_spans, length_bucket, position_bin, position_bin_label, score_document
+from longmem.evaluation.lm import (document_spans, length_bucket, position_bin, position_bin_label, position_bins,
+                                  score_document)
 from longmem.modules.memory_bank import ChunkedMemoryBank
 
 from conftest import make_dictionary
@@ -43,6 +44,7 @@ def test_buckets_bins_and_spans():
     assert [length_bucket(n) for n in (10, 5_000, 99_999, 100_000, 2_000_000)] == \
         ["<5k", "5k-10k", "10k-100k", "100k-500k", ">1M"]
     assert [position_bin(p) for p in (0, 255, 256, 511, 512, 1023, 1024)] == [0, 0, 1, 1, 2, 2, 3]
+    assert position_bins(5000).tolist() == [position_bin(p) for p in range(5000)]
     assert [position_bin_label(b) for b in (0, 1, 3)] == ["0-256", "256-512", "1024-2048"]
     starts = torch.zeros(10, dtype=torch.bool)
     starts[[0, 4, 7]] = True

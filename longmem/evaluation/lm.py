@@ -37,6 +37,12 @@ def position_bin(position: int) -> int:
     return max(0, int(position).bit_length() - 8)
 
 
+def position_bins(n: int) -> torch.Tensor:
+    """``position_bin`` of positions 0..n-1 at once: frexp's exponent is the bit length."""
+    exponent = torch.frexp(torch.arange(n, dtype=torch.float64)).exponent
+    return (exponent - 8).clamp(min=0)
+
+
 def position_bin_label(b: int) -> str:
     low = 0 if b == 0 else 256 << (b - 1)
     return f"{low}-{256 << b}"
@@ -85,6 +91,7 @@ def evaluate(models: Dict[str, tuple], stream, tokens_per_sample: int, eos: int,
     """models: {name: (model, memory flag or None)}. Returns perplexities overall, per length bucket
     and per position bin, for each model, over the documents of ``stream`` (a TokenStream)."""
     spans = document_spans(stream.doc_start)
+    bins = position_bins(max((end - start for start, end in spans), default=0))  # shared by every document
     results = {}
     for name, (model, memory) in models.items():
         overall, buckets, positions = Tally(), Tally(), Tally()
@@ -93,9 +100,9 @@ def evaluate(models: Dict[str, tuple], stream, tokens_per_sample: int, eos: int,
             nll = score_document(model, stream.tokens[start:end], tokens_per_sample, eos, memory)
             overall.add("all", nll)
             buckets.add(length_bucket(end - start), nll)
-            bins = torch.tensor([position_bin(p) for p in range(end - start)])
-            for b in bins.unique().tolist():
-                positions.add(b, nll[bins == b])
+            doc_bins = bins[: end - start]
+            for b in doc_bins.unique().tolist():
+                positions.add(b, nll[doc_bins == b])
         results[name] = {
             "ppl": overall.ppl()["all"], "tokens": overall.counts()["all"],
             "by_length": buckets.ppl(), "tokens_by_length": buckets.counts(),

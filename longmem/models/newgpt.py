@@ -83,7 +83,6 @@ class NewGPTAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=False)
 
-
     def forward(
         self,
         x: torch.Tensor,

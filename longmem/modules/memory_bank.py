@@ -152,7 +152,6 @@ class ChunkedMemoryBank:
             raise ValueError(f"ChunkedMemoryBank: {name} has batch size {x.size(0)} but the bank has "
                              f"num_streams={self.num_streams} (one row per stream); received {tuple(x.shape)}")
 
-
     # ------------------------------------------------------------------ write
     @torch.no_grad()
     def add(self, keys: torch.Tensor, values: torch.Tensor, start=None) -> None:
