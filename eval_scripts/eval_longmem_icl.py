@@ -68,6 +68,9 @@ def main(argv=None):
     p.add_argument("--cache-k", type=int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=int, default=1024, help="tokens per block written to memory")
     p.add_argument("--chunk-size", type=int, default=2, help="memory chunk size at evaluation (released: 2)")
+    p.add_argument("--memory-size", type=int,
+                   help="memory capacity in tokens at evaluation (default: the checkpoint's; it must hold the "
+                        "cache_k demonstrations, or the oldest are evicted)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
     p.add_argument("--max-queries", type=int, help="evaluate only the first N queries (quick runs)")
@@ -107,6 +110,8 @@ def main(argv=None):
         lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device)
         lm.decoder.cfg.memory_shared = True  # one memory that every query row reads
         lm.decoder.cfg.chunk_size = args.chunk_size
+        if args.memory_size:
+            lm.decoder.cfg.memory_size = args.memory_size
         for mode in ("memory-off", "memory-on"):
             if mode in args.modes:
                 models[mode] = lm

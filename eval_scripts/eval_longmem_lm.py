@@ -49,6 +49,11 @@ def main(argv=None):
     p.add_argument("--tokens-per-sample", type=int, default=1024)
     p.add_argument("--results-path", help="JSON output")
     p.add_argument("--plot", help="PNG of loss against position in the document")
+    p.add_argument("--token-mask", help="a .mask file of preprocess/make_longrange.py for this split: "
+                   "also report perplexity on the marked (recurring/queried) tokens")
+    p.add_argument("--memory-size", type=int, help="LongMem: memory capacity at evaluation (default: trained)")
+    p.add_argument("--k", type=int, help="LongMem: retrieved tokens per query at evaluation (default: trained)")
+    p.add_argument("--chunk-size", type=int, help="LongMem: memory chunk size at evaluation (default: trained)")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -59,7 +64,7 @@ def main(argv=None):
     from fairseq.data import Dictionary, data_utils
     from tqdm import tqdm
 
-    from longmem.evaluation.lm import evaluate
+    from longmem.evaluation.lm import evaluate, read_token_marks
     from longmem.tasks.stream_dataset import TokenStream
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
@@ -72,6 +77,12 @@ def main(argv=None):
     if dataset is None:
         raise SystemExit(f"split {args.gen_subset!r} not found in {args.data}")
     stream = TokenStream(dataset, dictionary.eos())
+    marks = None
+    if args.token_mask:
+        marks = read_token_marks(args.token_mask)
+        if len(marks) != len(stream.tokens):
+            raise SystemExit(f"{args.token_mask} marks {len(marks)} tokens but split {args.gen_subset!r} has "
+                             f"{len(stream.tokens)}: pass the .mask written with the .bpe file that was binarized")
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
@@ -81,9 +92,14 @@ def main(argv=None):
         models["backbone alone"] = (load(args.backbone), None)
     if args.longmem:
         lm = load(args.longmem)
+        overrides = {name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
+                     if getattr(args, name) is not None}
+        for name, value in overrides.items():
+            setattr(lm.decoder.cfg, name, value)  # read when the memory is (re)built for the first batch
+        lm.decoder.memories.clear()
         models["LongMem, memory off"] = (lm, False)
         models["LongMem, memory on"] = (lm, True)
-    results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm)
+    results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm, marks=marks)
 
     names = list(results["models"])
     print(f"\n{results['documents']} documents of {args.gen_subset}, segments of {args.tokens_per_sample} tokens")
@@ -91,6 +107,13 @@ def main(argv=None):
     print("|---|" + "---:|" * len(names))
     print("| all | " + " | ".join(f"{results['models'][n]['ppl']:.2f}" for n in names) + " |")
     first = results["models"][names[0]]
+    if marks is not None:
+        print(f"| marked tokens ({first['tokens_marked']:,}) | "
+              + " | ".join(f"{results['models'][n]['ppl_marked']:.2f}" for n in names) + " |")
+        for value, count in first["tokens_by_mark"].items():
+            print(f"| tokens marked {value} ({count:,}) | "
+                  + " | ".join(f"{results['models'][n]['ppl_by_mark'][value]:.2f}" for n in names) + " |")
+        print("| other tokens | " + " | ".join(f"{results['models'][n]['ppl_unmarked']:.2f}" for n in names) + " |")
     for bucket, count in first["tokens_by_length"].items():
         print(f"| documents {bucket} ({count:,} tokens) | "
               + " | ".join(f"{results['models'][n]['by_length'][bucket]:.2f}" for n in names) + " |")

@@ -37,6 +37,22 @@ def position_bin(position: int) -> int:
     return max(0, int(position).bit_length() - 8)
 
 
+def read_token_marks(path: str) -> torch.Tensor:
+    """A ``.mask`` file (one line of small integers per line of the ``.bpe`` file that was binarized;
+    0 = unmarked, other values name a kind of mark) as one int per token of the split's stream: each
+    line's marks, then a 0 for the line's ``</s>``."""
+    marks = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split()
+            if not all(x.isdigit() and len(x) < 3 for x in fields):
+                raise ValueError(f"{path}:{n}: expected space-separated integer marks (0 = none), "
+                                 f"got {line.strip()[:60]!r}")
+            marks.extend(int(x) for x in fields)
+            marks.append(0)
+    return torch.tensor(marks, dtype=torch.long)
+
+
 def position_bins(n: int) -> torch.Tensor:
     """``position_bin`` of positions 0..n-1 at once: frexp's exponent is the bit length."""
     exponent = torch.frexp(torch.arange(n, dtype=torch.float64)).exponent
@@ -87,24 +103,41 @@ class Tally:
         return {k: n for k, (_, n) in self.total.items()}
 
 
-def evaluate(models: Dict[str, tuple], stream, tokens_per_sample: int, eos: int, progress=None) -> dict:
+def evaluate(models: Dict[str, tuple], stream, tokens_per_sample: int, eos: int, progress=None,
+             marks: Optional[torch.Tensor] = None) -> dict:
     """models: {name: (model, memory flag or None)}. Returns perplexities overall, per length bucket
-    and per position bin, for each model, over the documents of ``stream`` (a TokenStream)."""
+    and per position bin, for each model, over the documents of ``stream`` (a TokenStream).
+    ``marks`` (int, one per stream token, 0 = unmarked): also the perplexity on the marked tokens, per
+    mark value and on the rest (e.g. the recurring (1) and queried (2) tokens of
+    ``preprocess/make_longrange.py``)."""
+    if marks is not None and len(marks) != len(stream.tokens):
+        raise ValueError(f"{len(marks)} token marks for a stream of {len(stream.tokens)} tokens")
     spans = document_spans(stream.doc_start)
     bins = position_bins(max((end - start for start, end in spans), default=0))  # shared by every document
     results = {}
     for name, (model, memory) in models.items():
-        overall, buckets, positions = Tally(), Tally(), Tally()
+        overall, buckets, positions, by_mark = Tally(), Tally(), Tally(), Tally()
         iterator = spans if progress is None else progress(spans, desc=name, unit="doc")
         for start, end in iterator:
             nll = score_document(model, stream.tokens[start:end], tokens_per_sample, eos, memory)
             overall.add("all", nll)
+            if marks is not None:
+                doc_marks = marks[start:end]
+                overall.add("marked", nll[doc_marks > 0])
+                overall.add("unmarked", nll[doc_marks == 0])
+                for value in doc_marks.unique().tolist():
+                    if value:
+                        by_mark.add(value, nll[doc_marks == value])
             buckets.add(length_bucket(end - start), nll)
             doc_bins = bins[: end - start]
             for b in doc_bins.unique().tolist():
                 positions.add(b, nll[doc_bins == b])
         results[name] = {
             "ppl": overall.ppl()["all"], "tokens": overall.counts()["all"],
+            **({"ppl_marked": overall.ppl().get("marked", math.nan), "tokens_marked": overall.counts()["marked"],
+                "ppl_unmarked": overall.ppl().get("unmarked", math.nan),
+                "ppl_by_mark": dict(sorted(by_mark.ppl().items())),
+                "tokens_by_mark": dict(sorted(by_mark.counts().items()))} if marks is not None else {}),
             "by_length": buckets.ppl(), "tokens_by_length": buckets.counts(),
             "by_position": {position_bin_label(b): p for b, p in sorted(positions.ppl().items())},
             "loss_by_position": {position_bin_label(b): math.log(p) for b, p in sorted(positions.ppl().items())},

@@ -1,0 +1,183 @@
+"""The long-range benchmark: every marked token really recurs beyond the window, and marked perplexity."""
+import math
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+from longmem.evaluation.lm import evaluate, read_token_marks, score_document
+from longmem.tasks.stream_dataset import TokenStream
+
+from conftest import REPO, make_dictionary
+from test_sidenet import sidenet
+
+sys.path.insert(0, os.path.join(REPO, "preprocess"))
+import make_longrange  # noqa: E402
+
+WORDS = ("king queen lord lady sword crown night day love death heart blood honour grace noble gentle "
+         "father mother brother sister house field storm sea fire earth heaven hell speak hear see know "
+         "come go stay fly fight kiss weep laugh sleep wake").split()
+
+
+def write_text(path, rng, lines, tag):
+    with open(path, "w") as f:
+        for n in range(lines):
+            f.write(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + f" {tag}{n % 7} .\n")
+            if n % 150 == 149:
+                f.write("\n")  # documents of the source text
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    import sentencepiece as spm
+
+    tmp = tmp_path_factory.mktemp("longrange")
+    rng = random.Random(0)
+    for split, tag, lines in (("train", "tr", 1200), ("valid", "va", 400), ("test", "te", 400)):
+        write_text(tmp / f"{split}.txt", rng, lines, tag)
+    spm.SentencePieceTrainer.train(input=str(tmp / "train.txt"), model_prefix=str(tmp / "spm"), vocab_size=120,
+                                   model_type="bpe", minloglevel=2)
+    out = tmp / "out"
+    make_longrange.main(["--spm-model", str(tmp / "spm.model"), "--out", str(out),
+                         "--train-text", str(tmp / "train.txt"), "--valid-text", str(tmp / "valid.txt"),
+                         "--test-text", str(tmp / "test.txt"), "--train-docs", "12", "--eval-docs", "6",
+                         "--doc-tokens", "700", "--min-gap", "200", "--pairs", "6", "--pool-size", "8", "--pool-skip", "0",
+                         "--pretrain-docs", "3", "--pretrain-gap", "20", "120"])
+    return tmp, out
+
+
+def read_docs(out, split):
+    """[[(pieces, marks), ...] per document] from the .bpe and .mask files."""
+    with open(out / f"{split}.bpe") as fb, open(out / f"{split}.mask") as fm:
+        docs, doc = [], []
+        for line, marks in zip(fb, fm):
+            pieces, marks = line.split(), [int(x) for x in marks.split()]
+            assert len(pieces) == len(marks)
+            if not pieces:
+                docs.append(doc)
+                doc = []
+            else:
+                doc.append((pieces, marks))
+        return docs + [doc]
+
+
+def flat(doc):
+    return [p for pieces, _ in doc for p in pieces], [m for _, marks in doc for m in marks]
+
+
+def marked_runs(marks, value):
+    runs, start = [], None
+    for i, m in enumerate(marks + [0]):
+        if m == value and start is None:
+            start = i
+        elif m != value and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def occurs_before(pieces, needle, limit):
+    """Does ``needle`` occur in pieces[:limit]? (brute force)"""
+    n = len(needle)
+    return any(pieces[i: i + n] == needle for i in range(0, limit - n + 1))
+
+
+def test_every_recurring_span_occurred_at_least_min_gap_tokens_earlier(benchmark):
+    _, out = benchmark
+    seen_recurring = 0
+    for split in ("train", "valid", "test"):
+        for doc in read_docs(out, split):
+            pieces, marks = flat(doc)
+            for start, end in marked_runs(marks, make_longrange.RECURRING):
+                # the passage's first piece is unmarked; the whole passage was read >= min_gap before
+                assert occurs_before(pieces, pieces[start - 1: end], start - 1 - 200)
+                seen_recurring += 1
+    assert seen_recurring > 10
+
+
+def test_every_queried_value_was_stated_with_its_key_at_least_min_gap_earlier(benchmark):
+    import sentencepiece as spm
+
+    tmp, out = benchmark
+    sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+    recall, period = sp.encode("Recall", out_type=str), sp.encode(".", out_type=str)
+    queries = 0
+    for doc in read_docs(out, "test"):
+        pieces, _ = flat(doc)
+        at = 0
+        for line, line_marks in doc:
+            if make_longrange.QUERIED in line_marks:
+                queries += 1
+                value = [p for p, m in zip(line, line_marks) if m == make_longrange.QUERIED]
+                needle = line[len(recall):]  # " : <key> is <value> ." as stated after "Remember"
+                assert line[:len(recall)] == recall and value == needle[-len(value) - len(period): -len(period)]
+                assert occurs_before(pieces, needle, at - 200)  # stated at least min_gap pieces earlier
+                assert not occurs_before(pieces[at - 200:], needle, 200)  # and not within the gap
+            at += len(line)
+    assert queries == 3 * 6  # half of the 6 test documents are recall documents, 6 pairs each
+
+
+def test_pretraining_passages_recur_inside_the_window(benchmark):
+    _, out = benchmark
+    runs = 0
+    for doc in read_docs(out, "pretrain"):
+        pieces, marks = flat(doc)
+        for start, end in marked_runs(marks, make_longrange.RECURRING):
+            c = start - 1  # the passage's first (unmarked) piece
+            window = pieces[max(0, c - 120): c - 20]  # its source lies 20..120 pieces back
+            assert occurs_before(window, pieces[c:end], len(window))
+            runs += 1
+    assert runs >= 3
+
+
+def test_held_out_documents_use_held_out_text_only(benchmark):
+    tmp, out = benchmark
+    for split, tag in (("test", "te"), ("valid", "va")):
+        for doc in read_docs(out, split):
+            text = "".join(p for pieces, _ in doc for p in pieces)
+            assert "tr" not in text.replace("▁", " ").split()
+            assert any(f"{tag}{i}" in text for i in range(7))
+
+
+def test_marks_align_with_the_binarized_stream_and_error_on_bad_input(benchmark, tmp_path):
+    _, out = benchmark
+    marks = read_token_marks(str(out / "test.mask"))
+    n_tokens = sum(len(line.split()) + 1 for line in open(out / "test.bpe"))  # + </s> per line
+    assert len(marks) == n_tokens
+    assert int((marks > 0).sum()) == sum(int(m) > 0 for line in open(out / "test.mask") for m in line.split())
+    bad = tmp_path / "bad.mask"
+    bad.write_text("0 1 x\n")
+    with pytest.raises(ValueError, match="integer marks"):
+        read_token_marks(str(bad))
+
+
+def test_marked_perplexity_equals_mean_loss_over_marked_tokens(tmp_path):
+    d = make_dictionary(40)
+    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
+    model.eval()
+    eos = d.eos()
+
+    class Split:  # two documents: lines of sizes 10, 1 (empty line), 12
+        sizes = [10, 1, 12]
+        lines = [torch.randint(4, 44, (9,)).tolist() + [eos], [eos], torch.randint(4, 44, (11,)).tolist() + [eos]]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.tensor(self.lines[i])
+
+    stream = TokenStream(Split(), eos)
+    marks = torch.zeros(23, dtype=torch.long)
+    marks[[2, 3, 15]] = 1
+    marks[[7, 20]] = 2
+    res = evaluate({"m": (model, True)}, stream, 4, eos, marks=marks)["models"]["m"]
+    nll = torch.cat([score_document(model, stream.tokens[a:b], 4, eos, True) for a, b in ((0, 11), (11, 23))])
+    assert math.isclose(res["ppl_marked"], math.exp(nll[marks > 0].mean()), rel_tol=1e-12)
+    assert math.isclose(res["ppl_unmarked"], math.exp(nll[marks == 0].mean()), rel_tol=1e-12)
+    assert math.isclose(res["ppl_by_mark"][2], math.exp(nll[[7, 20]].mean()), rel_tol=1e-12)
+    assert res["tokens_by_mark"] == {1: 3, 2: 2}
+    with pytest.raises(ValueError, match="token marks"):
+        evaluate({"m": (model, True)}, stream, 4, eos, marks=marks[:-1])
