@@ -71,6 +71,8 @@ def main(argv=None):
     p.add_argument("--memory-size", type=int,
                    help="memory capacity in tokens at evaluation (default: the checkpoint's; it must hold the "
                         "cache_k demonstrations, or the oldest are evicted)")
+    p.add_argument("--memory-backend", choices=["auto", "faiss", "torch"],
+                   help="memory search at evaluation (default: the checkpoint's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
     p.add_argument("--max-queries", type=int, help="evaluate only the first N queries (quick runs)")
@@ -112,6 +114,8 @@ def main(argv=None):
         lm.decoder.cfg.chunk_size = args.chunk_size
         if args.memory_size:
             lm.decoder.cfg.memory_size = args.memory_size
+        if args.memory_backend:
+            lm.decoder.cfg.memory_backend = args.memory_backend
         for mode in ("memory-off", "memory-on"):
             if mode in args.modes:
                 models[mode] = lm

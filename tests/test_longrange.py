@@ -181,3 +181,32 @@ def test_marked_perplexity_equals_mean_loss_over_marked_tokens(tmp_path):
     assert res["tokens_by_mark"] == {1: 3, 2: 2}
     with pytest.raises(ValueError, match="token marks"):
         evaluate({"m": (model, True)}, stream, 4, eos, marks=marks[:-1])
+
+
+def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(tmp_path):
+    from longmem.evaluation.diagnostics import retrieval_hits
+
+    d = make_dictionary(40)
+    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
+    model.eval()
+    eos = d.eos()
+    passage = torch.randint(4, 44, (12,)).tolist()
+
+    class Split:  # one document: passage, 20 other tokens, the passage again (beyond a segment of 8)
+        lines = [passage + torch.randint(4, 44, (20,)).tolist() + passage + [eos]]
+        sizes = [len(lines[0])]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor(self.lines[i])
+
+    stream = TokenStream(Split(), eos)
+    r = retrieval_hits(model, stream, eos, 8, context=4)
+    # every chunk in memory is retrieved, so every earlier occurrence is found; the gate starts at 0.5
+    assert r["positions"] >= 4 and r["hit_s"] == [1.0] * 4 and r["hit_s+1"] == [1.0] * 4
+    assert r["gate"] == [0.5] * 4
+    model.decoder.cfg.k, model.decoder.memories = 2, {}  # one chunk of 32: hits become rare, never above 1
+    r = retrieval_hits(model, stream, eos, 8, context=4)
+    assert all(0.0 <= h <= 1.0 for h in r["hit_s"]) and r["hit_s"] != [1.0] * 4

@@ -15,7 +15,7 @@ if [[ -z ${PYTHON:-} ]]; then PYTHON=python; [[ -x $ROOT/.venv/bin/python ]] && 
 PRESET=${PRESET:-$ROOT/configs/longmem_tiny.sh}
 if [[ $# -eq 0 ]]; then
   "$PYTHON" -m longmem.demo --out "$ROOT/demo_out" --until backbone
-  set -- "$ROOT/demo_out/data-bin" "$ROOT/demo_out/backbone/checkpoint_last.pt" "$ROOT/demo_out/longmem"
+  set -- "$ROOT/demo_out/data-bin-longrange" "$ROOT/demo_out/backbone/checkpoint_last.pt" "$ROOT/demo_out/longmem"
 fi
 [[ $# -ge 3 ]] || { echo "usage: $0 DATA_BIN BACKBONE_CHECKPOINT SAVE_DIR [fairseq-train flags]" >&2; exit 2; }
 DATA=$1; BACKBONE=$2; SAVE=$3; shift 3

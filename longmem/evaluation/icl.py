@@ -105,10 +105,15 @@ def memory_blocks(token_ids: List[int], block: int) -> List[List[int]]:
 
 @torch.no_grad()
 def fill_memory(model, blocks: List[List[int]], device) -> None:
-    """Run each block through a LongMem model with memory writes on, so that it lands in memory."""
-    model.set_memory(enabled=True, writes=True)
-    for b in blocks:
-        model(torch.tensor([b], device=device))
+    """Run each block through a LongMem model with memory writes on, so that it lands in memory. The
+    blocks' outputs are not used and memory holds the backbone's keys/values whatever was retrieved, so
+    the blocks do not read memory (the release's fill reads it too: the same memory, more work)."""
+    model.set_memory(enabled=True, writes=True, reads=False)
+    try:
+        for b in blocks:
+            model(torch.tensor([b], device=device))
+    finally:
+        model.set_memory(reads=True)
 
 
 @torch.no_grad()

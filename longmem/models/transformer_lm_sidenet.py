@@ -127,6 +127,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.reset_at_document_boundaries = False
         self.memory_enabled = cfg.use_external_memory
         self.memory_writes = True
+        self.memory_reads = True
         self.backbone_loaded = False
 
     @staticmethod
@@ -246,7 +247,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                 positions = torch.arange(T, device=doc_start.device).expand(B, T)
                 first_new = torch.where(doc_start, positions, T).min(1).values  # (B,), T = none
                 last_new = torch.where(doc_start, positions, -1).max(1).values  # (B,), -1 = none
-            if any(memory.filled):
+            if any(memory.filled) and self.memory_reads:
                 retrieve = self._retrieve if first_new is None else (lambda q: self._retrieve(q, first_new))
         r = self.cfg.layer_reduction_factor
         x = hidden[0]  # (B, T, C): the backbone's token embeddings
@@ -321,11 +322,16 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
     def reset_memory(self, stream: Optional[int] = None):
         self.decoder.reset_memory(stream)
 
-    def set_memory(self, enabled: Optional[bool] = None, writes: Optional[bool] = None):
+    def set_memory(self, enabled: Optional[bool] = None, writes: Optional[bool] = None,
+                   reads: Optional[bool] = None):
+        """enabled: use the memory at all; writes: add each segment's keys/values; reads: retrieve (off
+        only to fill a memory fast: what is written does not depend on what is read)."""
         if enabled is not None:
             self.decoder.memory_enabled = enabled
         if writes is not None:
             self.decoder.memory_writes = writes
+        if reads is not None:
+            self.decoder.memory_reads = reads
 
 
 def _sidenet_arch(layers, embed, heads, ffn, retrieval_layer_index):

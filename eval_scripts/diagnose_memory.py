@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Is the memory finding what it should? Retrieval hit rates of a LongMem checkpoint on recurring text
+(logic: longmem/evaluation/diagnostics.py).
+
+For every token t of a held-out document whose last ``--context`` tokens occurred exactly once before,
+at s, in an earlier segment (so s is in memory, not in the local window), it checks whether the chunks
+that the memory layer retrieved for t (per head) hold s (the same context) and s + 1 (the token that
+followed it, the one a copy needs). Also prints the per-head gate σ(memory_bias). Chance level is
+about k / (tokens in memory).
+
+    python eval_scripts/diagnose_memory.py demo_out/data-bin-longrange \\
+        --longmem demo_out/longmem/checkpoint_last.pt --tokens-per-sample 256
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="fairseq data-bin")
+    p.add_argument("--gen-subset", default="test")
+    p.add_argument("--longmem", required=True)
+    p.add_argument("--tokens-per-sample", type=int, default=256)
+    p.add_argument("--context", type=int, default=6, help="tokens of context that must match")
+    p.add_argument("--max-documents", type=int)
+    p.add_argument("--results-path")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    from fairseq.data import Dictionary, data_utils
+
+    import longmem  # noqa: F401
+    from longmem.evaluation.diagnostics import retrieval_hits
+    from longmem.tasks.stream_dataset import TokenStream
+    from longmem.utils.atomic import atomic_open
+    from longmem.utils.checkpoints import load_model_for_dictionary
+
+    d = Dictionary.load(os.path.join(args.data, "dict.txt"))
+    stream = TokenStream(data_utils.load_indexed_dataset(os.path.join(args.data, args.gen_subset), d), d.eos())
+    model = load_model_for_dictionary(args.longmem, d, args.data)
+    try:
+        result = retrieval_hits(model, stream, d.eos(), args.tokens_per_sample, args.context, args.max_documents)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    n_ctx, c = args.context, result["chunk_size"]
+    print(f"{result['positions']:,} positions with a unique earlier {n_ctx}-token context in memory "
+          f"({result['documents']} documents); k = {result['k']}, chunk {c}")
+    print("| head | gate σ(g) | retrieved chunk holds s | holds s+1 |")
+    print("|---:|---:|---:|---:|")
+    for h, g in enumerate(result["gate"]):
+        print(f"| {h} | {g:.3f} | {100 * result['hit_s'][h]:.1f}% | {100 * result['hit_s+1'][h]:.1f}% |")
+    if args.results_path:
+        with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
