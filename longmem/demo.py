@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys

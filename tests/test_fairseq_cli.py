@@ -219,13 +219,15 @@ def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, shared
     assert cmd[1:3] == ["-m", "fairseq_cli.train"]
     args = options.parse_args_and_arch(options.get_training_parser(), cmd[3:])
     expected = {"longmem_paper.sh": ("transformer_lm_sidenet_gpt2_small", 65536, 64, 4, 17, 1024, 2e-4),
-                "longmem_tiny.sh": ("transformer_lm_sidenet_tiny", 8192, 32, 4, 2, 256, 1e-3)}[preset]
+                "longmem_tiny.sh": ("transformer_lm_sidenet_tiny", 8192, 32, 4, 3, 256, 2e-3)}[preset]
     assert (args.arch, args.memory_size, args.k, args.chunk_size, args.retrieval_layer_index,
             args.tokens_per_sample, args.lr[0]) == expected
     assert args.task == "longmem_language_modeling" and args.use_external_memory and args.reload_ptm_layer
     assert args.layer_reduction_factor == 2 and args.adam_betas == "(0.9, 0.98)" and args.weight_decay == 0.01
     if preset == "longmem_paper.sh":
         assert args.fp16 and args.use_gpu_to_search and args.batch_size == 8 and args.max_update == 100000
+    else:  # the memory layer int(3 / 2) = 1 starts from backbone layer 2*1 + 1 = 3, whose keys fill memory
+        assert args.memory_reset_at_document_boundary and args.max_update == 300
 
 
 def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path):
