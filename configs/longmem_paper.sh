@@ -1,4 +1,4 @@
-# Preset: the released memory-augmented adaptation recipe (SPEC §5), one GPU's share.
+# Preset: the released memory-augmented adaptation recipe (docs/design.md §5), one GPU's share.
 # The release trains with 8 rows of 1024 tokens per GPU on 32 GPUs (global batch 256) for 100k
 # updates; on fewer GPUs raise UPDATE_FREQ so that GPUs x 8 x UPDATE_FREQ = 256.
 ARCH=transformer_lm_sidenet_gpt2_small

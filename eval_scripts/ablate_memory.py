@@ -48,8 +48,7 @@ def main(argv=None):
                          dictionary.eos())
     marks = read_token_marks(args.token_mask)
     model = load_model_for_dictionary(args.longmem, dictionary, args.data)
-    cfg = model.decoder.cfg
-    trained = {knob: int(getattr(cfg, knob)) for knob in GRID}
+    trained = {knob: getattr(model.memory.settings, knob) for knob in GRID}
     rows = [("memory off", None, None)]
     for knob in args.knobs:
         rows += [(knob, value, {**trained, knob: value}) for value in GRID[knob]
@@ -58,17 +57,12 @@ def main(argv=None):
     results = []
     for knob, value, settings in tqdm(rows, desc="ablation rows", unit="row"):
         start = time.time()
-        if settings is not None:
-            for name, v in settings.items():
-                setattr(cfg, name, v)
-        model.decoder.memories.clear()
-        r = evaluate({"m": (model, settings is not None)}, stream, args.tokens_per_sample, dictionary.eos(),
-                     marks=marks)["models"]["m"]
+        with model.memory.configured(**(settings or {})):
+            r = evaluate({"m": (model, settings is not None)}, stream, args.tokens_per_sample, dictionary.eos(),
+                         marks=marks)["models"]["m"]
         results.append({"knob": knob, "value": value, "settings": settings, "ppl": r["ppl"],
                         "recurring": r["ppl_by_mark"].get(1), "queried": r["ppl_by_mark"].get(2),
                         "seconds": round(time.time() - start, 1)})
-    for name, v in trained.items():
-        setattr(cfg, name, v)
 
     lines = [f"Checkpoint trained with memory_size={trained['memory_size']}, chunk_size={trained['chunk_size']}, "
              f"k={trained['k']}; each row changes one knob at evaluation. Held-out long-range set "

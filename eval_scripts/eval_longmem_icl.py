@@ -110,12 +110,10 @@ def main(argv=None):
         models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device)
     if {"memory-off", "memory-on"} & set(args.modes):
         lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device)
-        lm.decoder.cfg.memory_shared = True  # one memory that every query row reads
-        lm.decoder.cfg.chunk_size = args.chunk_size
-        if args.memory_size:
-            lm.decoder.cfg.memory_size = args.memory_size
-        if args.memory_backend:
-            lm.decoder.cfg.memory_backend = args.memory_backend
+        # one memory that every query row reads, in the evaluation slot
+        lm.memory.configure(mode="shared", chunk_size=args.chunk_size, slot="eval",
+                            **({"memory_size": args.memory_size} if args.memory_size else {}),
+                            **({"backend": args.memory_backend} if args.memory_backend else {}))
         for mode in ("memory-off", "memory-on"):
             if mode in args.modes:
                 models[mode] = lm
@@ -131,13 +129,12 @@ def main(argv=None):
             accs = []
             for seed in tqdm(args.seeds, desc=f"{task} {mode}", unit="seed"):
                 context, memory = icl.sample_demonstrations(train, args.k, args.cache_k, seed)
-                if mode != "backbone":
-                    model.decoder.memories.clear()
-                    model.set_memory(enabled=(mode == "memory-on"), writes=False)
+                if mode != "backbone":  # queries never write
+                    model.memory.configure(enabled=(mode == "memory-on"), writes=False)
+                    model.memory.reset()
                 if mode == "memory-on":
                     ids = codec.encode("".join(icl.demonstration(spec, t, l) for t, l in memory))
                     icl.fill_memory(model, icl.memory_blocks(ids, args.memory_block), device)
-                    model.set_memory(enabled=True, writes=False)  # queries never write
                 prompts = [[dictionary.eos()] + codec.encode(icl.query_prompt(spec, context, text))
                            for text, _ in evaluation]
                 lp = icl.predict(model, prompts, dictionary.pad(), device, args.batch_size)

@@ -92,11 +92,8 @@ def main(argv=None):
         models["backbone alone"] = (load(args.backbone), None)
     if args.longmem:
         lm = load(args.longmem)
-        overrides = {name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
-                     if getattr(args, name) is not None}
-        for name, value in overrides.items():
-            setattr(lm.decoder.cfg, name, value)  # read when the memory is (re)built for the first batch
-        lm.decoder.memories.clear()
+        lm.memory.configure(**{name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
+                               if getattr(args, name) is not None})
         models["LongMem, memory off"] = (lm, False)
         models["LongMem, memory on"] = (lm, True)
     results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm, marks=marks)

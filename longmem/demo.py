@@ -1,4 +1,6 @@
-"""``make demo``: from a real-text corpus to evidence that LongMem's memory works, offline, on CPU.
+"""``make demo``: the whole LongMem pipeline on a real-text corpus, offline, on CPU, ending in one table
+that measures what the memory changes at this scale (see the README's results for what it shows and
+what it does not).
 
 Stages, each cached in its own folder under ``--out`` and skipped when its output is there:
 
@@ -261,7 +263,7 @@ def results_table(results) -> str:
 
 
 def plot_results(results, path):
-    """One PNG: perplexity per column and model (log scale), and SST-2 accuracy."""
+    """One PNG: perplexity per column and model (log scale), and SST-2 accuracy. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,6 +302,8 @@ def plot_results(results, path):
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
+    plt.close(fig)
+    return fig
 
 
 def sample(out, data_bin, bpe, prompt):

@@ -1,8 +1,8 @@
 """Released LongMem checkpoints: loading them, and a generator of tiny look-alikes for tests.
 
 The released ``longmem_gpt2_medium/checkpoint_last.pt`` is a fairseq checkpoint whose config is a
-legacy ``argparse.Namespace`` (SPEC §8) and whose state dict holds the SideNet and the whole backbone
-(SPEC §2). ``load_longmem_checkpoint`` builds and strictly loads such a file without the backbone file
+legacy ``argparse.Namespace`` (docs/design.md §8) and whose state dict holds the SideNet and the whole backbone
+(docs/design.md §2). ``load_longmem_checkpoint`` builds and strictly loads such a file without the backbone file
 at its original path; ``write_released_style_checkpoint`` writes a small file of exactly that structure.
 
     python -m longmem.released --dict dict.txt --out tiny_longmem.pt
@@ -45,7 +45,7 @@ def write_released_style_checkpoint(out: str, dict_path: str, layers: int = 2, e
                                     heads: int = 4, retrieval_layer_index: int = 2, seed: int = 0,
                                     pretrained_model_path: str = "/released/gpt2_medium/checkpoint_last.pt"):
     """A LongMem checkpoint with the release's structure, small: legacy argparse config with the
-    released field names, SPEC §2's keys, random weights, a backbone path that does not exist here."""
+    released field names, docs/design.md §2's keys, random weights, a backbone path that does not exist here."""
     from fairseq.data import Dictionary
 
     vocab = len(Dictionary.load(dict_path))

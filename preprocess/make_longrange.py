@@ -2,7 +2,8 @@
 """A long-range benchmark: documents whose later tokens can only be predicted from text more than one
 segment back, with the positions of those tokens marked.
 
-Two kinds of documents, each several ``--tokens-per-sample`` segments long, built from real text:
+Two kinds of documents, each several of the model's segments long (``--doc-tokens``; choose ``--min-gap``
+above the segment length, e.g. 512 for 256-token segments), built from real text:
 
 * ``recurring``: real lines read in order; after the first ``--min-gap`` tokens, blocks of fresh text
   alternate with passages (whole lines, 32-96 pieces) copied from the document's own fresh text at

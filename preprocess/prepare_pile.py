@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pile-format JSON-lines shards -> sampled documents -> BPE -> ``fairseq-preprocess`` (SPEC §6).
+"""Pile-format JSON-lines shards -> sampled documents -> BPE -> ``fairseq-preprocess`` (docs/design.md §6).
 
 Each input line is ``{"text": ..., "meta": {"pile_set_name": ...}}``; shards may be ``.jsonl`` or
 ``.jsonl.zst``. Documents are kept by per-subset weights read from a JSON file (see

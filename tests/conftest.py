@@ -17,6 +17,13 @@ def shared_data():
     return SHARED_DATA
 
 
+class FakeTask:
+    """What a model's build_model reads of a fairseq task."""
+
+    def __init__(self, dictionary):
+        self.target_dictionary = self.source_dictionary = dictionary
+
+
 def make_dictionary(num_symbols: int) -> Dictionary:
     d = Dictionary()
     for i in range(num_symbols):
@@ -32,3 +39,36 @@ def small_dict():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4):
+    """A random newgpt backbone saved as a fairseq checkpoint: (path, model)."""
+    from longmem.models.newgpt import build_newgpt
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    backbone = build_newgpt("newgpt-tiny", dictionary, embed_dim=embed, num_layers=layers,
+                            num_attention_heads=heads, ffn_embed_dim=4 * embed, retrieval_layer_index=1).eval()
+    path = tmp_path / "backbone.pt"
+    save_fairseq_checkpoint(path, backbone.state_dict(),
+                            cfg={"model": {"_name": "newgpt-tiny", "num_attention_heads": heads}})
+    return path, backbone
+
+
+@pytest.fixture
+def make_sidenet(tmp_path):
+    """``make_sidenet(dictionary, **cfg) -> (LongMem model, its backbone)``: 2 SideNet layers of width 32
+    over a 4-layer backbone, retrieval layer 2 (memory layer 1), memory 64 tokens, k 8, chunk 2, no
+    dropout; keyword arguments override the SideNet config."""
+    from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
+
+    def build(dictionary, **kw):
+        path, backbone = tiny_backbone_file(tmp_path, dictionary)
+        cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4,
+                            decoder_ffn_embed_dim=128, retrieval_layer_index=2, pretrained_model_path=str(path),
+                            dropout=0.0, attention_dropout=0.0, memory_size=64, k=8, chunk_size=2,
+                            memory_backend="torch")
+        for key, value in kw.items():
+            setattr(cfg, key, value)
+        return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(dictionary)), backbone
+
+    return build

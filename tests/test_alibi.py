@@ -1,4 +1,4 @@
-"""ALiBi slopes and bias against SPEC §1's rule, written out independently here."""
+"""ALiBi slopes and bias against docs/design.md §1's rule, written out independently here."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_posi
 
 
 def spec_slopes(H):
-    """SPEC §1: 2^(-8h/H) for a power of two; else the slopes of the nearest lower power of two n,
+    """docs/design.md §1: 2^(-8h/H) for a power of two; else the slopes of the nearest lower power of two n,
     then the odd-indexed (1st, 3rd, ...) slopes of 2n."""
     if H & (H - 1) == 0:
         return [2 ** (-8 * h / H) for h in range(1, H + 1)]

@@ -30,10 +30,20 @@ def test_results_table_rows_hold_each_models_numbers():
     assert "700 recurring and 96 queried" in lines[0]
 
 
-def test_plot_is_written(tmp_path):
+def test_plot_draws_every_number_of_the_table(tmp_path):
+    from matplotlib.patches import Rectangle
+
     path = tmp_path / "results.png"
-    plot_results(hand_made(), str(path))
+    fig = plot_results(hand_made(), str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ppl_axes, acc_axes = fig.axes
+    bars = [p.get_height() for p in ppl_axes.patches if isinstance(p, Rectangle)]
+    # model after model, each over the four columns (held-out plays, long-range, recurring, queried)
+    assert bars == [140.0, 100.0, 50.0, 900.0, 139.0, 101.0, 40.0, 500.0, 138.0, 102.0, 30.0, 100.0]
+    targets = sorted(seg[0][1] for line in ppl_axes.collections for seg in line.get_segments())
+    assert targets == [20.0, 250.0]  # half of min(backbone, memory off) on recurring and queried tokens
+    accuracies = [p.get_height() for p in acc_axes.patches if isinstance(p, Rectangle)]
+    assert [round(a, 6) for a in accuracies] == [50.0, 51.0, 52.0]
 
 
 def test_presets_parse():

@@ -7,12 +7,11 @@ from longmem.evaluation.lm import (document_spans, length_bucket, position_bin, 
 from longmem.modules.memory_bank import ChunkedMemoryBank
 
 from conftest import make_dictionary
-from test_sidenet import sidenet
 
 
-def test_per_token_losses_equal_a_recomputation_with_memory_rebuilt_from_scratch(tmp_path):
+def test_per_token_losses_equal_a_recomputation_with_memory_rebuilt_from_scratch(make_sidenet):
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
     model.eval()
     T, eos = 8, d.eos()
     tokens = torch.randint(4, 44, (37,))
@@ -30,8 +29,8 @@ def test_per_token_losses_equal_a_recomputation_with_memory_rebuilt_from_scratch
             for prev in range(0, start, T):
                 k, v = backbone(src[None, prev: prev + T], return_retrieval_kv=True)[1]["retrieval_kv"]
                 bank.add(k, v)
-            decoder.memories[decoder.memory_slot] = bank
-            model.set_memory(enabled=True, writes=False)
+            model.memory.load_bank(bank)
+            model.memory.configure(enabled=True, writes=False)
             logits = model(src[None, start: start + T])[0][0]
             lp = torch.log_softmax(logits.double(), -1)
             expected.append(-lp.gather(-1, tokens[start: start + T, None]).squeeze(-1))

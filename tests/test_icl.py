@@ -45,17 +45,16 @@ def test_memory_is_cut_into_whole_blocks():
     assert icl.memory_blocks(list(range(3)), 4) == []
 
 
-def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(tmp_path):
+def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sidenet):
     from conftest import make_dictionary
-    from test_sidenet import sidenet
 
-    model, _ = sidenet(tmp_path, make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
-    model.decoder.cfg.memory_shared = True
+    model.memory.configure(mode="shared")
     ids = torch.randint(4, 44, (45,)).tolist()
     blocks = icl.memory_blocks(ids, 16)
     icl.fill_memory(model, blocks, torch.device("cpu"))
-    bank = model.decoder.memory
+    bank = model.memory.bank
     assert bank.num_tokens(0) == 32
     keys = [model.decoder.pretrained_model(torch.tensor([b]), return_retrieval_kv=True)[1]["retrieval_kv"][0]
             for b in blocks]
@@ -63,15 +62,15 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(tmp_path
     torch.testing.assert_close(stored, torch.cat(keys, 1)[0])
     before = bank.state_dict()
     # the release's fill reads memory while writing: the same memory, bit for bit
-    model.decoder.memories.clear()
-    model.set_memory(enabled=True, writes=True, reads=True)
+    model.memory.reset()
+    model.memory.configure(enabled=True, writes=True, reads=True)
     for b in blocks:
         model(torch.tensor([b]))
-    assert model.decoder.memory_reads and all(
+    assert model.memory.reads and all(
         torch.equal(before[k], v) if torch.is_tensor(v) else before[k] == v
-        for k, v in model.decoder.memory.state_dict().items())
-    bank = model.decoder.memory
-    model.set_memory(enabled=True, writes=False)
+        for k, v in model.memory.bank.state_dict().items())
+    bank = model.memory.bank
+    model.memory.configure(enabled=True, writes=False)
     lp = icl.predict(model, [[2, 5, 6, 7], [2, 9, 10]], pad=1, device=torch.device("cpu"), batch_size=2)
     assert lp.shape == (2, 44)
     after = bank.state_dict()

@@ -11,7 +11,6 @@ from longmem.evaluation.lm import evaluate, read_token_marks, score_document
 from longmem.tasks.stream_dataset import TokenStream
 
 from conftest import REPO, make_dictionary
-from test_sidenet import sidenet
 
 sys.path.insert(0, os.path.join(REPO, "preprocess"))
 import make_longrange  # noqa: E402
@@ -153,9 +152,9 @@ def test_marks_align_with_the_binarized_stream_and_error_on_bad_input(benchmark,
         read_token_marks(str(bad))
 
 
-def test_marked_perplexity_equals_mean_loss_over_marked_tokens(tmp_path):
+def test_marked_perplexity_equals_mean_loss_over_marked_tokens(make_sidenet):
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
     model.eval()
     eos = d.eos()
 
@@ -183,11 +182,11 @@ def test_marked_perplexity_equals_mean_loss_over_marked_tokens(tmp_path):
         evaluate({"m": (model, True)}, stream, 4, eos, marks=marks[:-1])
 
 
-def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(tmp_path):
+def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(make_sidenet):
     from longmem.evaluation.diagnostics import retrieval_hits
 
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
     model.eval()
     eos = d.eos()
     passage = torch.randint(4, 44, (12,)).tolist()
@@ -207,6 +206,6 @@ def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(tmp_path):
     # every chunk in memory is retrieved, so every earlier occurrence is found; the gate starts at 0.5
     assert r["positions"] >= 4 and r["hit_s"] == [1.0] * 4 and r["hit_s+1"] == [1.0] * 4
     assert r["gate"] == [0.5] * 4
-    model.decoder.cfg.k, model.decoder.memories = 2, {}  # one chunk of 32: hits become rare, never above 1
+    model.memory.configure(k=2)  # one chunk of 32: hits become rare, never above 1
     r = retrieval_hits(model, stream, eos, 8, context=4)
     assert all(0.0 <= h <= 1.0 for h in r["hit_s"]) and r["hit_s"] != [1.0] * 4

@@ -8,7 +8,7 @@ H, D = 3, 8
 
 
 class ReferenceMemory:
-    """What SPEC §3 says, as literally as possible: a FIFO list of chunks per stream."""
+    """What docs/design.md §3 says, as literally as possible: a FIFO list of chunks per stream."""
 
     def __init__(self, streams, memory_size, chunk_size, k, shared, dtype):
         self.chunks = [[] for _ in range(1 if shared else streams)]  # (serial, keys (c,H,D), values)

@@ -89,7 +89,7 @@ def test_padding_does_not_change_other_tokens_logits(small_dict, side):
 
 
 def test_forward_returns_hidden_states_and_retrieval_layer_projections(small_dict):
-    """Independent recomputation of the parallel block from SPEC §1 with the module's weights."""
+    """Independent recomputation of the parallel block from docs/design.md §1 with the module's weights."""
     model = tiny(small_dict)
     net = model.decoder.model
     tokens = random_tokens(small_dict, 2, 9)
@@ -125,7 +125,7 @@ def test_forward_returns_hidden_states_and_retrieval_layer_projections(small_dic
 
 
 def released_backbone_shapes(L, C, F_, V):
-    """SPEC §1's key names with shapes, written from the spec, not from the model."""
+    """docs/design.md §1's key names with shapes, written from the spec, not from the model."""
     shapes = {"decoder.model.transformer.wte.weight": (V, C)}
     for i in range(L):
         p = f"decoder.model.transformer.h.{i}."

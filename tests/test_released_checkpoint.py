@@ -1,4 +1,4 @@
-"""A checkpoint with the release's structure (legacy argparse config, SPEC §2 keys, embedded backbone)
+"""A checkpoint with the release's structure (legacy argparse config, docs/design.md §2 keys, embedded backbone)
 loads through fairseq's own loader, strictly, without the backbone file."""
 import os
 
@@ -45,7 +45,7 @@ def test_loaded_released_model_runs_with_memory(released):
         second = model(tokens)[0]  # now memory holds the first segment
     assert torch.isfinite(second).all()
     assert not torch.allclose(first, second)
-    assert model.decoder.memory.num_tokens(0) == 32
+    assert model.memory.bank.num_tokens(0) == 32
 
 
 def test_a_backbone_checkpoint_is_not_a_longmem_one(tmp_path):

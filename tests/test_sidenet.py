@@ -1,4 +1,4 @@
-"""transformer_lm_sidenet: sizes, joint attention against SPEC §4's formula, SideNet wiring, memory order."""
+"""transformer_lm_sidenet: sizes, joint attention against docs/design.md §4's formula, SideNet wiring, memory order."""
 import argparse
 import os
 
@@ -6,37 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longmem.models.newgpt import build_newgpt
 from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
 from longmem.modules.joint_attention import JointMemoryAttention
 from longmem.modules.memory_bank import Retrieved
 from longmem.utils.checkpoints import save_fairseq_checkpoint
 
-from conftest import make_dictionary
-
-
-class FakeTask:
-    def __init__(self, dictionary):
-        self.target_dictionary = self.source_dictionary = dictionary
-
-
-def tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4):
-    backbone = build_newgpt("newgpt-tiny", dictionary, embed_dim=embed, num_layers=layers,
-                            num_attention_heads=heads, ffn_embed_dim=4 * embed, retrieval_layer_index=1).eval()
-    path = tmp_path / "backbone.pt"
-    save_fairseq_checkpoint(path, backbone.state_dict(),
-                            cfg={"model": {"_name": "newgpt-tiny", "num_attention_heads": heads}})
-    return path, backbone
-
-
-def sidenet(tmp_path, dictionary, **kw):
-    path, backbone = tiny_backbone_file(tmp_path, dictionary)
-    cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_ffn_embed_dim=128,
-                        retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0, attention_dropout=0.0,
-                        memory_size=64, k=8, chunk_size=2, memory_backend="torch")
-    for key, value in kw.items():
-        setattr(cfg, key, value)
-    return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(dictionary)), backbone
+from conftest import FakeTask, make_dictionary, tiny_backbone_file
 
 
 def test_released_arch_has_the_released_trainable_and_frozen_counts(shared_data):
@@ -68,7 +43,7 @@ def test_released_arch_has_the_released_trainable_and_frozen_counts(shared_data)
 
 # ---------------------------------------------------------------- joint attention vs the formula
 def reference_joint_attention(x, attn, alibi_bias, mem_k, mem_v, mem_mask):
-    """SPEC §4 written out: per head (1-σ(g))·softmax(qKᵀ/√d + ALiBi)V + σ(g)·softmax(qK̃ᵀ/√d)Ṽ,
+    """docs/design.md §4 written out: per head (1-σ(g))·softmax(qKᵀ/√d + ALiBi)V + σ(g)·softmax(qK̃ᵀ/√d)Ṽ,
     memory softmax over existing slots only, then out_proj."""
     B, T, C = x.shape
     H, d = attn.num_heads, attn.head_dim
@@ -164,9 +139,9 @@ def test_gate_at_zero_ignores_memory_and_at_one_uses_only_memory(gate):
 
 
 # ---------------------------------------------------------------- SideNet wiring
-def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(tmp_path):
+def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet):
     d = make_dictionary(40)
-    model, backbone = sidenet(tmp_path, d, reload_ptm_layer=True)
+    model, backbone = make_sidenet(d, reload_ptm_layer=True)
     for i, layer in enumerate(model.decoder.layers):
         src = backbone.decoder.model.transformer.h[2 * i + 1]
         assert torch.equal(layer.self_attn.q_proj.weight, src.attn.q_proj.weight)
@@ -176,11 +151,11 @@ def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(tmp_path):
     assert torch.equal(model.decoder.layer_norm.weight, backbone.decoder.model.transformer.ln_f.weight)
 
 
-def test_sidenet_forward_matches_spec_recurrence(tmp_path):
+def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
     """x_{i+1} = x_i + (H[2i+2] - H[2i]) + Attn(LN1(x_i)) + FC2(GELU(FC1(LN1(x_i)))), then
     layer_norm and the backbone's lm_head (weight and bias)."""
     d = make_dictionary(40)
-    model, backbone = sidenet(tmp_path, d, reload_ptm_layer=False)
+    model, backbone = make_sidenet(d, reload_ptm_layer=False)
     model.eval()
     tokens = torch.randint(4, 40, (2, 7))
     with torch.no_grad():
@@ -199,9 +174,9 @@ def test_sidenet_forward_matches_spec_recurrence(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(tmp_path):
+def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(make_sidenet):
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True)
+    model, _ = make_sidenet(d, use_external_memory=True)
     model.train()
     assert not model.decoder.pretrained_model.training
     before_bb = {k: v.clone() for k, v in model.decoder.pretrained_model.state_dict().items()}
@@ -219,20 +194,18 @@ def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(tmp_path):
     assert set(changed) == set(before_side), set(before_side) - set(changed)
 
 
-def test_a_segment_never_retrieves_its_own_tokens(tmp_path):
+def test_a_segment_never_finds_its_own_tokens_in_memory(make_sidenet):
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
     backbone = model.decoder.pretrained_model  # its retrieval layer is the SideNet's (2)
     seen = []
-    original = model.decoder._retrieve
-    model.decoder._retrieve = lambda q: seen.append(original(q)) or seen[-1]
     seg1, seg2 = torch.randint(4, 40, (1, 10)), torch.randint(4, 40, (1, 10))
-    with torch.no_grad():
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
         k1 = backbone(seg1, return_retrieval_kv=True)[1]["retrieval_kv"][0].view(10, 4, 8)  # (T, H, d)
         k2 = backbone(seg2, return_retrieval_kv=True)[1]["retrieval_kv"][0].view(10, 4, 8)
         model(seg1)
-        assert seen == [] and model.decoder.memory.num_tokens(0) == 10  # empty memory: not even searched
+        assert seen == [] and model.memory.bank.num_tokens(0) == 10  # empty memory: not even searched
         model(seg2)
     assert len(seen) == 1
     got = seen[0]
@@ -241,29 +214,29 @@ def test_a_segment_never_retrieves_its_own_tokens(tmp_path):
         for row in real:
             assert torch.isclose(row, k1[:, h], atol=1e-6).all(-1).any()
             assert not torch.isclose(row, k2[:, h], atol=1e-6).all(-1).any()
-    assert model.decoder.memory.num_tokens(0) == 20
+    assert model.memory.bank.num_tokens(0) == 20
 
 
-def test_memory_writes_can_be_switched_off_and_memory_reset(tmp_path):
+def test_memory_writes_can_be_switched_off_and_memory_reset(make_sidenet):
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True)
+    model, _ = make_sidenet(d, use_external_memory=True)
     model.eval()
     with torch.no_grad():
         model(torch.randint(4, 40, (1, 8)))
-        model.set_memory(writes=False)
+        model.memory.configure(writes=False)
         model(torch.randint(4, 40, (1, 8)))
-        assert model.decoder.memory.num_tokens(0) == 8
-        model.reset_memory()
-        assert model.decoder.memory.num_tokens(0) == 0
+        assert model.memory.bank.num_tokens(0) == 8
+        model.memory.reset()
+        assert model.memory.bank.num_tokens(0) == 0
 
 
 # ---------------------------------------------------------------- errors
-def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path):
+def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path, make_sidenet):
     d = make_dictionary(40)
     with pytest.raises(ValueError, match="retrieval-layer-index 4 is beyond the backbone's 4 layers"):
-        sidenet(tmp_path, d, retrieval_layer_index=4)
+        make_sidenet(d, retrieval_layer_index=4)
     with pytest.raises(ValueError, match=r"memory layer int\(3 / 1\) = 3 is beyond the SideNet's 2 layers"):
-        sidenet(tmp_path, d, retrieval_layer_index=3, layer_reduction_factor=1)
+        make_sidenet(d, retrieval_layer_index=3, layer_reduction_factor=1)
     path, _ = tiny_backbone_file(tmp_path, d)
     cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_ffn_embed_dim=128,
                         retrieval_layer_index=2, pretrained_model_path=str(path))

@@ -85,50 +85,46 @@ def test_release_order_is_consecutive_segments():
     assert torch.equal(second["target"].reshape(-1), all_tokens[12:24])
 
 
-def test_memory_resets_exactly_at_the_document_boundary(tmp_path):
-    from test_sidenet import sidenet
+def test_memory_resets_exactly_at_the_document_boundary(make_sidenet):
     from conftest import make_dictionary
 
     d = make_dictionary(40)
-    model, _ = sidenet(tmp_path, d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
-    model.decoder.reset_at_document_boundaries = True
+    model.memory.configure(reset_at_document_boundaries=True)
     seen = []
-    original = model.decoder._retrieve
-    model.decoder._retrieve = lambda q, new=None: seen.append(original(q, new)) or seen[-1]
     seg1, seg2 = torch.randint(4, 40, (2, 10)), torch.randint(4, 40, (2, 10))
     doc_start = torch.zeros(2, 10, dtype=torch.bool)
     doc_start[0, 6] = True  # row 0: a new document starts at position 6; row 1: none
-    with torch.no_grad():
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
         model(seg1)
         model(seg2, doc_start=doc_start)
     mask = seen[-1].mask  # (B, H, T, k)
     assert mask[0, :, :6].any(-1).all() and not mask[0, :, 6:].any()
     assert mask[1].any(-1).all()
-    memory = model.decoder.memory
+    memory = model.memory.bank
     assert memory.num_tokens(0) == 4  # emptied, then positions 6..9 written
     assert memory.num_tokens(1) == 20
 
 
-def test_task_resets_memory_each_epoch_and_keeps_validation_apart(tmp_path):
+def test_task_resets_memory_each_epoch_and_keeps_validation_apart(make_sidenet):
     from types import SimpleNamespace
 
     from longmem.tasks.longmem_language_modeling import LongMemLanguageModelingTask as Task
-    from test_sidenet import sidenet
     from conftest import make_dictionary
 
-    model, _ = sidenet(tmp_path, make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
     task = SimpleNamespace(args=SimpleNamespace(memory_reset_at_document_boundary=True))
-    decoder = model.decoder
+    memory = model.memory
     with torch.no_grad():
         Task._with_memory_slot(task, model, "train", None)
         model(torch.randint(4, 40, (2, 8)))
         Task._with_memory_slot(task, model, "valid", None)
         model(torch.randint(4, 40, (3, 6)))
-    assert decoder.reset_at_document_boundaries
-    assert decoder.memories["train"].num_tokens(1) == 8 and decoder.memories["valid"].num_tokens(2) == 6
+    assert memory.settings.reset_at_document_boundaries
+    assert memory.banks["train"].num_tokens(1) == 8 and memory.banks["valid"].num_tokens(2) == 6
     Task.begin_valid_epoch(task, 1, model)
-    assert decoder.memories["valid"].num_tokens(0) == 0 and decoder.memories["train"].num_tokens(0) == 8
+    assert memory.banks["valid"].num_tokens(0) == 0 and memory.banks["train"].num_tokens(0) == 8
     Task.begin_epoch(task, 2, model)
-    assert decoder.memories["train"].num_tokens(0) == 0
+    assert memory.banks["train"].num_tokens(0) == 0

@@ -4,7 +4,8 @@
 #   bash train_scripts/train_longmem.sh DATA_BIN BACKBONE_CHECKPOINT SAVE_DIR [extra fairseq-train flags...]
 #
 # Hyper-parameters come from a preset (default configs/longmem_tiny.sh; the released recipe is
-# PRESET=configs/longmem_paper.sh). Flags after SAVE_DIR go to fairseq-train and win over the preset.
+# PRESET=configs/longmem_paper.sh). Flags after SAVE_DIR go to fairseq-train and win over the preset's
+# values; the preset's switches (EXTRA_FLAGS) are replaced by EXTRA_FLAGS set in the environment.
 # With no arguments: the embedded CPU default. It reuses `make demo`'s corpus and tiny backbone
 # (building and pretraining them first when missing) and adapts into demo_out/longmem.
 # Re-running resumes from SAVE_DIR/checkpoint_last.pt. DRY_RUN=1 prints the fairseq-train command instead.
@@ -22,8 +23,11 @@ DATA=$1; BACKBONE=$2; SAVE=$3; shift 3
 [[ -f $PRESET ]] || { echo "preset $PRESET not found (see configs/)" >&2; exit 2; }
 [[ -f $DATA/dict.txt ]] || { echo "no fairseq data at $DATA (dict.txt missing)" >&2; exit 2; }
 [[ -f $BACKBONE ]] || { echo "backbone checkpoint $BACKBONE not found (train one: train_scripts/pretrain_backbone.sh)" >&2; exit 2; }
+# EXTRA_FLAGS in the environment replaces the preset's (e.g. EXTRA_FLAGS="" to drop its --cpu)
+ENV_EXTRA_FLAGS=${EXTRA_FLAGS-__unset__}
 # shellcheck disable=SC1090
 source "$PRESET"
+[[ $ENV_EXTRA_FLAGS == __unset__ ]] || EXTRA_FLAGS=$ENV_EXTRA_FLAGS
 LOG_FORMAT=${LOG_FORMAT:-$([[ -t 1 ]] && echo tqdm || echo simple)}
 
 # shellcheck disable=SC2086

@@ -16,23 +16,17 @@ from longmem.evaluation.lm import document_spans, score_document
 def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int = 6,
                    max_documents: Optional[int] = None) -> dict:
     dec, T = model.decoder, tokens_per_sample
-    c = int(dec.cfg.chunk_size)
+    settings = model.memory.settings
+    c = settings.chunk_size
     if T % c:
         raise ValueError(f"tokens_per_sample {T} is not a multiple of the chunk size {c}")
-    captured, retrieve = [], dec._retrieve
-
-    def spy(queries, new_document_from=None):
-        out = retrieve(queries, new_document_from)
-        captured.append(out.chunk_ids[0])  # (H, t, k / c)
-        return out
-
+    captured = []
     hits = {"s": [], "s+1": []}
     spans = document_spans(stream.doc_start)[:max_documents]
-    dec._retrieve = spy
-    try:
+    with model.memory.retrieval_hook(lambda queries, out: captured.append(out.chunk_ids[0])):  # (H, t, k / c)
         for start, end in spans:
-            if end - start > dec.cfg.memory_size:
-                raise ValueError(f"a document of {end - start} tokens overflows the {dec.cfg.memory_size}-token "
+            if end - start > settings.memory_size:
+                raise ValueError(f"a document of {end - start} tokens overflows the {settings.memory_size}-token "
                                  f"memory: chunk numbers would no longer be positions")
             captured.clear()
             tokens = stream.tokens[start:end]
@@ -51,10 +45,8 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
                 s, row = earlier[0], ids[:, t - T]
                 hits["s"].append((row == s // c).any(-1))
                 hits["s+1"].append((row == (s + 1) // c).any(-1))
-    finally:
-        dec._retrieve = retrieve
     if not hits["s"]:
         raise ValueError("no token had a unique earlier context in memory: nothing to diagnose")
-    return {"documents": len(spans), "positions": len(hits["s"]), "k": int(dec.cfg.k), "chunk_size": c,
+    return {"documents": len(spans), "positions": len(hits["s"]), "k": settings.k, "chunk_size": c,
             "gate": torch.sigmoid(dec.layers[dec.memory_layer_index].self_attn.memory_bias).tolist(),
             **{f"hit_{name}": torch.stack(v).float().mean(0).tolist() for name, v in hits.items()}}

@@ -1,4 +1,4 @@
-"""In-context learning with memory, the released protocol (SPEC §7).
+"""In-context learning with memory, the released protocol (docs/design.md §7).
 
 For each seed, ``k`` demonstrations are sampled from the training set for the context and ``cache_k``
 more for the memory. The memory demonstrations are concatenated, tokenized, cut into whole blocks of
@@ -108,12 +108,9 @@ def fill_memory(model, blocks: List[List[int]], device) -> None:
     """Run each block through a LongMem model with memory writes on, so that it lands in memory. The
     blocks' outputs are not used and memory holds the backbone's keys/values whatever was retrieved, so
     the blocks do not read memory (the release's fill reads it too: the same memory, more work)."""
-    model.set_memory(enabled=True, writes=True, reads=False)
-    try:
+    with model.memory.configured(enabled=True, writes=True, reads=False):
         for b in blocks:
             model(torch.tensor([b], device=device))
-    finally:
-        model.set_memory(reads=True)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ of each document and filled as the document is read (retrieve, then write), so e
 document's earlier segments. The same per-token losses give perplexity overall, per length bucket and
 per position in the document.
 """
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -70,19 +71,21 @@ def score_document(model, tokens: torch.Tensor, tokens_per_sample: int, eos: int
     """Per-token negative log-likelihood (nats, float64) of ``tokens`` (1-D), read in segments.
 
     ``memory``: None for a model without memory; True/False switch a LongMem model's memory on or off
-    (its memory is emptied first either way)."""
-    if memory is not None:
-        model.set_memory(enabled=memory, writes=True)
-        model.reset_memory()
+    for this document (read in the memory slot "eval", emptied first either way)."""
     device = next(model.parameters()).device
     src = torch.cat([torch.tensor([eos]), tokens[:-1]]).to(device)  # (N,)
     tgt = tokens.to(device)
     nll = torch.empty(len(tokens), dtype=torch.float64)
-    for start in range(0, len(tokens), tokens_per_sample):
-        seg = slice(start, start + tokens_per_sample)
-        logits = model(src[seg].unsqueeze(0))[0][0]  # (t, V)
-        lp = torch.log_softmax(logits.double(), dim=-1)
-        nll[seg] = -lp.gather(-1, tgt[seg].unsqueeze(-1)).squeeze(-1).cpu()
+    session = contextlib.nullcontext() if memory is None else \
+        model.memory.configured(slot="eval", enabled=memory, writes=True, reads=True)
+    with session:
+        if memory is not None:
+            model.memory.reset()
+        for start in range(0, len(tokens), tokens_per_sample):
+            seg = slice(start, start + tokens_per_sample)
+            logits = model(src[seg].unsqueeze(0))[0][0]  # (t, V)
+            lp = torch.log_softmax(logits.double(), dim=-1)
+            nll[seg] = -lp.gather(-1, tgt[seg].unsqueeze(-1)).squeeze(-1).cpu()
     return nll
 
 

@@ -1,6 +1,6 @@
 """``newgpt``: the frozen backbone of LongMem, a GPT-2-sized decoder trained with ALiBi.
 
-SPEC §1. GPT-J-style parallel block ``h = x + Attn(LN1(x)) + MLP(LN1(x))`` with one LayerNorm per
+docs/design.md §1. GPT-J-style parallel block ``h = x + Attn(LN1(x)) + MLP(LN1(x))`` with one LayerNorm per
 block, bias-free attention projections, tanh-GELU MLP, a final ``ln_f``, no position embeddings and an
 untied ``lm_head`` with bias. Module names reproduce the released state-dict keys
 (``decoder.model.transformer.h.{i}.attn.q_proj.weight`` ...).
@@ -29,8 +29,11 @@ from fairseq.models import (
     register_model_architecture,
 )
 
+from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
+from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_positions
 from longmem.modules.heads import merge_heads, split_heads
+from longmem.modules.sidenet_layer import SideNetLayer
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,7 @@ def validate_newgpt_config(cfg) -> None:
             f"num_attention_heads={cfg.num_attention_heads}; choose a head count that divides the width "
             f"(e.g. {[h for h in (4, 8, 12, 16, 20, 25) if cfg.embed_dim % h == 0]})"
         )
-    if not 0 <= cfg.retrieval_layer_index < cfg.num_layers:
-        raise ValueError(
-            f"newgpt: retrieval_layer_index={cfg.retrieval_layer_index} is out of range for a backbone "
-            f"with num_layers={cfg.num_layers}; it must be in [0, {cfg.num_layers - 1}]"
-        )
+    check_retrieval_layer_index(cfg.retrieval_layer_index, cfg.num_layers)
 
 
 class NewGPTAttention(nn.Module):
@@ -280,14 +279,103 @@ class NewGPTDecoder(FairseqIncrementalDecoder):
         self.set_incremental_state(incremental_state, "kv_cache", cache)
 
 
+@register_family("newgpt")
 @register_model("newgpt", dataclass=NewGPTConfig)
-class NewGPTLanguageModel(FairseqLanguageModel):
+class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
     """The LongMem backbone as a fairseq language model (``--arch newgpt-*``)."""
+
+    family = "newgpt"
 
     @classmethod
     def build_model(cls, cfg, task):
         validate_newgpt_config(cfg)
         return cls(NewGPTDecoder(cfg, task.target_dictionary))
+
+    # ------------------------------------------------------------ as LongMem's frozen backbone
+    @classmethod
+    def from_checkpoint_state(cls, state: dict, path: str, dictionary, retrieval_layer_index: int):
+        """The backbone of a newgpt checkpoint, sizes read off its weights, heads off its config."""
+        from longmem.models.backbone import checkpoint_model_name
+
+        weights = state["model"]
+        prefix = "decoder.model.transformer."
+        if prefix + "wte.weight" not in weights:
+            raise ValueError(f"--pretrained-model-path {path} is not a newgpt backbone checkpoint (its model is "
+                             f"{checkpoint_model_name(state) or 'unknown'!r} but it holds no {prefix}wte.weight)")
+        rows = weights[prefix + "wte.weight"].shape[0]
+        if rows != len(dictionary):
+            raise ValueError(f"backbone {path} has a vocabulary of {rows} but this task's dictionary has "
+                             f"{len(dictionary)}: binarize the data with the backbone's dict.txt "
+                             f"(fairseq-preprocess --srcdict)")
+        model_cfg = (state.get("cfg") or {}).get("model") if state.get("cfg") is not None else None
+        if model_cfg is None and state.get("args") is not None:
+            model_cfg = vars(state["args"])
+        model_cfg = model_cfg or {}
+        embed_dim = weights[prefix + "wte.weight"].shape[1]
+        heads = next((model_cfg.get(k) for k in ("num_attention_heads", "decoder_attention_heads", "n_head")
+                      if model_cfg.get(k) is not None), embed_dim // 64)
+        cfg = NewGPTConfig(
+            embed_dim=embed_dim, num_layers=sum(1 for k in weights if k.startswith(prefix + "h.") and k.endswith(".ln_1.weight")),
+            num_attention_heads=int(heads), ffn_embed_dim=weights[prefix + "h.0.mlp.fc_in.weight"].shape[0],
+            dropout=0.0, attention_dropout=0.0, retrieval_layer_index=retrieval_layer_index,
+        )
+        model = cls(NewGPTDecoder(cfg, dictionary))
+        model.load_state_dict(weights, strict=True)
+        return model
+
+    @classmethod
+    def with_sidenet_sizes(cls, sidenet_cfg, dictionary):
+        """A backbone shaped after a SideNet config (r x its layers, its width and heads), for a LongMem
+        checkpoint that carries the backbone's weights itself."""
+        cfg = NewGPTConfig(
+            embed_dim=sidenet_cfg.decoder_embed_dim,
+            num_layers=sidenet_cfg.decoder_layers * sidenet_cfg.layer_reduction_factor,
+            num_attention_heads=sidenet_cfg.decoder_attention_heads, ffn_embed_dim=sidenet_cfg.decoder_ffn_embed_dim,
+            dropout=0.0, attention_dropout=0.0, retrieval_layer_index=sidenet_cfg.retrieval_layer_index,
+        )
+        return cls(NewGPTDecoder(cfg, dictionary))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.model.transformer.h)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.decoder.model.transformer.wte.embedding_dim
+
+    @property
+    def num_heads(self) -> int:
+        return self.decoder.model.num_heads
+
+    @property
+    def memory_heads(self):
+        return self.num_heads, self.embed_dim // self.num_heads
+
+    @torch.no_grad()
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
+        """The L+1 hidden states, layer m's keys/values (when asked) and the ALiBi bias of ``tokens``."""
+        _, extra = self.decoder(tokens, features_only=True, return_all_hiddens=True, return_retrieval_kv=retrieval_kv)
+        hidden = extra["inner_states"]
+        bias = self.decoder.model.attention_bias(tokens, tokens.size(1), hidden[0].dtype)  # (B or 1, H, T, T)
+        return BackboneStates(hidden=hidden, retrieval_kv=extra["retrieval_kv"], position=bias)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.decoder.model.transformer.wte
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.decoder.model.lm_head
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.decoder.model.transformer.ln_f
+
+    def sidenet_layer(self, ffn_embed_dim, dropout, attention_dropout, use_memory):
+        return SideNetLayer(self.embed_dim, ffn_embed_dim, self.num_heads, dropout, attention_dropout, use_memory)
+
+    def copy_block_into(self, block_index, layer):
+        layer.load_from_backbone_block(self.decoder.model.transformer.h[block_index])
 
     @classmethod
     def from_pretrained(cls, model_name_or_path, checkpoint_file="checkpoint_last.pt",
@@ -352,14 +440,14 @@ def load_dictionary(dictionary: Union[str, Dictionary]) -> Dictionary:
     if not os.path.isfile(dictionary):
         raise FileNotFoundError(
             f"dictionary file {dictionary!r} does not exist: pass the fairseq dict.txt of your data "
-            f"(written by fairseq-preprocess, or ../shared/data/gpt2_bpe/dict.txt for GPT-2 BPE)"
+            f"(written by fairseq-preprocess, or data/gpt2_bpe/dict.txt of this repository for GPT-2 BPE)"
         )
     return Dictionary.load(dictionary)
 
 
 def build_newgpt(arch: str, dictionary: Union[str, Dictionary], **overrides) -> NewGPTLanguageModel:
     """Build a ``newgpt`` model outside fairseq-train, e.g.
-    ``build_newgpt("newgpt-medium", "../shared/data/gpt2_bpe/dict.txt")``."""
+    ``build_newgpt("newgpt-medium", "data/gpt2_bpe/dict.txt")``."""
     cfg = newgpt_config(arch, **overrides)
     return NewGPTLanguageModel(NewGPTDecoder(cfg, load_dictionary(dictionary)))
 

@@ -1,4 +1,4 @@
-"""Joint attention over local context and retrieved memory, with a per-head gate (SPEC §4).
+"""Joint attention over local context and retrieved memory, with a per-head gate (docs/design.md §4).
 
 With ``q`` scaled by ``d^-0.5``::
 

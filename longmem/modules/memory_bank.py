@@ -1,4 +1,4 @@
-"""LongMem's cached memory: a chunked key/value bank with token-to-chunk retrieval (SPEC §3).
+"""LongMem's cached memory: a chunked key/value bank with token-to-chunk retrieval (docs/design.md §3).
 
 A plain PyTorch object, no fairseq. Each stream holds the backbone's layer-m keys and values of the
 tokens it was given, split into H heads of d, grouped into chunks of ``chunk_size`` consecutive tokens.
@@ -111,6 +111,18 @@ class ChunkedMemoryBank:
         self.write_pos = [0] * S   # next slot to write
         self.filled = [0] * S      # slots holding a chunk; slots [0, filled) until the ring wraps
         self.next_serial = [0] * S
+
+    def set_search(self, k: Optional[int] = None, backend: Optional[str] = None) -> None:
+        """Change how memory is read (tokens per query, search backend) without touching what it holds."""
+        if k is not None:
+            if not isinstance(k, int) or k < 1 or k % self.chunk_size:
+                raise ValueError(f"ChunkedMemoryBank: k={k!r} must be a positive multiple of "
+                                 f"chunk_size={self.chunk_size}")
+            self.k, self.chunks_per_query = k, k // self.chunk_size
+        if backend is not None:
+            if backend not in BACKENDS:
+                raise ValueError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+            self.backend = self._choose_backend(backend)
 
     @property
     def num_banks(self) -> int:

@@ -1,4 +1,4 @@
-"""One SideNet layer: a parallel block with a cross-network residual from the frozen backbone (SPEC §2).
+"""One SideNet layer: a parallel block with a cross-network residual from the frozen backbone (docs/design.md §2).
 
     x_{i+1} = x_i + R_i + Attn_i(LN1_i(x_i)) + FC2_i(GELU(FC1_i(LN1_i(x_i))))
     R_i     = H_bb[r*i + r] - H_bb[r*i]          (backbone hidden states, detached)

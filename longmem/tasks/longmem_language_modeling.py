@@ -29,12 +29,11 @@ class LongMemLanguageModelingConfig(LanguageModelingConfig):
                                          "shared by all rows (sets --memory-shared)"})
 
 
-def longmem_decoder(model):
-    """The SideNet decoder inside a (possibly wrapped) model, or None for a model without memory."""
+def model_memory(model):
+    """The memory controller of a (possibly wrapped) LongMem model, or None for a model without memory."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
         model = model.module
-    decoder = getattr(model, "decoder", None)
-    return decoder if hasattr(decoder, "use_memory_slot") else None
+    return getattr(getattr(model, "decoder", None), "memory", None)
 
 
 @register_task("longmem_language_modeling", dataclass=LongMemLanguageModelingConfig)
@@ -44,9 +43,9 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
             with open_dict(cfg):
                 cfg.memory_shared = True
         model = super().build_model(cfg, from_checkpoint)
-        decoder = longmem_decoder(model)
-        if decoder is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
-            decoder.reset_at_document_boundaries = self.args.memory_reset_at_document_boundary
+        memory = model_memory(model)
+        if memory is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
+            memory.configure(reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
@@ -85,20 +84,19 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
 
     # ------------------------------------------------------------ memory bookkeeping
     def begin_epoch(self, epoch, model):
-        decoder = longmem_decoder(model)
-        if decoder is not None:
-            decoder.reset_memory(slot="train")
+        memory = model_memory(model)
+        if memory is not None:
+            memory.reset(slot="train")
 
     def begin_valid_epoch(self, epoch, model):
-        decoder = longmem_decoder(model)
-        if decoder is not None:
-            decoder.reset_memory(slot="valid")
+        memory = model_memory(model)
+        if memory is not None:
+            memory.reset(slot="valid")
 
     def _with_memory_slot(self, model, slot, sample):
-        decoder = longmem_decoder(model)
-        if decoder is not None:
-            decoder.use_memory_slot(slot)
-            decoder.reset_at_document_boundaries = self.args.memory_reset_at_document_boundary
+        memory = model_memory(model)
+        if memory is not None:
+            memory.configure(slot=slot, reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
         elif sample and "net_input" in sample:
             sample["net_input"].pop("doc_start", None)  # models without memory take no such input
 

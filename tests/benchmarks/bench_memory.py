@@ -1,9 +1,9 @@
 #!/usr/bin/env python
-"""Memory-bank benchmark at paper scale (SPEC §3), on whatever machine runs it.
+"""Memory-bank benchmark at paper scale (docs/design.md §3), on whatever machine runs it.
 
 65,536-token memory, 16 heads x 64, k = 64, chunk size 4, one stream, 1,024-token segments. Measures
 in one run: retrieval per segment for each backend; ``add`` of a segment into a full memory of 8k and
-of 65k tokens; the release's scheme written from SPEC §3 (one ``IndexFlatIP`` per head, FIFO eviction
+of 65k tokens; the release's scheme written from docs/design.md §3 (one ``IndexFlatIP`` per head, FIFO eviction
 of 2*B*T/csz chunks with ``remove_ids``, tensor shifts) for comparison; and the floor, one float32
 matmul of the search's shape per head. Writes its table into docs/benchmarks.md.
 
@@ -40,7 +40,7 @@ def timed(fn, repeats):
 
 
 class ReleaseStyleMemory:
-    """The release's scheme as SPEC §3 describes it: one exact faiss IndexFlatIP per head over chunk
+    """The release's scheme as docs/design.md §3 describes it: one exact faiss IndexFlatIP per head over chunk
     keys, key/value tensors appended, and when full the oldest 2*B*T/csz chunks removed from every
     index with ``remove_ids`` and shifted out of the tensors. (On GPU the release also copies each
     index to the host and back for the removal; on CPU there is no copy to make.)"""

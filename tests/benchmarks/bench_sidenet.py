@@ -80,7 +80,7 @@ def main():
             for _ in range(MEMORY // T):  # fill the memory
                 with torch.no_grad():
                     model(src)
-            assert model.decoder.memory.num_tokens(0) == MEMORY
+            assert model.memory.bank.num_tokens(0) == MEMORY
         times = []
         step()
         for _ in range(args.repeats):

@@ -1,0 +1,131 @@
+"""What the SideNet needs from a frozen backbone, and how a backbone is read from its checkpoint.
+
+A backbone family (``newgpt`` today) is a fairseq language model that also implements
+``FrozenBackbone``: it runs a segment once, without gradients, and returns the L+1 hidden states, the
+retrieval layer's key/value projections (what the memory caches) and whatever its attention needs to
+place tokens (``position``: ALiBi's bias for newgpt); it builds SideNet layers of its own block type and
+copies its block weights into them (``--reload-ptm-layer``); it owns the output head. The SideNet
+(``transformer_lm_sidenet.py``) uses nothing else of it.
+
+``load_backbone`` reads a backbone checkpoint (``--pretrained-model-path``) and dispatches on the model
+name it records to the family that registered that name.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneStates:
+    hidden: List[torch.Tensor]                                  # L + 1 entries of (B, T, C), no gradient
+    retrieval_kv: Optional[Tuple[torch.Tensor, torch.Tensor]]   # layer m's (keys, values), each (B, T, C_kv)
+    position: object                                            # the positional input of a SideNet layer
+
+
+class FrozenBackbone:
+    """Mixin for a fairseq model usable as LongMem's frozen backbone."""
+
+    family: str = ""
+
+    # sizes -------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def memory_heads(self) -> Tuple[int, int]:
+        """(heads, head_dim) of the cached keys/values."""
+        raise NotImplementedError
+
+    # the frozen pass ---------------------------------------------------------------------------------
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
+        raise NotImplementedError
+
+    # parts the SideNet shares or copies --------------------------------------------------------------
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def sidenet_layer(self, ffn_embed_dim: int, dropout: float, attention_dropout: float,
+                      use_memory: bool) -> nn.Module:
+        """A SideNet layer of this family's block type, ``forward(x, residual, position, retrieve)``."""
+        raise NotImplementedError
+
+    def copy_block_into(self, block_index: int, layer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+
+# family name prefix -> class with from_checkpoint_state(state, path, dictionary, retrieval_layer_index)
+# and with_sidenet_sizes(cfg, dictionary)
+FAMILIES: Dict[str, type] = {}
+
+
+def register_family(prefix: str):
+    def wrap(cls):
+        FAMILIES[prefix] = cls
+        return cls
+    return wrap
+
+
+def checkpoint_model_name(state: dict) -> str:
+    """The model (or arch) name a fairseq checkpoint records, from a dataclass or a legacy config."""
+    cfg = state.get("cfg")
+    model_cfg = cfg.get("model") if cfg is not None else None
+    if model_cfg is None and state.get("args") is not None:
+        model_cfg = vars(state["args"])
+    model_cfg = model_cfg or {}
+    for key in ("_name", "arch"):
+        value = model_cfg.get(key) if isinstance(model_cfg, dict) else getattr(model_cfg, key, None)
+        if value:
+            return str(value)
+    return ""
+
+
+def family_of(name: str) -> Optional[type]:
+    return next((cls for prefix, cls in FAMILIES.items() if name.startswith(prefix)), None)
+
+
+def load_backbone(path: str, dictionary, retrieval_layer_index: int):
+    """The frozen backbone of ``--pretrained-model-path``: (model, True), or (a model of the SideNet's
+    sizes to be filled by a LongMem checkpoint, False) when the file does not exist."""
+    from fairseq import checkpoint_utils
+
+    if not (path and os.path.isfile(path)):
+        return None, False
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    name = checkpoint_model_name(state)
+    family = family_of(name)
+    if family is None:
+        raise ValueError(f"--pretrained-model-path {path} is not a {' or '.join(FAMILIES)} backbone checkpoint (its "
+                         f"model is {name or 'unknown'!r}); pass the backbone's checkpoint, e.g. "
+                         f"gpt2_medium/checkpoint_last.pt")
+    backbone = family.from_checkpoint_state(state, path, dictionary, retrieval_layer_index)
+    backbone.freeze()
+    return backbone, True

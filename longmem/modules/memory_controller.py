@@ -1,0 +1,236 @@
+"""The owner of a LongMem model's memory: its banks, their lifecycle and its switches (docs/design.md §3).
+
+One ``MemoryController`` per model (``model.decoder.memory``, also ``model.memory``). It knows nothing
+of fairseq: the task, the scripts and the tests use this API only.
+
+* **Slots**: named memories that never mix (the task reads training and validation streams into the
+  slots ``"train"`` and ``"valid"``; evaluation scripts use ``"eval"``). ``configure(slot=...)`` picks
+  the active one; ``reset(slot=..., stream=...)`` empties one (epoch starts, document starts, a new
+  evaluation document).
+* **Switches**: ``enabled`` (the one source of truth for "memory on", initialised from
+  ``--use-external-memory``), ``writes`` (add each segment after it is read) and ``reads`` (retrieve; off
+  only to fill a memory fast, since what is written never depends on what is read).
+* **Settings**: ``memory_size``, ``k``, ``chunk_size``, ``backend``, ``mode`` (``"stream"``: one memory
+  per batch row; ``"shared"``: one bank for all rows), ``on_device`` (keep memory on the model's GPU)
+  and ``reset_at_document_boundaries``. ``configure(...)`` changes any of them and rebuilds what must
+  be rebuilt; ``configured(...)`` does the same for the length of a ``with`` block.
+* **Hooks**: ``retrieval_hook(fn)`` calls ``fn(queries, retrieved)`` after every retrieval (diagnostics,
+  tests).
+
+A forward pass asks for a ``MemoryStep`` (``step(batch_size, device, doc_start)``): it reads memory for
+the segment, then writes the segment, so that a segment never retrieves itself.
+"""
+import contextlib
+import logging
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+
+from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
+
+logger = logging.getLogger(__name__)
+
+MODES = ("stream", "shared")
+SWITCHES = ("enabled", "writes", "reads", "slot")
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    memory_size: int
+    k: int
+    chunk_size: int
+    backend: str = "auto"
+    mode: str = "stream"
+    on_device: bool = False
+    reset_at_document_boundaries: bool = False
+
+    def __post_init__(self):
+        for name in ("memory_size", "k", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"memory: {name} must be a positive integer, got {value!r}")
+        if self.k % self.chunk_size:
+            raise ValueError(f"memory: k={self.k} is not a multiple of chunk_size={self.chunk_size}; retrieval "
+                             f"returns whole chunks, so choose k in {self.chunk_size}, {2 * self.chunk_size}, ...")
+        if self.memory_size % self.chunk_size:
+            raise ValueError(f"memory: memory_size={self.memory_size} is not a multiple of "
+                             f"chunk_size={self.chunk_size}; memory holds whole chunks")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"memory: unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.mode not in MODES:
+            raise ValueError(f"memory: unknown mode {self.mode!r}; choose one of {MODES}")
+
+    # settings a live bank cannot change without being rebuilt (empty)
+    STRUCTURAL = ("memory_size", "chunk_size", "mode", "on_device")
+
+
+class MemoryController:
+    def __init__(self, num_heads: int, head_dim: int, settings: MemorySettings, enabled: bool = True):
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.settings = settings
+        self.enabled = bool(enabled)
+        self.writes = True
+        self.reads = True
+        self.slot = "train"
+        self._banks: Dict[str, ChunkedMemoryBank] = {}
+        self._hooks: List[Callable] = []
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, **changes) -> "MemoryController":
+        """Change settings and switches by name; a structural change (size, chunk, mode, device) empties
+        the banks, ``k`` and ``backend`` apply to the banks as they are."""
+        unknown = set(changes) - {f.name for f in fields(MemorySettings)} - set(SWITCHES)
+        if unknown:
+            raise TypeError(f"memory: unknown setting(s) {sorted(unknown)}; known: "
+                            f"{[f.name for f in fields(MemorySettings)] + list(SWITCHES)}")
+        switches = {name: changes.pop(name) for name in SWITCHES if name in changes}
+        changes = {name: value for name, value in changes.items() if getattr(self.settings, name) != value}
+        if changes:
+            new = replace(self.settings, **changes)  # validates
+            if set(changes) & set(MemorySettings.STRUCTURAL):
+                if self._banks:
+                    logger.info("memory: settings changed %s, starting empty", changes)
+                self._banks.clear()
+            elif "k" in changes or "backend" in changes:
+                for bank in self._banks.values():
+                    bank.set_search(k=new.k, backend=new.backend)
+            self.settings = new
+        for name, value in switches.items():
+            setattr(self, name, str(value) if name == "slot" else bool(value))
+        return self
+
+    def snapshot(self) -> dict:
+        """Every setting and switch, as ``configure`` takes them."""
+        return {**{f.name: getattr(self.settings, f.name) for f in fields(MemorySettings)},
+                **{name: getattr(self, name) for name in SWITCHES}}
+
+    @contextlib.contextmanager
+    def configured(self, **changes):
+        """``configure(**changes)`` for the length of a ``with`` block, then the previous values back."""
+        before = self.snapshot()
+        self.configure(**changes)
+        try:
+            yield self
+        finally:
+            self.configure(**before)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def bank(self) -> Optional[ChunkedMemoryBank]:
+        """The active slot's bank (None until a forward pass builds it)."""
+        return self._banks.get(self.slot)
+
+    @property
+    def banks(self) -> Mapping[str, ChunkedMemoryBank]:
+        """Every slot's bank, by slot name (read-only)."""
+        return MappingProxyType(self._banks)
+
+    def load_bank(self, bank: ChunkedMemoryBank, slot: Optional[str] = None) -> None:
+        """Put a bank built elsewhere (e.g. ``ChunkedMemoryBank.load``) in a slot, the active one by
+        default; it must hold this model's heads."""
+        if (bank.num_heads, bank.head_dim) != (self.num_heads, self.head_dim):
+            raise ValueError(f"memory: the bank holds {bank.num_heads} heads of {bank.head_dim}, this model caches "
+                             f"{self.num_heads} heads of {self.head_dim}")
+        self._banks[self.slot if slot is None else slot] = bank
+
+    def reset(self, slot: Optional[str] = None, stream: Optional[int] = None) -> None:
+        """Empty a slot's memory (the active one by default): every stream, or one."""
+        bank = self._banks.get(self.slot if slot is None else slot)
+        if bank is not None:
+            bank.reset(stream)
+
+    def clear(self) -> None:
+        """Forget every slot's bank."""
+        self._banks.clear()
+
+    @contextlib.contextmanager
+    def retrieval_hook(self, fn: Callable[[torch.Tensor, Retrieved], None]):
+        """Within the block, ``fn(queries, retrieved)`` runs after every retrieval."""
+        self._hooks.append(fn)
+        try:
+            yield
+        finally:
+            self._hooks.remove(fn)
+
+    # ------------------------------------------------------------------ one forward pass
+    def step(self, batch_size: int, device, doc_start: Optional[torch.Tensor] = None) -> "MemoryStep":
+        """What one forward pass of ``batch_size`` rows does with memory. ``doc_start`` (B, T) bool: where
+        a new document begins in each row (used with ``reset_at_document_boundaries``)."""
+        if not self.enabled:
+            return MemoryStep(self, None)
+        bank = self._bank_for(batch_size, torch.device(device))
+        first_new = last_new = None
+        if doc_start is not None and self.settings.reset_at_document_boundaries and not bank.shared \
+                and bool(doc_start.any()):
+            T = doc_start.size(1)
+            positions = torch.arange(T, device=doc_start.device).expand_as(doc_start)
+            first_new = torch.where(doc_start, positions, T).min(1).values  # (B,), T = none
+            last_new = torch.where(doc_start, positions, -1).max(1).values  # (B,), -1 = none
+        return MemoryStep(self, bank, first_new, last_new)
+
+    def _bank_for(self, batch_size: int, device: torch.device) -> ChunkedMemoryBank:
+        s = self.settings
+        shared = s.mode == "shared"
+        bank = self.bank
+        if bank is not None and (shared or bank.num_streams == batch_size):
+            return bank
+        if bank is not None:
+            logger.info("memory %r: batch size changed %d -> %d, starting empty per-stream memory",
+                        self.slot, bank.num_streams, batch_size)
+        on_gpu = device.type == "cuda" and s.on_device
+        bank = ChunkedMemoryBank(
+            self.num_heads, self.head_dim, s.memory_size, s.chunk_size, s.k,
+            num_streams=1 if shared else batch_size, shared=shared, backend=s.backend,
+            device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else torch.float32,
+        )
+        self._banks[self.slot] = bank
+        return bank
+
+
+class MemoryStep:
+    """One forward pass's use of memory: read for the segment (``reader``), then ``write`` it."""
+
+    def __init__(self, controller: MemoryController, bank: Optional[ChunkedMemoryBank],
+                 first_new: Optional[torch.Tensor] = None, last_new: Optional[torch.Tensor] = None):
+        self.controller, self.bank = controller, bank
+        self.first_new, self.last_new = first_new, last_new  # (B,): a row's first / last document start
+
+    @property
+    def active(self) -> bool:
+        """Memory is on for this pass (the backbone must return the retrieval layer's keys/values)."""
+        return self.bank is not None
+
+    @property
+    def reader(self) -> Optional[Callable[[torch.Tensor], Retrieved]]:
+        """``retrieve``, or None when there is nothing to read (memory off or empty, or reads off)."""
+        if self.bank is None or not self.controller.reads or not any(self.bank.filled):
+            return None
+        return self.retrieve
+
+    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+        """queries (B, T, H*d) -> the memory of each token; a token at or after its row's first document
+        start sees none of the old document's memory."""
+        out = self.bank.retrieve(queries)
+        dev = queries.device
+        out.keys, out.values, out.mask = out.keys.to(dev), out.values.to(dev), out.mask.to(dev)
+        if self.first_new is not None:
+            T = queries.size(1)
+            after = torch.arange(T, device=dev).view(1, T) >= self.first_new.to(dev).view(-1, 1)  # (B, T)
+            out.mask = out.mask & ~after.view(after.size(0), 1, T, 1)
+        for fn in self.controller._hooks:
+            fn(queries, out)
+        return out
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys, values (B, T, H*d) of the segment just read; a row whose new document began in this
+        segment keeps only that document's tokens."""
+        if self.bank is None or not self.controller.writes:
+            return
+        start = None
+        if self.last_new is not None:
+            for b in torch.nonzero(self.last_new >= 0).view(-1).tolist():
+                self.bank.reset(b)
+            start = self.last_new.clamp(min=0)
+        self.bank.add(keys, values, start=start)
