@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """In-context learning with memory, the released protocol (logic: longmem/evaluation/icl.py).
 
-    python eval_scripts/eval_longmem_icl.py --data-dir ../shared/data/icl --tasks sst2 mr \\
+    python eval_scripts/eval_longmem_icl.py --tasks sst2 mr \\
         --backbone gpt2_medium/checkpoint_last.pt --longmem longmem_gpt2_medium/checkpoint_last.pt \\
-        --modes backbone memory-off memory-on --gpt2-bpe ../shared/data/gpt2_bpe \\
+        --modes backbone memory-off memory-on \\
         --k 20 --cache-k 2000 --seeds 1 2 3 4 5 6 --results-path icl.json
 
 Modes are chosen by flag, never by the checkpoint's path: ``backbone`` (the newgpt checkpoint alone, k
@@ -19,6 +19,8 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longmem import paths  # noqa: E402
 
 
 class TextCodec:
@@ -55,15 +57,17 @@ class TextCodec:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="the ICL datasets in the released layout")
+    p.add_argument("--data-dir", default=paths.ICL,
+                   help="the ICL datasets in the released layout (default: data/icl of this repository)")
     p.add_argument("--tasks", nargs="+", default=["sst2", "mr", "subj", "sst5", "mpqa"])
     p.add_argument("--modes", nargs="+", default=["backbone", "memory-off", "memory-on"],
                    choices=["backbone", "memory-off", "memory-on"])
     p.add_argument("--backbone", help="newgpt checkpoint (mode backbone)")
     p.add_argument("--longmem", help="LongMem checkpoint (modes memory-off, memory-on)")
     p.add_argument("--dict", help="the models' dict.txt (default: dict.txt in --gpt2-bpe)")
-    p.add_argument("--gpt2-bpe")
-    p.add_argument("--sentencepiece-model")
+    p.add_argument("--gpt2-bpe", help="folder with encoder.json, vocab.bpe and dict.txt (default: data/gpt2_bpe "
+                                      "of this repository, unless --sentencepiece-model is given)")
+    p.add_argument("--sentencepiece-model", help="the models' sentencepiece model, instead of GPT-2 BPE")
     p.add_argument("--k", type=int, default=20, help="demonstrations in context")
     p.add_argument("--cache-k", type=int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=int, default=1024, help="tokens per block written to memory")
@@ -80,6 +84,8 @@ def main(argv=None):
     p.add_argument("--results-path")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
+    if args.gpt2_bpe is None and args.sentencepiece_model is None:
+        args.gpt2_bpe = paths.GPT2_BPE
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     import torch

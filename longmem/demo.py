@@ -37,6 +37,7 @@ import time
 import warnings
 from collections import Counter
 
+from longmem import paths
 from longmem.utils.atomic import atomic_open
 
 logger = logging.getLogger("longmem.demo")
@@ -330,8 +331,8 @@ def main(argv=None):
                    help="memory-augmented adaptation preset")
     p.add_argument("--longrange-preset", default=os.path.join(REPO, "configs", "longrange_tiny.sh"),
                    help="long-range benchmark and evaluation preset")
-    p.add_argument("--icl-data", default=os.path.join(REPO, "..", "shared", "data", "icl"),
-                   help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv)")
+    p.add_argument("--icl-data", default=paths.ICL,
+                   help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv; default: data/icl of this repository)")
     p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem"],
                    help="stop after this stage")
     args = p.parse_args(argv)

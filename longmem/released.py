@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from longmem import paths
 from longmem.utils.checkpoints import save_fairseq_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def write_released_style_checkpoint(out: str, dict_path: str, layers: int = 2, e
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dict", required=True, help="fairseq dict.txt (e.g. ../shared/data/gpt2_bpe/dict.txt)")
+    p.add_argument("--dict", default=paths.GPT2_DICT,
+                   help="fairseq dict.txt (default: data/gpt2_bpe/dict.txt of this repository)")
     p.add_argument("--out", required=True)
     p.add_argument("--layers", type=int, default=2, help="SideNet layers (backbone gets twice as many)")
     p.add_argument("--embed-dim", type=int, default=64)

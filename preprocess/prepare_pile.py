@@ -13,7 +13,7 @@ in parallel over shards, then binarized with ``fairseq-preprocess --only-source 
 Malformed lines (not JSON, no text, wrong types) are counted, skipped and reported, never fatal.
 
     python preprocess/prepare_pile.py --train shards/0*.jsonl.zst --valid val.jsonl.zst \\
-        --weights configs/pile_subset_weights.json --gpt2-bpe ../shared/data/gpt2_bpe \\
+        --weights configs/pile_subset_weights.json \\
         --destdir data-bin/pile --workers 8
 """
 import argparse
@@ -29,6 +29,7 @@ from collections import Counter
 from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from longmem import paths  # noqa: E402
 from longmem.utils.atomic import atomic_open  # noqa: E402
 
 logger = logging.getLogger("prepare_pile")
@@ -142,7 +143,8 @@ def main(argv=None):
     p.add_argument("--weights", help="JSON {subset: weight}; subsets not listed get --default-weight")
     p.add_argument("--default-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--gpt2-bpe", help="folder with encoder.json and vocab.bpe")
+    p.add_argument("--gpt2-bpe", help="folder with encoder.json and vocab.bpe (default: data/gpt2_bpe of this "
+                                      "repository, unless --sentencepiece-model is given)")
     p.add_argument("--sentencepiece-model")
     p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe)")
     p.add_argument("--destdir", required=True, help="fairseq data-bin output")
@@ -150,6 +152,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--no-binarize", action="store_true", help="stop after writing the encoded text")
     args = p.parse_args(argv)
+    if args.gpt2_bpe is None and args.sentencepiece_model is None:
+        args.gpt2_bpe = paths.GPT2_BPE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     from tqdm import tqdm
 

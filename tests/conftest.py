@@ -7,14 +7,14 @@ from fairseq.data import Dictionary
 import longmem  # noqa: F401  (registers the plugin)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("LONGMEM_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
 
 
 @pytest.fixture
-def shared_data():
-    if not os.path.isdir(SHARED_DATA):
-        pytest.skip(f"shared data folder {SHARED_DATA} not present (set LONGMEM_SHARED_DATA)")
-    return SHARED_DATA
+def repo_data():
+    """The data folder this repository ships (data/gpt2_bpe, data/icl)."""
+    from longmem import paths
+
+    return paths.DATA
 
 
 class FakeTask:

@@ -204,14 +204,14 @@ def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_train
 
 
 @pytest.mark.parametrize("preset", ["longmem_paper.sh", "longmem_tiny.sh"])
-def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, shared_data, tmp_path):
+def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_data, tmp_path):
     """The script's command, parsed by fairseq-train's own parser (no training)."""
     from fairseq import options
 
     backbone = tmp_path / "backbone.pt"
     backbone.write_bytes(b"")
     env = dict(os.environ, DRY_RUN="1", PRESET=os.path.join(REPO, "configs", preset))
-    data = os.path.join(shared_data, "gpt2_bpe")
+    data = os.path.join(repo_data, "gpt2_bpe")
     out = subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data, str(backbone),
                           str(tmp_path / "save")], env=env, capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr.decode()

@@ -22,13 +22,13 @@ def test_prompts_match_hand_written_strings():
     assert icl.demonstration(icl.TASKS["mr"], "great", 1) == "Review: great Sentiment: positive. "
 
 
-def test_released_files_are_read_with_their_sizes(shared_data):
+def test_released_files_are_read_with_their_sizes(repo_data):
     sizes = {"sst2": 872, "mr": 2000, "subj": 2000, "sst5": 1101, "mpqa": 2000}
     for task, n in sizes.items():
-        spec, train, evaluation = icl.load_task(os.path.join(shared_data, "icl"), task)
+        spec, train, evaluation = icl.load_task(os.path.join(repo_data, "icl"), task)
         assert len(evaluation) == n
         assert {label for _, label in train} == set(range(len(spec.labels)))
-    _, _, sst2 = icl.load_task(os.path.join(shared_data, "icl"), "sst2")
+    _, _, sst2 = icl.load_task(os.path.join(repo_data, "icl"), "sst2")
     assert sst2[0] == ("one long string of cliches .", 0)
 
 
@@ -78,12 +78,12 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
                for k in before)
 
 
-def test_script_end_to_end_on_the_shared_data_and_clear_errors(tmp_path, shared_data):
+def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data):
     from longmem.models.newgpt import build_newgpt
     from longmem.released import write_released_style_checkpoint
     from longmem.utils.checkpoints import save_fairseq_checkpoint
 
-    bpe = os.path.join(shared_data, "gpt2_bpe")
+    bpe = os.path.join(repo_data, "gpt2_bpe")
     longmem_ckpt = tmp_path / "longmem.pt"
     write_released_style_checkpoint(str(longmem_ckpt), os.path.join(bpe, "dict.txt"))
     backbone = build_newgpt("newgpt-tiny", os.path.join(bpe, "dict.txt"), embed_dim=64, num_layers=4,
@@ -93,7 +93,7 @@ def test_script_end_to_end_on_the_shared_data_and_clear_errors(tmp_path, shared_
                   "ffn_embed_dim": 256, "retrieval_layer_index": 2},
         "task": {"_name": "language_modeling", "data": bpe}})
     script = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
-    common = ["--data-dir", os.path.join(shared_data, "icl"), "--gpt2-bpe", bpe, "--cpu", "--k", "2",
+    common = ["--data-dir", os.path.join(repo_data, "icl"), "--gpt2-bpe", bpe, "--cpu", "--k", "2",
               "--cache-k", "20", "--memory-block", "64", "--max-queries", "6", "--seeds", "1", "2"]
     out = tmp_path / "icl.json"
     proc = subprocess.run([sys.executable, script, *common, "--tasks", "sst2", "subj", "--backbone",

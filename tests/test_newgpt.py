@@ -139,8 +139,8 @@ def released_backbone_shapes(L, C, F_, V):
     return shapes
 
 
-def test_medium_has_the_released_size_and_key_names_and_loads_them_strictly(shared_data):
-    model = build_newgpt("newgpt-medium", os.path.join(shared_data, "gpt2_bpe", "dict.txt"))
+def test_medium_has_the_released_size_and_key_names_and_loads_them_strictly(repo_data):
+    model = build_newgpt("newgpt-medium", os.path.join(repo_data, "gpt2_bpe", "dict.txt"))
     assert len(model.decoder.dictionary) == 51200
     assert sum(p.numel() for p in model.parameters()) == 407_072_768
     shapes = released_backbone_shapes(24, 1024, 4096, 51200)

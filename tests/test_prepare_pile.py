@@ -63,10 +63,10 @@ def test_fractional_weights_keep_about_that_share_reproducibly():
     assert prepare_pile.keep_count(2.0, 1, "s", 3) == 2
 
 
-def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(shared_data):
+def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(repo_data):
     from fairseq.data import Dictionary
 
-    bpe = os.path.join(shared_data, "gpt2_bpe")
+    bpe = os.path.join(repo_data, "gpt2_bpe")
     encoded = prepare_pile.Encoder(gpt2_bpe=bpe).encode("Hello world")
     assert encoded == "15496 995"
     rows = [line.split()[0] for line in open(os.path.join(bpe, "dict.txt"), encoding="utf-8")]
@@ -74,14 +74,14 @@ def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(shared_data):
     assert [d.index(t) for t in encoded.split()] == [4 + rows.index("15496"), 4 + rows.index("995")]
 
 
-def test_end_to_end_shards_to_fairseq_data(tmp_path, shared_data):
+def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data):
     from fairseq.data import Dictionary, data_utils
     from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
     plain, packed = write_shards(tmp_path)
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps(WEIGHTS))
-    bpe = os.path.join(shared_data, "gpt2_bpe")
+    bpe = os.path.join(repo_data, "gpt2_bpe")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocess", "prepare_pile.py"),
                            "--train", str(plain), "--valid", str(packed), "--weights", str(weights),
                            "--default-weight", "0", "--gpt2-bpe", bpe, "--destdir", str(tmp_path / "bin"),

@@ -11,12 +11,10 @@ from longmem.released import load_longmem_checkpoint, write_released_style_check
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    shared = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
-    shared = os.environ.get("LONGMEM_SHARED_DATA", shared)
-    if not os.path.isdir(shared):
-        pytest.skip("shared data not present")
+    from longmem import paths
+
     path = tmp_path_factory.mktemp("released") / "checkpoint_last.pt"
-    sd = write_released_style_checkpoint(str(path), os.path.join(shared, "gpt2_bpe", "dict.txt"))
+    sd = write_released_style_checkpoint(str(path), paths.GPT2_DICT)
     return path, sd
 
 

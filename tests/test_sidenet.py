@@ -14,11 +14,11 @@ from longmem.utils.checkpoints import save_fairseq_checkpoint
 from conftest import FakeTask, make_dictionary, tiny_backbone_file
 
 
-def test_released_arch_has_the_released_trainable_and_frozen_counts(shared_data):
+def test_released_arch_has_the_released_trainable_and_frozen_counts(repo_data):
     from fairseq.data import Dictionary
     from longmem.models.transformer_lm_sidenet import SideNetConfig
 
-    d = Dictionary.load(os.path.join(shared_data, "gpt2_bpe", "dict.txt"))
+    d = Dictionary.load(os.path.join(repo_data, "gpt2_bpe", "dict.txt"))
     args = argparse.Namespace()
     from fairseq.models import ARCH_CONFIG_REGISTRY
     ARCH_CONFIG_REGISTRY["transformer_lm_sidenet_gpt2_small"](args)
