@@ -1,14 +1,24 @@
 #!/usr/bin/env python
-"""In-context learning with memory, the released protocol (logic: longmem/evaluation/icl.py).
+"""In-context learning with memory, the release's protocol (logic: longmem/evaluation/icl.py).
+
+This project's form, several tasks and modes in one run:
 
     python eval_scripts/eval_longmem_icl.py --tasks sst2 mr \\
         --backbone gpt2_medium/checkpoint_last.pt --longmem longmem_gpt2_medium/checkpoint_last.pt \\
-        --modes backbone memory-off memory-on \\
-        --k 20 --cache-k 2000 --seeds 1 2 3 4 5 6 --results-path icl.json
+        --modes backbone memory-off memory-on --k 20 --cache-k 2000 --results-path icl.json
 
-Modes are chosen by flag, never by the checkpoint's path: ``backbone`` (the newgpt checkpoint alone, k
-demonstrations in context), ``memory-off`` and ``memory-on`` (the LongMem checkpoint; with memory on,
-cache_k more demonstrations fill the memory in whole --memory-block-token blocks first).
+The release's form, one checkpoint and one task; the mode follows from what the checkpoint is (a
+LongMem checkpoint: memory on; a backbone checkpoint: the backbone alone), never from its file name:
+
+    python eval_scripts/eval_longmem_icl.py --path gpt2_medium/checkpoint_last.pt
+    python eval_scripts/eval_longmem_icl.py --path longmem_gpt2_medium/checkpoint_last.pt \\
+        --pretrained-model-path gpt2_medium/checkpoint_last.pt --task SST-2
+
+Both print the release's lines (``Acc for random seed N: x``, ``Mean acc across 6 seeds: m, std: s``)
+and a table. ``--dump-prompts FILE`` writes the token ids of one task and seed's memory blocks and first
+queries without loading a model, to compare with the release's script. Defaults are the release's:
+GPT-2 BPE and the datasets shipped in data/, chunk size 2 and the release's memory at evaluation,
+1,024-token memory blocks, one query at a time, seeds 1-6.
 """
 import argparse
 import json
@@ -21,144 +31,174 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longmem import paths  # noqa: E402
+from longmem.utils.cli import non_negative_int, positive_int  # noqa: E402
+
+MODES = ["backbone", "memory-off", "memory-on"]
 
 
-class TextCodec:
-    """Text <-> the model's dictionary indices, through GPT-2 BPE or a sentencepiece model."""
-
-    def __init__(self, dictionary, gpt2_bpe=None, sentencepiece_model=None):
-        self.dictionary = dictionary
-        if gpt2_bpe:
-            from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
-
-            self.bpe = get_encoder(os.path.join(gpt2_bpe, "encoder.json"), os.path.join(gpt2_bpe, "vocab.bpe"))
-            self._pieces = lambda text: [str(i) for i in self.bpe.encode(text)]
-            self._text = lambda sym: self.bpe.decode([int(sym)]) if sym.isdigit() else sym
-        elif sentencepiece_model:
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor(model_file=sentencepiece_model)
-            self._pieces = lambda text: sp.encode(text, out_type=str)
-            self._text = lambda sym: sym.replace("\u2581", " ")
-        else:
-            raise SystemExit("choose the model's tokenizer: --gpt2-bpe DIR or --sentencepiece-model FILE")
-
-    def encode(self, text):
-        return [self.dictionary.index(p) for p in self._pieces(text)]
-
-    def decode(self, index):
-        return self._text(self.dictionary[index])
-
-    def first_token_after(self, head, word):
-        """The first token of ``word`` as it follows ``head`` in a prompt."""
-        full, prefix = self.encode(head + " " + word), self.encode(head)
-        return full[len(prefix)] if full[: len(prefix)] == prefix else self.encode(" " + word)[0]
-
-
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=paths.ICL,
                    help="the ICL datasets in the released layout (default: data/icl of this repository)")
     p.add_argument("--tasks", nargs="+", default=["sst2", "mr", "subj", "sst5", "mpqa"])
-    p.add_argument("--modes", nargs="+", default=["backbone", "memory-off", "memory-on"],
-                   choices=["backbone", "memory-off", "memory-on"])
-    p.add_argument("--backbone", help="newgpt checkpoint (mode backbone)")
+    p.add_argument("--modes", nargs="+", choices=MODES, help="default: every mode the checkpoints given allow")
+    p.add_argument("--backbone", help="backbone checkpoint (mode backbone)")
     p.add_argument("--longmem", help="LongMem checkpoint (modes memory-off, memory-on)")
     p.add_argument("--dict", help="the models' dict.txt (default: dict.txt in --gpt2-bpe)")
     p.add_argument("--gpt2-bpe", help="folder with encoder.json, vocab.bpe and dict.txt (default: data/gpt2_bpe "
                                       "of this repository, unless --sentencepiece-model is given)")
     p.add_argument("--sentencepiece-model", help="the models' sentencepiece model, instead of GPT-2 BPE")
-    p.add_argument("--k", type=int, default=20, help="demonstrations in context")
-    p.add_argument("--cache-k", type=int, default=2000, help="demonstrations in memory")
-    p.add_argument("--memory-block", type=int, default=1024, help="tokens per block written to memory")
-    p.add_argument("--chunk-size", type=int, default=2, help="memory chunk size at evaluation (released: 2)")
-    p.add_argument("--memory-size", type=int,
-                   help="memory capacity in tokens at evaluation (default: the checkpoint's; it must hold the "
-                        "cache_k demonstrations, or the oldest are evicted)")
+    p.add_argument("--k", type=non_negative_int, default=20, help="demonstrations in context")
+    p.add_argument("--cache-k", type=non_negative_int, default=2000, help="demonstrations in memory")
+    p.add_argument("--memory-block", type=positive_int, default=1024, help="tokens per block written to memory")
+    p.add_argument("--chunk-size", type=positive_int, default=2, help="memory chunk size at evaluation (released: 2)")
+    p.add_argument("--memory-size", type=positive_int,
+                   help="memory capacity in tokens at evaluation (default: the checkpoint's)")
+    p.add_argument("--memory-mode", choices=["release", "shared"], default="release",
+                   help="release: the release's eviction (oldest 2 blocks' chunks dropped when the next block "
+                        "would fill memory); shared: a FIFO ring (default: release)")
     p.add_argument("--memory-backend", choices=["auto", "faiss", "torch"],
                    help="memory search at evaluation (default: the checkpoint's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
-    p.add_argument("--max-queries", type=int, help="evaluate only the first N queries (quick runs)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--results-path")
+    p.add_argument("--max-queries", type=positive_int, help="evaluate only the first N queries (quick runs)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="queries per forward pass (released: 1)")
+    p.add_argument("--results-path", help="JSON, rewritten after every finished task")
+    p.add_argument("--dump-prompts", metavar="FILE",
+                   help="write one task and seed's memory blocks and first 5 query prompts (dictionary indices) "
+                        "as JSON and exit, without a model")
     p.add_argument("--cpu", action="store_true")
+    release = p.add_argument_group("the release's flags")
+    release.add_argument("--path", help="one checkpoint; its kind chooses the mode (LongMem: memory-on, "
+                                        "backbone: backbone)")
+    release.add_argument("--pretrained-model-path", help="where the LongMem checkpoint's backbone file is "
+                                                         "(overrides the path it records)")
+    release.add_argument("--task", help="one task, by the release's name (SST-2, sst-5, mr, mpqa, subj) or ours")
+    release.add_argument("--gpt-encoder-path", help="the release's name of --gpt2-bpe")
+    release.add_argument("--subset", choices=["test", "validation"],
+                         help="the evaluation split; SST-2 and SST-5 always use validation (as released)")
     args = p.parse_args(argv)
+    if args.task:
+        args.tasks = [args.task]
+    if args.gpt_encoder_path:
+        args.gpt2_bpe = args.gpt_encoder_path
     if args.gpt2_bpe is None and args.sentencepiece_model is None:
         args.gpt2_bpe = paths.GPT2_BPE
+    return p, args
+
+
+def main(argv=None):
+    parser, args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     import torch
     from fairseq.data import Dictionary
-    from tqdm import tqdm
 
-    import longmem  # noqa: F401
     from longmem.evaluation import icl
-    from longmem.utils.atomic import atomic_open
-    from longmem.utils.checkpoints import load_model_for_dictionary
+    from longmem.evaluation.codec import TextCodec
 
-    for task in args.tasks:
-        if task not in icl.TASKS:
-            raise SystemExit(f"unknown ICL task {task!r}; choose from {', '.join(icl.TASKS)}")
-    if "backbone" in args.modes and not args.backbone:
-        raise SystemExit("mode backbone needs --backbone")
-    if {"memory-off", "memory-on"} & set(args.modes) and not args.longmem:
-        raise SystemExit("modes memory-off/memory-on need --longmem")
+    try:
+        tasks = [icl.task_name(t) for t in args.tasks]
+        for name in tasks:
+            split = "validation" if name in ("sst2", "sst5") else "test"
+            if args.subset and args.subset != split and name not in ("sst2", "sst5"):
+                raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is {split}")
+    except ValueError as e:
+        parser.error(str(e))
     dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
     if not dict_path or not os.path.isfile(dict_path):
-        raise SystemExit(f"dictionary {dict_path!r} not found: pass --dict")
+        parser.error(f"dictionary {dict_path!r} not found: pass --dict")
     dictionary = Dictionary.load(dict_path)
+    try:
+        codec = TextCodec(dictionary, args.gpt2_bpe, args.sentencepiece_model)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if args.dump_prompts:
+        return dump_prompts(parser, args, tasks, dictionary, codec)
+
+    import longmem  # noqa: F401  (registers the models)
+    from longmem.utils.atomic import atomic_open
+    from longmem.utils.checkpoints import checkpoint_kind, load_model_for_dictionary, read_checkpoint
+
+    if args.path:  # the release's form: the checkpoint's kind picks the checkpoint's role and mode
+        kind = checkpoint_kind(read_checkpoint(args.path))
+        if kind is None:
+            parser.error(f"--path {args.path} is neither a LongMem nor a backbone checkpoint")
+        setattr(args, "longmem" if kind == "longmem" else "backbone", args.path)
+        args.modes = args.modes or (["memory-on"] if kind == "longmem" else ["backbone"])
+    modes = args.modes or [m for m in MODES if (args.backbone if m == "backbone" else args.longmem)]
+    if not modes:
+        parser.error("nothing to evaluate: pass --path, or --backbone and/or --longmem")
+    if "backbone" in modes and not args.backbone:
+        parser.error("mode backbone needs --backbone")
+    if {"memory-off", "memory-on"} & set(modes) and not args.longmem:
+        parser.error("modes memory-off/memory-on need --longmem")
+    try:  # every task's files are read before any model is loaded or scored
+        data = {name: icl.load_task(args.data_dir, name) for name in tasks}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
     dict_dir = os.path.dirname(os.path.abspath(dict_path))
-    codec = TextCodec(dictionary, args.gpt2_bpe, args.sentencepiece_model)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     models = {}
-    if "backbone" in args.modes:
-        models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device)
-    if {"memory-off", "memory-on"} & set(args.modes):
-        lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device)
-        # one memory that every query row reads, in the evaluation slot
-        lm.memory.configure(mode="shared", chunk_size=args.chunk_size, slot="eval",
+    if "backbone" in modes:
+        models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device, expect="backbone")
+    if {"memory-off", "memory-on"} & set(modes):
+        overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
+        lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device, expect="longmem",
+                                       overrides=overrides)
+        # one memory that every query reads, in the evaluation slot; queries never write
+        lm.memory.configure(mode=args.memory_mode, chunk_size=args.chunk_size, slot="eval", writes=False,
                             **({"memory_size": args.memory_size} if args.memory_size else {}),
                             **({"backend": args.memory_backend} if args.memory_backend else {}))
-        for mode in ("memory-off", "memory-on"):
-            if mode in args.modes:
-                models[mode] = lm
+        models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
 
     results = {}
-    for task in args.tasks:
-        spec, train, evaluation = icl.load_task(args.data_dir, task)
+    for name in tasks:
+        spec, train, evaluation = data[name]
         evaluation = evaluation[: args.max_queries] if args.max_queries else evaluation
-        head = spec.template.split("{text}")[1].split("{label}")[0].strip()  # e.g. "Sentiment:"
+        head = spec.query_template.split("{text}")[1].strip()  # e.g. "Sentiment:"
         label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
-        results[task] = {}
+        results[name] = {}
         for mode, model in models.items():
-            accs = []
-            for seed in tqdm(args.seeds, desc=f"{task} {mode}", unit="seed"):
-                context, memory = icl.sample_demonstrations(train, args.k, args.cache_k, seed)
-                if mode != "backbone":  # queries never write
-                    model.memory.configure(enabled=(mode == "memory-on"), writes=False)
-                    model.memory.reset()
-                if mode == "memory-on":
-                    ids = codec.encode("".join(icl.demonstration(spec, t, l) for t, l in memory))
-                    icl.fill_memory(model, icl.memory_blocks(ids, args.memory_block), device)
-                prompts = [[dictionary.eos()] + codec.encode(icl.query_prompt(spec, context, text))
-                           for text, _ in evaluation]
-                lp = icl.predict(model, prompts, dictionary.pad(), device, args.batch_size)
-                accs.append(icl.score(lp, [g for _, g in evaluation], spec, codec.decode, label_tokens, args.scoring))
-            results[task][mode] = {"accuracies": accs, "mean": statistics.mean(accs),
+            try:
+                accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
+                                    args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
+                                    on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True))
+            except ValueError as e:
+                raise SystemExit(f"{name} {mode}: {e}")
+            results[name][mode] = {"accuracies": accs, "mean": statistics.mean(accs),
                                    "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0}
-    modes = list(models)
+            print(f"Mean acc across {len(accs)} seeds: {results[name][mode]['mean']:.4f}, "
+                  f"std: {results[name][mode]['std']:.4f}   ({name}, {mode})", flush=True)
+        if args.results_path:  # every finished task is kept, whatever happens to the next
+            with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+                json.dump({"config": vars(args), "results": results}, f, indent=2)
     print(f"\nICL accuracy (%), k={args.k} in context, cache_k={args.cache_k} in memory, seeds {args.seeds}, "
           f"scoring={args.scoring}")
-    print("| task | " + " | ".join(modes) + " |")
-    print("|---|" + "---:|" * len(modes))
-    for task in args.tasks:
-        print(f"| {task} | " + " | ".join(f"{100 * results[task][m]['mean']:.1f} ± {100 * results[task][m]['std']:.1f}"
-                                          for m in modes) + " |")
-    if args.results_path:
-        with atomic_open(args.results_path, "w", encoding="utf-8") as f:
-            json.dump({"config": vars(args), "results": results}, f, indent=2)
+    print("| task | " + " | ".join(models) + " |")
+    print("|---|" + "---:|" * len(models))
+    for name in tasks:
+        print(f"| {name} | " + " | ".join(f"{100 * results[name][m]['mean']:.1f} ± {100 * results[name][m]['std']:.1f}"
+                                          for m in models) + " |")
     return results
+
+
+def dump_prompts(parser, args, tasks, dictionary, codec):
+    from longmem.evaluation import icl
+    from longmem.utils.atomic import atomic_open
+
+    if len(tasks) != 1 or len(args.seeds) != 1:
+        parser.error("--dump-prompts takes one task (--tasks T or --task T) and one seed (--seeds S)")
+    try:
+        spec, train, evaluation = icl.load_task(args.data_dir, tasks[0])
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
+    blocks, prompts = icl.prompts_for_seed(spec, train, evaluation[:5], codec, dictionary, args.k, args.cache_k,
+                                           args.seeds[0], args.memory_block)
+    with atomic_open(args.dump_prompts, "w", encoding="utf-8") as f:
+        json.dump({"task": tasks[0], "seed": args.seeds[0], "memory_blocks": blocks, "prompts": prompts}, f)
+    print(f"wrote {args.dump_prompts}: {len(blocks)} memory blocks, {len(prompts)} prompts")
+    return {"memory_blocks": blocks, "prompts": prompts}
 
 
 if __name__ == "__main__":

@@ -221,7 +221,8 @@ def eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, preset, icl_data):
            "--k", preset["ICL_K"], "--cache-k", preset["ICL_CACHE_K"], "--memory-size", preset["ICL_MEMORY_SIZE"],
            "--chunk-size", preset["ICL_CHUNK_SIZE"],
            "--memory-block", preset["ICL_MEMORY_BLOCK"], "--max-queries", preset["ICL_MAX_QUERIES"],
-           "--seeds", *preset["ICL_SEEDS"].split(), "--scoring", "labels", "--results-path", path, "--cpu"]
+           "--seeds", *preset["ICL_SEEDS"].split(), "--scoring", "labels", "--batch-size", "8",
+           "--results-path", path, "--cpu"]
     with atomic_open(os.path.join(out, "eval", "icl_sst2.log")) as f:
         f.write(run(cmd, capture=True))
     with open(path, encoding="utf-8") as f:

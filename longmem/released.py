@@ -46,7 +46,8 @@ def write_released_style_checkpoint(out: str, dict_path: str, layers: int = 2, e
                                     heads: int = 4, retrieval_layer_index: int = 2, seed: int = 0,
                                     pretrained_model_path: str = "/released/gpt2_medium/checkpoint_last.pt"):
     """A LongMem checkpoint with the release's structure, small: legacy argparse config with the
-    released field names, docs/design.md §2's keys, random weights, a backbone path that does not exist here."""
+    released field names, docs/design.md §2's keys (``decoder.version`` included), random weights, a backbone
+    path that does not exist here."""
     from fairseq.data import Dictionary
 
     vocab = len(Dictionary.load(dict_path))
@@ -75,7 +76,8 @@ def write_released_style_checkpoint(out: str, dict_path: str, layers: int = 2, e
     sd[f"decoder.layers.{memory_layer}.self_attn.memory_bias"] = rand(heads) * 50
     sd.update({"decoder.layer_norm.weight": 1 + rand(C), "decoder.layer_norm.bias": rand(C),
                "decoder.embed_tokens.weight": sd[bb + "transformer.wte.weight"],
-               "decoder.output_projection.weight": sd[bb + "lm_head.weight"]})
+               "decoder.output_projection.weight": sd[bb + "lm_head.weight"],
+               "decoder.version": torch.Tensor([3])})  # the release's decoder registers this buffer
     args = argparse.Namespace(
         arch="transformer_lm_sidenet_gpt2_small", task="language_modeling", criterion="cross_entropy",
         data=os.path.dirname(os.path.abspath(dict_path)), sample_break_mode="none", tokens_per_sample=1024,

@@ -199,7 +199,8 @@ def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_train
     assert len(train_losses(log)) >= 2
     assert re.search(r'"valid_loss": "[\d.]+"', log), log[-2000:]
     log = run("fairseq_cli.train", *args[:args.index("--save-dir") + 1], str(root / "release_ckpt"),
-              *args[args.index("--save-dir") + 2:], "--release-order")
+              *args[args.index("--save-dir") + 2:], "--data-no-shuffle", "--memory-mode", "release",
+              "--disable-validation", "--memory-size", "1024")  # the release's eviction needs 3 adds of 8 x 32
     assert len(train_losses(log)) >= 2
 
 
@@ -226,8 +227,44 @@ def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_d
     assert args.layer_reduction_factor == 2 and args.adam_betas == "(0.9, 0.98)" and args.weight_decay == 0.01
     if preset == "longmem_paper.sh":
         assert args.fp16 and args.use_gpu_to_search and args.batch_size == 8 and args.max_update == 100000
+        assert args.data_no_shuffle and args.memory_mode == "release" and args.disable_validation and args.seed == 42
     else:  # the memory layer int(3 / 2) = 1 starts from backbone layer 2*1 + 1 = 3, whose keys fill memory
         assert args.memory_reset_at_document_boundary and args.max_update == 300
+        assert args.memory_mode == "stream" and not args.data_no_shuffle
+
+
+def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_path):
+    """The paper preset's command (fp16 and GPU search included), tiny sizes swapped in, on this CPU:
+    it trains, and its batches are the release's (docs/design.md §5.1), computed here from the data."""
+    import math as _math
+
+    from fairseq.data import Dictionary, data_utils
+
+    root, backbone, _ = sidenet_trained
+    env = dict(os.environ, DRY_RUN="1", PRESET=os.path.join(REPO, "configs", "longmem_paper.sh"))
+    out = subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), str(root / "bin"),
+                          str(backbone), str(tmp_path / "save")], env=env, capture_output=True, timeout=60)
+    cmd = out.stdout.decode().split("\0")[:-1]
+    swap = {"--arch": "transformer_lm_sidenet_tiny", "--memory-size": "1024", "--k": "8", "--chunk-size": "2",
+            "--retrieval-layer-index": "1", "--tokens-per-sample": "32", "--max-update": "3",
+            "--total-num-update": "3"}
+    for flag, value in swap.items():
+        cmd[cmd.index(flag) + 1] = value
+    cmd += ["--decoder-layers", "1", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+            "--decoder-ffn-embed-dim", "128", "--cpu", "--log-format", "json", "--log-interval", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "--fp16 needs a CUDA GPU" in log and "--use-gpu-to-search: no CUDA GPU here" in log
+    assert len(train_losses(log)) == 3
+    d = Dictionary.load(str(root / "bin" / "dict.txt"))
+    n_tokens = sum(len(t) for t in data_utils.load_indexed_dataset(str(root / "bin" / "train"), d))
+    blocks = _math.ceil(n_tokens / 32)
+    passage = _math.ceil((blocks - 1) / 8)  # 1 rank x 8 rows; the last block left out
+    first = re.search(r"release order, rank 0: batch 0 = samples (\[[\d, ]+\]), batch 1 = samples (\[[\d, ]+\])", log)
+    assert first, log[-2000:]
+    assert json.loads(first.group(1)) == [row * passage for row in range(8)]
+    assert json.loads(first.group(2)) == [row * passage + 1 for row in range(8)]
 
 
 def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path):

@@ -11,33 +11,53 @@ from longmem.evaluation import icl
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_prompts_match_hand_written_strings():
-    context = [("a fine film .", 1), ("dull .", 0)]
-    assert icl.query_prompt(icl.TASKS["sst2"], context, "so good .") == \
-        "Review: a fine film . Sentiment: positive. Review: dull . Sentiment: negative. Review: so good . Sentiment:"
-    assert icl.query_prompt(icl.TASKS["sst5"], [("meh", 2)], "wow") == "Review: meh Sentiment: okay. Review: wow Sentiment:"
-    assert icl.query_prompt(icl.TASKS["subj"], [("the plot follows a man .", 1)], "i loved it") == \
-        "Input: the plot follows a man . Type: objective. Input: i loved it Type:"
-    assert icl.query_prompt(icl.TASKS["mpqa"], [("failing", 0)], "hope") == "Review: failing Sentiment: negative. Review: hope Sentiment:"
-    assert icl.demonstration(icl.TASKS["mr"], "great", 1) == "Review: great Sentiment: positive. "
+class WordCodec:
+    """A toy tokenizer written for the test: one id per space-separated word ("" -> 99: a trailing space)."""
+    VOCAB = {"Review:": 10, "Sentiment:": 11, "positive.": 12, "negative.": 13, "a": 14, "fine": 15, "film": 16,
+             ".": 17, "dull": 18, "so": 19, "good": 20, "": 99}
+
+    def encode(self, text):
+        return [self.VOCAB[w] for w in text.split(" ")]
 
 
-def test_released_files_are_read_with_their_sizes(repo_data):
+def test_prompt_token_ids_written_by_hand():
+    spec, codec, BOS, EOS = icl.TASKS["sst2"], WordCodec(), 0, 2
+    context = icl.encode_demonstrations(spec, [("a fine film .", 1), ("dull .", 0)], codec.encode, BOS, EOS)
+    prompt = icl.query_ids(spec, context, "so good .", codec.encode, BOS)
+    # each demonstration alone as [<s>] + tokens + [</s>] (its trailing space a token of its own); the
+    # query [<s>] + "Review: so good . Sentiment:" and no </s>
+    assert prompt == [0, 10, 14, 15, 16, 17, 11, 12, 99, 2,
+                      0, 10, 18, 17, 11, 13, 99, 2,
+                      0, 10, 19, 20, 17, 11]
+    assert icl.TASKS["subj"].query_template == "Input: {text} Type:"
+    assert icl.demonstration(icl.TASKS["sst5"], "meh", 2) == "Review: meh Sentiment: okay. "
+
+
+def test_released_files_are_read_as_the_release_reads_them(repo_data):
     sizes = {"sst2": 872, "mr": 2000, "subj": 2000, "sst5": 1101, "mpqa": 2000}
     for task, n in sizes.items():
         spec, train, evaluation = icl.load_task(os.path.join(repo_data, "icl"), task)
         assert len(evaluation) == n
         assert {label for _, label in train} == set(range(len(spec.labels)))
-    _, _, sst2 = icl.load_task(os.path.join(repo_data, "icl"), "sst2")
+    _, _, sst2 = icl.load_task(os.path.join(repo_data, "icl"), "SST-2")
     assert sst2[0] == ("one long string of cliches .", 0)
+    _, _, mr = icl.load_task(os.path.join(repo_data, "icl"), "mr")
+    assert mr[0] == ('"simplistic , silly and tedious ."', 0)  # line[2:]: the CSV quotes stay
+    _, _, subj = icl.load_task(os.path.join(repo_data, "icl"), "subj")
+    assert subj[0] == ("smart and alert , thirteen conversations about one thing is a small gem .", 0)
+    _, _, sst5 = icl.load_task(os.path.join(repo_data, "icl"), "sst-5")
+    assert sst5[0][1] == 2 and sst5[0][0].startswith("in his first stab at the form")
 
 
-def test_sampling_is_disjoint_and_seeded():
-    train = [(f"t{i}", i % 2) for i in range(100)]
-    ctx, mem = icl.sample_demonstrations(train, 5, 30, seed=3)
-    assert len(ctx) == 5 and len(mem) == 30 and not set(ctx) & set(mem)
-    assert (ctx, mem) == icl.sample_demonstrations(train, 5, 30, seed=3)
-    assert ctx != icl.sample_demonstrations(train, 5, 30, seed=4)[0]
+def test_sampling_is_the_releases_two_draws_after_one_seed():
+    import random
+
+    train = [(f"t{i}", i % 2) for i in range(10)]
+    random.seed(3)  # the release: global seed, context draw, then memory draw
+    want_ctx, want_mem = random.sample(train, 5), random.sample(train, 8)
+    ctx, mem = icl.sample_demonstrations(train, 5, 8, seed=3)
+    assert (ctx, mem) == (want_ctx, want_mem)
+    assert set(ctx) & set(mem)  # 5 + 8 of 10: the two draws overlap, as in the release
 
 
 def test_memory_is_cut_into_whole_blocks():
@@ -106,6 +126,7 @@ def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_d
             accs = results[task][mode]["accuracies"]
             assert len(accs) == 2 and all(a * 6 == round(a * 6) for a in accs)  # k/6 correct
     assert "| sst2 |" in proc.stdout
+    assert proc.stdout.count("Acc for random seed 1: ") == 6 and "Mean acc across 2 seeds: " in proc.stdout
     bad = subprocess.run([sys.executable, script, *common, "--tasks", "sst3", "--longmem", str(longmem_ckpt)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown ICL task 'sst3'" in bad.stderr
@@ -126,3 +147,34 @@ def test_released_scoring_and_label_restricted_scoring():
     assert icl.score(lp, golds, spec, vocab.__getitem__, [1, 0], "vocab") == 0.5
     # labels: first tokens are 1 (negative) and 0 (positive): compare only those two
     assert icl.score(lp, golds, spec, vocab.__getitem__, [1, 0], "labels") == 0.75
+
+
+def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_path, repo_data):
+    """Rebuilt here from the raw GPT-2 BPE: demonstrations each [<s>] + BPE + [</s>], the query's
+    template cut before the label, memory in whole blocks of the memory demonstrations' encoding."""
+    import random
+
+    from fairseq.data import Dictionary
+    from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+    bpe_dir = os.path.join(repo_data, "gpt2_bpe")
+    out = tmp_path / "prompts.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
+                           "--task", "SST-2", "--seeds", "2", "--k", "3", "--cache-k", "40", "--memory-block", "256",
+                           "--dump-prompts", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dump = json.loads(out.read_text())
+    d = Dictionary.load(os.path.join(bpe_dir, "dict.txt"))
+    bpe = get_encoder(os.path.join(bpe_dir, "encoder.json"), os.path.join(bpe_dir, "vocab.bpe"))
+    ids = lambda text: [0] + [d.index(str(t)) for t in bpe.encode(text)] + [2]  # noqa: E731
+    rows = [line.rstrip("\n").split("\t") for line in open(os.path.join(repo_data, "icl", "SST-2", "train.tsv"))][1:]
+    train = [(text, "positive" if int(label) else "negative") for text, label in rows]
+    dev = [line.rstrip("\n").split("\t")[0] for line in open(os.path.join(repo_data, "icl", "SST-2", "dev.tsv"))][1:]
+    random.seed(2)
+    context = random.sample(train, 3)
+    memory = random.sample(train, 40)
+    context_ids = sum((ids(f"Review: {t} Sentiment: {l}. ") for t, l in context), [])
+    assert dump["prompts"] == [context_ids + ids(f"Review: {q} Sentiment:")[:-1] for q in dev[:5]]
+    memory_ids = sum((ids(f"Review: {t} Sentiment: {l}. ") for t, l in memory), [])
+    assert dump["memory_blocks"] == [memory_ids[i: i + 256] for i in range(0, len(memory_ids) // 256 * 256, 256)]
+    assert dump["task"] == "sst2" and dump["seed"] == 2 and len(dump["memory_blocks"]) >= 2

@@ -156,3 +156,90 @@ def test_wrong_input_gives_errors_naming_expected_and_received():
         ChunkedMemoryBank(H, D, 16, 4, 6)
     with pytest.raises(ValueError, match="unknown backend 'annoy'"):
         ChunkedMemoryBank(H, D, 16, 4, 8, backend="annoy")
+
+
+# ---------------------------------------------------------------- the release's eviction rule
+class ReleaseAddIndex:
+    """The release's External_Memory.add_index, restated on lists (one head of width 1 is enough to
+    follow which chunks it holds): when dstore_idx + B*T//csz >= capacity, drop the oldest
+    (2*B*T)//csz chunks, shift, then append this add's chunks (B*T tokens flattened batch-major)."""
+
+    def __init__(self, memory_size, chunk_size):
+        self.capacity, self.c = memory_size // chunk_size, chunk_size
+        self.chunks = []  # each: the tuple of its tokens' key values, oldest first
+
+    def add(self, keys):  # keys (B, T): one number per token
+        flat = keys.reshape(-1).tolist()
+        bsz_seq = len(flat)
+        if len(self.chunks) + bsz_seq // self.c >= self.capacity:
+            update = (2 * bsz_seq) // self.c
+            assert update <= len(self.chunks), "the release would index a negative dstore_idx here"
+            self.chunks = self.chunks[update:]
+        keep = bsz_seq // self.c * self.c
+        self.chunks += [tuple(flat[i: i + self.c]) for i in range(0, keep, self.c)]
+
+
+def held_tokens(bank, stream=0):
+    keys, _, _ = bank.held(stream)  # (H, n, c, d)
+    return [tuple(chunk[:, 0].tolist()) for chunk in keys[0]]
+
+
+def test_release_eviction_chunk_counts_written_by_hand():
+    # 64 tokens, chunk 4: 16 chunks; each add 2 rows x 8 tokens = 4 chunks; eviction drops 8
+    bank = ChunkedMemoryBank(1, 1, 64, 4, 4, shared=True, backend="torch", dtype=torch.float32, eviction="release")
+    counts = []
+    for _ in range(6):
+        bank.add(torch.randn(2, 8, 1), torch.randn(2, 8, 1))
+        counts.append(bank.filled[0])
+    assert counts == [4, 8, 12, 8, 12, 8]
+    # the paper's recipe: 65,536 tokens, 8 rows x 1,024, chunk 4 -> swings between 12,288 and 14,336 chunks
+    bank = ChunkedMemoryBank(1, 1, 65536, 4, 64, shared=True, backend="torch", dtype=torch.float32,
+                             eviction="release")
+    counts = []
+    for _ in range(11):
+        bank.add(torch.zeros(8, 1024, 1), torch.zeros(8, 1024, 1))
+        counts.append(bank.filled[0])
+    assert counts == [2048, 4096, 6144, 8192, 10240, 12288, 14336, 12288, 14336, 12288, 14336]
+
+
+@pytest.mark.parametrize("memory_size,chunk_size,shapes", [
+    (64, 4, [(2, 8)] * 9),
+    (48, 2, [(1, 7), (1, 5), (1, 8), (1, 6), (1, 7), (1, 3), (1, 8), (1, 8), (1, 5), (1, 7)]),
+    (120, 3, [(3, 5), (2, 7), (3, 4), (1, 9), (3, 5), (2, 6), (3, 5), (3, 3), (2, 7)]),
+])
+def test_release_eviction_holds_what_the_release_holds_after_any_adds(memory_size, chunk_size, shapes):
+    bank = ChunkedMemoryBank(1, 1, memory_size, chunk_size, chunk_size, shared=True, backend="torch",
+                             dtype=torch.float32, eviction="release")
+    ref = ReleaseAddIndex(memory_size, chunk_size)
+    counter = 0
+    for B, T in shapes:
+        keys = torch.arange(counter, counter + B * T, dtype=torch.float32).view(B, T, 1)  # every token its number
+        counter += B * T
+        bank.add(keys, keys)
+        ref.add(keys)
+        assert held_tokens(bank) == [tuple(map(float, c)) for c in ref.chunks]
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_release_eviction_retrieval_matches_brute_force_when_the_held_chunks_wrap(backend):
+    torch.manual_seed(3)
+    c, k = 2, 6
+    bank = ChunkedMemoryBank(H, D, 40, c, k, shared=True, backend=backend, dtype=torch.float32, eviction="release")
+    ref = ReferenceMemory(1, 40, c, k, True, torch.float32)
+    for step in range(7):  # 20-chunk ring, adds of 6 chunks: the held chunks wrap around its end
+        keys, values = torch.randn(2, 6, H * D), torch.randn(2, 6, H * D)
+        bank.add(keys, values)
+        flat = len(ref.chunks[0])
+        if flat + 6 >= 20:
+            del ref.chunks[0][:12]
+        ref.add(keys, values)
+        queries = torch.randn(1, 4, H * D)
+        assert_matches(bank.retrieve(queries), ref.retrieve(queries), k, c)
+    assert (bank.write_pos[0] - bank.filled[0]) % 20 != 0  # the window did wrap
+
+
+def test_release_eviction_too_small_a_memory_is_a_clear_error():
+    bank = ChunkedMemoryBank(H, D, 16, 2, 2, shared=True, eviction="release")
+    bank.add(torch.randn(1, 10, H * D), torch.randn(1, 10, H * D))
+    with pytest.raises(ValueError, match="would drop 10 chunks from a memory holding 5"):
+        bank.add(torch.randn(1, 10, H * D), torch.randn(1, 10, H * D))

@@ -162,6 +162,23 @@ def test_padding_row_of_wte_is_zero_and_lm_head_is_untied(small_dict):
     assert net.lm_head.weight.data_ptr() != net.transformer.wte.weight.data_ptr()
 
 
+def test_initialisation_and_attention_are_the_releases(small_dict):
+    """Every Linear and Embedding N(0, 0.02), residual projections not scaled down; no dropout on attention
+    probabilities by default; q, k, v and the attention in fp32 even in a half-precision model."""
+    model = build_newgpt("newgpt-small", small_dict, num_layers=4, retrieval_layer_index=2)
+    net = model.decoder.model
+    for name, p in net.named_parameters():
+        if p.dim() == 2 and p.numel() > 10_000:
+            assert abs(p.std().item() - 0.02) < 0.002, name  # scaled by 1/sqrt(2L) this would be 0.007
+    assert all(newgpt_config(arch).attention_dropout == 0.0 for arch in ("newgpt-tiny", "newgpt-medium"))
+    attn = net.transformer.h[0].attn.to(torch.bfloat16)
+    x = torch.randn(2, 5, 768, dtype=torch.bfloat16)
+    from longmem.modules.alibi import alibi_attention_bias, alibi_slopes
+    pos = torch.arange(5)
+    out, key, value = attn(x, alibi_attention_bias(torch.tensor(alibi_slopes(12)), pos, pos))
+    assert key.dtype == value.dtype == torch.float32 and out.dtype == torch.bfloat16
+
+
 def test_registered_arch_sizes():
     expected = {"newgpt-small": (768, 12, 12), "newgpt-mini": (128, 8, 4), "newgpt-medium": (1024, 24, 16),
                 "newgpt-large": (1280, 36, 20), "newgpt-xl": (1600, 48, 25)}

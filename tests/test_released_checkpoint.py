@@ -26,7 +26,7 @@ def test_load_model_ensemble_builds_and_loads_strictly_without_the_backbone_file
     model = models[0]
     assert type(model).__name__ == "TransformerLanguageModelSideNet"
     own = model.state_dict()
-    assert set(own) == set(sd)
+    assert "decoder.version" in sd and set(own) == set(sd)
     for key, value in sd.items():
         assert torch.equal(own[key], value), key
     assert model.decoder.backbone_loaded
@@ -57,3 +57,17 @@ def test_a_backbone_checkpoint_is_not_a_longmem_one(tmp_path):
     save_fairseq_checkpoint(tmp_path / "bb.pt", model.state_dict(), cfg={"model": {"_name": "newgpt-tiny"}})
     with pytest.raises(ValueError, match="is not a LongMem checkpoint: its model is 'newgpt-tiny'"):
         load_longmem_checkpoint(str(tmp_path / "bb.pt"))
+
+
+def test_a_checkpoint_written_before_the_version_buffer_still_loads(tmp_path):
+    """This project's checkpoints from before decoder.version existed load strictly: the key is added."""
+    from longmem import paths
+
+    path = tmp_path / "old.pt"
+    sd = write_released_style_checkpoint(str(path), paths.GPT2_DICT)
+    state = torch.load(path, weights_only=True)
+    del state["model"]["decoder.version"]
+    torch.save(state, path)
+    models, _ = checkpoint_utils.load_model_ensemble([str(path)])
+    assert torch.equal(models[0].state_dict()["decoder.version"], torch.Tensor([3]))
+    assert set(models[0].state_dict()) == set(sd)

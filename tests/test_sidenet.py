@@ -22,7 +22,8 @@ def test_released_arch_has_the_released_trainable_and_frozen_counts(repo_data):
     args = argparse.Namespace()
     from fairseq.models import ARCH_CONFIG_REGISTRY
     ARCH_CONFIG_REGISTRY["transformer_lm_sidenet_gpt2_small"](args)
-    cfg = SideNetConfig(**vars(args), pretrained_model_path="/nonexistent/gpt2_medium/checkpoint_last.pt")
+    cfg = SideNetConfig(**vars(args), pretrained_model_path="/nonexistent/gpt2_medium/checkpoint_last.pt",
+                        use_external_memory=True)  # as the released model was trained
     model = TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d))
     params = {id(p): p for p in model.parameters()}.values()
     assert sum(p.numel() for p in params if p.requires_grad) == 151_083_024
@@ -152,13 +153,15 @@ def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet):
 
 
 def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
-    """x_{i+1} = x_i + (H[2i+2] - H[2i]) + Attn(LN1(x_i)) + FC2(GELU(FC1(LN1(x_i)))), then
-    layer_norm and the backbone's lm_head (weight and bias)."""
+    """x_{i+1} = x_i + (H[2i+2] - H[2i]) + Attn(LN1(x_i)) + FC2(GELU(FC1(LN1(x_i)))), LayerNorms with
+    fairseq's eps 1e-5, then layer_norm and the backbone's lm_head weight without its bias (released)."""
     d = make_dictionary(40)
     model, backbone = make_sidenet(d, reload_ptm_layer=False)
     model.eval()
     tokens = torch.randint(4, 40, (2, 7))
     with torch.no_grad():
+        backbone = model.decoder.pretrained_model
+        backbone.decoder.model.lm_head.bias.normal_()  # a bias the output must ignore
         got = model(tokens)[0]
         hs = backbone(tokens, return_all_hiddens=True)[1]["inner_states"]
         x = hs[0]
@@ -166,12 +169,61 @@ def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
         pos = torch.arange(7)
         bias = alibi_attention_bias(torch.tensor(alibi_slopes(4)), pos, pos)
         for i, layer in enumerate(model.decoder.layers):
-            h = F.layer_norm(x, (32,), layer.ln_1.weight, layer.ln_1.bias, 1e-6)
+            h = F.layer_norm(x, (32,), layer.ln_1.weight, layer.ln_1.bias, 1e-5)
             x = x + (hs[2 * i + 2] - hs[2 * i]) + layer.self_attn(h, bias) + layer.fc2(F.gelu(layer.fc1(h)))
-        x = F.layer_norm(x, (32,), model.decoder.layer_norm.weight, model.decoder.layer_norm.bias, 1e-6)
-        head = backbone.decoder.model.lm_head
-        want = x @ head.weight.T + head.bias
+        x = F.layer_norm(x, (32,), model.decoder.layer_norm.weight, model.decoder.layer_norm.bias, 1e-5)
+        want = x @ backbone.decoder.model.lm_head.weight.T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_is_searched_with_the_memory_layers_unscaled_query(make_sidenet):
+    """The query is q_proj(LN1(x)) of the memory layer's input, before any scaling; a model built without
+    memory has no gate (the release builds the joint attention only with --use-external-memory)."""
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=True)
+    model.eval()
+    seen = []
+    seg1, seg2 = torch.randint(4, 40, (1, 6)), torch.randint(4, 40, (1, 6))
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(q)):
+        model(seg1)
+        model(seg2)
+        bb = model.decoder.pretrained_model
+        hs = bb(seg2, return_all_hiddens=True)[1]["inner_states"]
+        from longmem.modules.alibi import alibi_attention_bias, alibi_slopes
+        pos = torch.arange(6)
+        bias = alibi_attention_bias(torch.tensor(alibi_slopes(4)), pos, pos)
+        layer0, layer1 = model.decoder.layers
+        h = F.layer_norm(hs[0], (32,), layer0.ln_1.weight, layer0.ln_1.bias, 1e-5)
+        x1 = hs[0] + (hs[2] - hs[0]) + layer0.self_attn(h, bias) + layer0.fc2(F.gelu(layer0.fc1(h)))
+        want = layer1.self_attn.q_proj(F.layer_norm(x1, (32,), layer1.ln_1.weight, layer1.ln_1.bias, 1e-5))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+    plain, _ = make_sidenet(d, use_external_memory=False)
+    assert not any(k.endswith("memory_bias") for k in plain.state_dict())
+
+
+def test_dropout_hits_the_mlp_branch_and_local_attention_only_as_released():
+    """dropout = 1 zeroes the MLP branch and nothing else of a layer; attention dropout = 1 zeroes the
+    local attention probabilities but not the memory's."""
+    from longmem.modules.alibi import alibi_attention_bias, alibi_slopes
+    from longmem.modules.sidenet_layer import SideNetLayer
+
+    B, T, C, H = 2, 5, 32, 4
+    layer = SideNetLayer(C, 4 * C, H, dropout=1.0, attention_dropout=0.0, use_memory=False).train()
+    x, residual = torch.randn(B, T, C), torch.randn(B, T, C)
+    pos = torch.arange(T)
+    bias = alibi_attention_bias(torch.tensor(alibi_slopes(H)), pos, pos)
+    want = x + residual + layer.self_attn(F.layer_norm(x, (C,), layer.ln_1.weight, layer.ln_1.bias, 1e-5), bias)
+    torch.testing.assert_close(layer(x, residual, bias), want, rtol=1e-6, atol=1e-6)
+
+    attn = JointMemoryAttention(C, H, attention_dropout=1.0, use_memory=True).train()
+    with torch.no_grad():
+        attn.memory_bias.fill_(1e4)  # σ = 1: memory only
+    mem_v = torch.stack([torch.full((B, T, 2, C // H), 7.0 + h) for h in range(H)], 1)
+    mask = torch.ones(B, H, T, 2, dtype=torch.bool)
+    got = attn(torch.randn(B, T, C), bias, lambda q: Retrieved(torch.randn(B, H, T, 2, C // H), mem_v, mask, None))
+    per_head = torch.cat([torch.full((B, T, C // H), 7.0 + h) for h in range(H)], -1)
+    torch.testing.assert_close(got, per_head @ attn.out_proj.weight.T, rtol=1e-5, atol=1e-5)
 
 
 def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(make_sidenet):

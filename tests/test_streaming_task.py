@@ -75,14 +75,36 @@ def test_document_starts_follow_empty_lines():
     assert torch.nonzero(stream.doc_start).view(-1).tolist() == [0, 6, 11]
 
 
-def test_release_order_is_consecutive_segments():
-    data = corpus(2, 30)
+def test_release_order_sample_ids_written_by_hand():
+    from longmem.tasks.stream_dataset import release_batches
+
+    # 11 blocks, 2 ranks x 2 rows: the last block is left out, 10 cut into 4 passages of ceil(10/4) = 3:
+    # [0 1 2] [3 4 5] [6 7 8] [9]; rank 0 reads passages 0-1, rank 1 passages 2-3 (as long as the shortest)
+    assert release_batches(11, 2, num_shards=2, shard_id=0) == [[0, 3], [1, 4], [2, 5]]
+    assert release_batches(11, 2, num_shards=2, shard_id=1) == [[6, 9]]
+    # one rank, 8 rows, 100 blocks: 99 in 8 passages of 13, the last one 8 long
+    got = release_batches(100, 8)
+    assert len(got) == 8 and got[0] == [0, 13, 26, 39, 52, 65, 78, 91] and got[7] == [7, 20, 33, 46, 59, 72, 85, 98]
+    assert release_batches(10, 4, num_shards=3, shard_id=2) == []  # passages of 1: rank 2 has an empty one
+    # 3 blocks, 8 rows: fairseq's first batch has 3; 2 blocks in 3 passages of 1, the third empty
+    assert release_batches(3, 8) == [] and release_batches(1, 8) == []
+    assert release_batches(5, 2) == [[0, 2], [1, 3]]
+
+
+def test_release_order_batches_hold_the_blocks_their_ids_name():
+    data = corpus(2, 60)
     stream = TokenStream(data, EOS)
-    batches = StreamBatches(stream, 3, 4, PAD, layout="release")
-    first, second = batches.collater([0]), batches.collater([1])
     all_tokens = torch.cat(data.lines)
-    assert torch.equal(first["target"].reshape(-1), all_tokens[:12])
-    assert torch.equal(second["target"].reshape(-1), all_tokens[12:24])
+    T, B = 4, 3
+    batches = StreamBatches(stream, B, T, PAD, layout="release")
+    assert len(batches) > 2
+    for i in range(len(batches)):
+        sample = batches.collater([i])
+        for row, block in enumerate(sample["id"].tolist()):
+            want = all_tokens[block * T: (block + 1) * T]
+            assert torch.equal(sample["target"][row, : len(want)], want)
+            before = torch.cat([torch.tensor([EOS]), all_tokens])[block * T: block * T + len(want)]
+            assert torch.equal(sample["net_input"]["src_tokens"][row, : len(want)], before)
 
 
 def test_memory_resets_exactly_at_the_document_boundary(make_sidenet):

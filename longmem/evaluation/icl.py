@@ -1,19 +1,23 @@
-"""In-context learning with memory, the released protocol (docs/design.md §7).
+"""In-context learning with memory, the release's protocol (docs/design.md §7).
 
-For each seed, ``k`` demonstrations are sampled from the training set for the context and ``cache_k``
-more for the memory. The memory demonstrations are concatenated, tokenized, cut into whole blocks of
-``memory_block`` tokens (the remainder is dropped, as released) and each block is run through the model
-so that it lands in memory. Every query then runs with memory writes off: the context demonstrations
-followed by the query's template up to the label. The prediction is the argmax over the whole vocabulary
-at the last position, correct when the gold label starts with the decoded token (the release's rule; an
-empty decoded token counts as wrong here), or, with ``scoring="labels"``, the label whose first token
-scores highest.
+For each seed, ``random.seed(seed)``, then ``k`` context demonstrations ``= random.sample(train, k)``
+and ``cache_k`` memory demonstrations ``= random.sample(train, cache_k)`` (the two may overlap). Every
+demonstration is encoded on its own as ``[<s>] + tokens + [</s>]`` and the encodings are concatenated.
+The memory demonstrations are cut into whole blocks of ``memory_block`` tokens (the remainder is
+dropped) and each block is run through the model so that it lands in memory. Each query is the context
+demonstrations followed by ``[<s>] + tokens(template up to the label)``, without a final ``</s>``, run
+with memory writes off. The prediction is the argmax over the whole vocabulary at the last position,
+correct when the gold label starts with the decoded token (an empty decoded token is wrong), or, with
+``scoring="labels"``, the label whose first token scores highest.
+
+The files are read as the release reads them: SST-2 ``sentence<TAB>label`` after a header; SST-5, MR,
+MPQA and Subj take the text as ``line[2:]`` after a one-digit label and a separator (CSV quotes kept,
+Subj's outer ``"`` stripped).
 """
-import csv
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,78 +28,100 @@ TEMPLATES = {"sentiment": "Review: {text} Sentiment: {label}. ", "subj": "Input:
 class TaskSpec:
     name: str
     files: Tuple[str, str]  # (train, eval) relative to the data directory
-    reader: str             # "tsv_header" | "digit_space" | "csv"
+    reader: str             # "sst2" | "digit" | "digit_unquote"
     labels: Tuple[str, ...]
     template: str
 
+    @property
+    def query_template(self) -> str:
+        """The template cut before the label: the release's ``template[:-5]``."""
+        return self.template.split(" {label}")[0]
+
 
 TASKS = {
-    "sst2": TaskSpec("sst2", ("SST-2/train.tsv", "SST-2/dev.tsv"), "tsv_header", ("negative", "positive"),
+    "sst2": TaskSpec("sst2", ("SST-2/train.tsv", "SST-2/dev.tsv"), "sst2", ("negative", "positive"),
                      TEMPLATES["sentiment"]),
-    "sst5": TaskSpec("sst5", ("sst-5/stsa.fine.train", "sst-5/stsa.fine.dev"), "digit_space",
+    "sst5": TaskSpec("sst5", ("sst-5/stsa.fine.train", "sst-5/stsa.fine.dev"), "digit",
                      ("terrible", "bad", "okay", "good", "great"), TEMPLATES["sentiment"]),
-    "mr": TaskSpec("mr", ("mr/train.csv", "mr/test.csv"), "csv", ("negative", "positive"), TEMPLATES["sentiment"]),
-    "mpqa": TaskSpec("mpqa", ("mpqa/train.csv", "mpqa/test.csv"), "csv", ("negative", "positive"),
+    "mr": TaskSpec("mr", ("mr/train.csv", "mr/test.csv"), "digit", ("negative", "positive"), TEMPLATES["sentiment"]),
+    "mpqa": TaskSpec("mpqa", ("mpqa/train.csv", "mpqa/test.csv"), "digit", ("negative", "positive"),
                      TEMPLATES["sentiment"]),
-    "subj": TaskSpec("subj", ("subj/train.csv", "subj/test.csv"), "csv", ("subjective", "objective"),
+    "subj": TaskSpec("subj", ("subj/train.csv", "subj/test.csv"), "digit_unquote", ("subjective", "objective"),
                      TEMPLATES["subj"]),
 }
+# the release's task names (its --task)
+ALIASES = {"SST-2": "sst2", "sst-5": "sst5"}
 
 
-def read_examples(path: str, reader: str) -> List[Tuple[str, int]]:
-    """(text, label index) pairs; a malformed row is an error naming the file and line."""
+def task_name(name: str) -> str:
+    """Our name of a task given by either name (``SST-2`` or ``sst2``)."""
+    name = ALIASES.get(name, name)
+    if name not in TASKS:
+        raise ValueError(f"unknown ICL task {name!r}; choose from {', '.join(TASKS)} (or the release's names "
+                         f"{', '.join(ALIASES)})")
+    return name
+
+
+def read_examples(path: str, reader: str, num_labels: int) -> List[Tuple[str, int]]:
+    """(text, label index) pairs, read as the release reads them; a malformed line is an error naming
+    the file and the line."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if reader == "tsv_header":
-            lines = f.read().splitlines()[1:]
-            for n, line in enumerate(lines, 2):
-                text, _, label = line.rpartition("\t")
-                if not text or not label.strip().isdigit():
-                    raise ValueError(f"{path}:{n}: expected 'sentence<TAB>label', got {line[:60]!r}")
-                rows.append((text.strip(), int(label)))
-        elif reader == "digit_space":
-            for n, line in enumerate(f, 1):
-                label, _, text = line.strip().partition(" ")
-                if not label.isdigit() or not text:
-                    raise ValueError(f"{path}:{n}: expected 'label text', got {line[:60]!r}")
-                rows.append((text.strip(), int(label)))
-        else:
-            for n, row in enumerate(csv.reader(f), 1):
-                if len(row) < 2 or not row[0].strip().isdigit():
-                    raise ValueError(f"{path}:{n}: expected 'label,text', got {row[:2]!r}")
-                rows.append((",".join(row[1:]).strip(), int(row[0])))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if reader == "sst2":
+                fields = line.strip("\n").split("\t")
+                if len(fields) == 2 and fields[1] == "label":
+                    continue  # the header
+                ok = len(fields) == 2 and fields[1].isdigit()
+                text, label = (fields[0], fields[1]) if ok else ("", "")
+            else:
+                label, text = line[:1], line[2:].strip("\n")
+                if reader == "digit_unquote":
+                    text = text.strip('"')
+                ok = label.isdigit()
+            if not ok or int(label) >= num_labels:
+                raise ValueError(f"{path}:{n}: expected a label in 0..{num_labels - 1} and a text, got {line[:60]!r}")
+            rows.append((text, int(label)))
     return rows
 
 
 def load_task(data_dir: str, task: str):
     """(spec, train examples, eval examples) with clear errors for an unknown task or another layout."""
-    if task not in TASKS:
-        raise ValueError(f"unknown ICL task {task!r}; choose from {', '.join(TASKS)}")
-    spec = TASKS[task]
+    spec = TASKS[task_name(task)]
     paths = [os.path.join(data_dir, f) for f in spec.files]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{data_dir} is not in the released layout for {task}: missing {missing} "
+        raise FileNotFoundError(f"{data_dir} is not in the released layout for {spec.name}: missing {missing} "
                                 f"(expected {', '.join(spec.files)})")
-    return spec, read_examples(paths[0], spec.reader), read_examples(paths[1], spec.reader)
+    return (spec, *(read_examples(p, spec.reader, len(spec.labels)) for p in paths))
 
 
 def demonstration(spec: TaskSpec, text: str, label: int) -> str:
     return spec.template.format(text=text, label=spec.labels[label])
 
 
-def query_prompt(spec: TaskSpec, context: List[Tuple[str, int]], text: str) -> str:
-    """The context demonstrations, then the query's template cut just before the label."""
-    head = spec.template.split("{label}")[0].format(text=text).rstrip()
-    return "".join(demonstration(spec, t, l) for t, l in context) + head
-
-
 def sample_demonstrations(train, k: int, cache_k: int, seed: int):
-    """(context, memory) demonstrations, disjoint, drawn with ``random.Random(seed)``."""
-    if k + cache_k > len(train):
-        raise ValueError(f"k + cache_k = {k + cache_k} exceeds the {len(train)} training examples")
-    picked = random.Random(seed).sample(range(len(train)), k + cache_k)
-    return [train[i] for i in picked[:k]], [train[i] for i in picked[k:]]
+    """(context, memory) demonstrations as the release draws them: ``random.seed(seed)``, then
+    ``random.sample(train, k)``, then ``random.sample(train, cache_k)``."""
+    for name, n in (("k", k), ("cache_k", cache_k)):
+        if not 0 <= n <= len(train):
+            raise ValueError(f"{name} = {n} must be between 0 and the {len(train)} training examples")
+    rng = random.Random(seed)
+    context = rng.sample(train, k)
+    return context, rng.sample(train, cache_k)
+
+
+def encode_demonstrations(spec: TaskSpec, examples, encode: Callable[[str], List[int]], bos: int, eos: int) -> List[int]:
+    """Each demonstration alone as ``[<s>] + tokens + [</s>]``, concatenated."""
+    ids = []
+    for text, label in examples:
+        ids += [bos] + encode(demonstration(spec, text, label)) + [eos]
+    return ids
+
+
+def query_ids(spec: TaskSpec, context_ids: List[int], text: str, encode: Callable[[str], List[int]], bos: int) -> List[int]:
+    """The context's encoding, then ``[<s>] + tokens(template up to the label)`` (no final ``</s>``)."""
+    return context_ids + [bos] + encode(spec.query_template.format(text=text))
 
 
 def memory_blocks(token_ids: List[int], block: int) -> List[List[int]]:
@@ -114,8 +140,9 @@ def fill_memory(model, blocks: List[List[int]], device) -> None:
 
 
 @torch.no_grad()
-def predict(model, prompts: List[List[int]], pad: int, device, batch_size: int = 8) -> torch.Tensor:
-    """Log-probabilities (N, V) of the next token after each prompt; prompts left-padded in batches."""
+def predict(model, prompts: Sequence[List[int]], pad: int, device, batch_size: int = 1) -> torch.Tensor:
+    """Log-probabilities (N, V) of the next token after each prompt; prompts left-padded in batches
+    (``batch_size=1``: one at a time, as the release runs them)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
@@ -140,3 +167,39 @@ def score(log_probs: torch.Tensor, golds: List[int], spec: TaskSpec, decode: Cal
             word = decode(int(lp.argmax())).strip()
             correct += int(bool(word) and spec.labels[gold].startswith(word))
     return correct / max(1, len(golds))
+
+
+def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, cache_k: int, seed: int,
+                     memory_block: int):
+    """(memory blocks, query prompts) of one seed, as dictionary indices."""
+    context, memory = sample_demonstrations(train, k, cache_k, seed)
+    bos, eos = dictionary.bos(), dictionary.eos()
+    context_ids = encode_demonstrations(spec, context, codec.encode, bos, eos)
+    blocks = memory_blocks(encode_demonstrations(spec, memory, codec.encode, bos, eos), memory_block)
+    return blocks, [query_ids(spec, context_ids, text, codec.encode, bos) for text, _ in queries]
+
+
+def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seeds, k: int,
+             cache_k: int, memory_block: int, batch_size: int, scoring: str, label_tokens,
+             on_seed: Optional[Callable[[int, float], None]] = None) -> List[float]:
+    """Accuracy per seed of one model in one mode ("backbone", "memory-off", "memory-on");
+    ``on_seed(seed, accuracy)`` after each seed."""
+    from tqdm import tqdm
+
+    accs = []
+    for seed in tqdm(seeds, desc=f"{spec.name} {mode}", unit="seed"):
+        blocks, prompts = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed, memory_block)
+        if mode != "backbone":
+            model.memory.configure(enabled=(mode == "memory-on"))
+            model.memory.reset()
+        if mode == "memory-on":
+            if not blocks:
+                raise ValueError(f"{cache_k} memory demonstrations of {spec.name} fill no whole block of {memory_block} "
+                                 f"tokens: memory would stay empty; raise --cache-k or lower --memory-block")
+            fill_memory(model, blocks, device)
+        lp = predict(model, prompts, dictionary.pad(), device, batch_size)
+        acc = score(lp, [gold for _, gold in evaluation], spec, codec.decode, label_tokens, scoring)
+        if on_seed is not None:
+            on_seed(seed, acc)
+        accs.append(acc)
+    return accs

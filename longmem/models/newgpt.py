@@ -11,7 +11,6 @@ Besides logits, the decoder returns on request the L+1 hidden states (the L bloc
 """
 import argparse
 import logging
-import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional, Tuple, Union
@@ -47,7 +46,8 @@ class NewGPTConfig(FairseqDataclass):
     num_attention_heads: int = field(default=16, metadata={"help": "attention heads per block"})
     ffn_embed_dim: int = field(default=4096, metadata={"help": "hidden width of the MLP"})
     dropout: float = field(default=0.1, metadata={"help": "embedding and residual dropout"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
+    attention_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on attention probabilities (the release has none)"})
     retrieval_layer_index: int = field(
         default=17,
         metadata={"help": "0-based block whose key/value projections LongMem caches in memory"},
@@ -89,10 +89,11 @@ class NewGPTAttention(nn.Module):
         cache: Optional[Dict[str, torch.Tensor]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (B, T, C); attn_bias: (B or 1, H, T, S). Returns the output (B, T, C) and this call's
-        key and value projections (B, T, C), before the head split and without ALiBi."""
-        key, value = self.k_proj(x), self.v_proj(x)  # (B, T, C)
+        key and value projections (B, T, C), before the head split and without ALiBi. As released, q, k,
+        v and the attention are computed in fp32 whatever the model's dtype (fp16 training)."""
+        key, value = self.k_proj(x).float(), self.v_proj(x).float()  # (B, T, C)
         H = self.num_heads
-        q, k, v = split_heads(self.q_proj(x), H), split_heads(key, H), split_heads(value, H)
+        q, k, v = split_heads(self.q_proj(x).float(), H), split_heads(key, H), split_heads(value, H)
         if cache is not None:
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, H, S, d)
@@ -102,7 +103,7 @@ class NewGPTAttention(nn.Module):
             q, k, v, attn_mask=attn_bias.to(q.dtype),
             dropout_p=self.attention_dropout if self.training else 0.0,
         )  # (B, H, T, d)
-        return self.out_proj(merge_heads(out)), key, value  # (B, T, C)
+        return self.out_proj(merge_heads(out).to(x.dtype)), key, value  # (B, T, C)
 
 
 class NewGPTMLP(nn.Module):
@@ -156,18 +157,16 @@ class NewGPTModel(nn.Module):
             "alibi_slopes", torch.tensor(alibi_slopes(cfg.num_attention_heads)), persistent=False
         )
         self._bias_cache: Optional[Tuple[tuple, torch.Tensor]] = None
-        self.reset_parameters(cfg.num_layers)
+        self.reset_parameters()
 
-    def reset_parameters(self, num_layers: int) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+    def reset_parameters(self) -> None:
+        """The release's initialisation: every Linear and Embedding N(0, 0.02) (no 1/sqrt(2L) scaling of
+        the residual projections), biases 0, LayerNorms (1, 0), the padding row zeroed."""
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p) if "ln" in name and name.endswith("weight") else nn.init.zeros_(p)
             else:
-                std = 0.02
-                if name.endswith("out_proj.weight") or name.endswith("fc_out.weight"):
-                    std /= math.sqrt(2 * num_layers)
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=0.02)
         with torch.no_grad():
             self.transformer.wte.weight[self.padding_idx].zero_()
 
@@ -411,7 +410,7 @@ def _make_arch(sizes):
         args.ffn_embed_dim = getattr(args, "ffn_embed_dim", ffn)
         args.retrieval_layer_index = getattr(args, "retrieval_layer_index", retrieval)
         args.dropout = getattr(args, "dropout", 0.1)
-        args.attention_dropout = getattr(args, "attention_dropout", 0.1)
+        args.attention_dropout = getattr(args, "attention_dropout", 0.0)  # the release has none
         args.max_target_positions = getattr(args, "max_target_positions", 2048)
 
     return arch

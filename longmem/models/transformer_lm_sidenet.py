@@ -37,6 +37,7 @@ from longmem.modules.sidenet_layer import LAYER_NORM_EPS
 logger = logging.getLogger(__name__)
 
 MEMORY_BACKENDS = ChoiceEnum(["auto", "faiss", "torch"])
+MEMORY_MODES = ChoiceEnum(["stream", "shared", "release"])
 
 
 @dataclass
@@ -45,9 +46,11 @@ class SideNetConfig(FairseqDataclass):
     decoder_ffn_embed_dim: int = field(default=4096, metadata={"help": "SideNet MLP width"})
     decoder_layers: int = field(default=12, metadata={"help": "SideNet layers"})
     decoder_attention_heads: int = field(default=16, metadata={"help": "heads (= backbone heads)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on both branches"})
-    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention weights"})
-    pretrained_model_path: str = field(default="", metadata={"help": "the newgpt backbone checkpoint"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on each layer's MLP output (the release drops "
+                                                                  "out neither the attention output nor the input)"})
+    attention_dropout: float = field(default=0.1, metadata={
+        "help": "dropout on attention probabilities (in the memory layer: on the local ones only)"})
+    pretrained_model_path: str = field(default="", metadata={"help": "the frozen backbone's checkpoint"})
     retrieval_layer_index: int = field(
         default=17, metadata={"help": "0-based backbone layer whose keys/values fill the memory"})
     layer_reduction_factor: int = field(
@@ -62,9 +65,17 @@ class SideNetConfig(FairseqDataclass):
         default=False, metadata={"help": "keep the memory (and its search) on the model's GPU"})
     memory_backend: MEMORY_BACKENDS = field(
         default="auto", metadata={"help": "memory search: faiss, torch (exact matmul) or auto"})
-    memory_shared: bool = field(
-        default=False, metadata={"help": "the release's single bank for all batch rows (default: a "
-                                         "memory stream per batch row)"})
+    memory_mode: MEMORY_MODES = field(
+        default="stream", metadata={"help": "stream: a memory per batch row (a FIFO ring, this project's default); "
+                                            "shared: one ring for all rows; release: the release's memory, one "
+                                            "bank for all rows with its eviction rule (the default of "
+                                            "transformer_lm_sidenet_gpt2_small)"})
+    share_decoder_input_output_embed: bool = field(default=False, metadata={
+        "help": "accepted for the release's command line; changes nothing: the SideNet always shares the "
+                "backbone's embedding and output weights, as in the release"})
+    no_token_positional_embeddings: bool = field(default=False, metadata={
+        "help": "accepted for the release's command line; changes nothing: the SideNet has no position "
+                "embeddings (the backbone's ALiBi places tokens), as in the release"})
     max_target_positions: int = field(default=2048, metadata={"help": "longest sequence to batch"})
 
 
@@ -81,21 +92,22 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.pretrained_model = backbone
         self.embed_tokens = nn.Embedding(len(dictionary), cfg.decoder_embed_dim, dictionary.pad())
         self.embed_tokens.weight = backbone.token_embedding.weight  # shared, frozen: the released key
-        self.layers = nn.ModuleList([
+        self.layers = nn.ModuleList([  # the release builds the memory layer (and its gate) only with memory
             backbone.sidenet_layer(cfg.decoder_ffn_embed_dim, cfg.dropout, cfg.attention_dropout,
-                                   use_memory=(i == self.layer_map.memory_layer))
+                                   use_memory=cfg.use_external_memory and i == self.layer_map.memory_layer)
             for i in range(cfg.decoder_layers)
         ])
         self.layer_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=LAYER_NORM_EPS)
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
-        self.output_projection.weight = backbone.lm_head.weight  # shared, frozen; output uses lm_head (+ bias)
+        self.output_projection.weight = backbone.lm_head.weight  # shared, frozen; no bias, as released
+        self.register_buffer("version", torch.Tensor([3]))  # the released checkpoints carry decoder.version
         self._init_sidenet()
         if cfg.reload_ptm_layer:
             self.reload_from_backbone()
         heads, head_dim = backbone.memory_heads
         self.memory = MemoryController(heads, head_dim, MemorySettings(
             memory_size=cfg.memory_size, k=cfg.k, chunk_size=cfg.chunk_size, backend=str(cfg.memory_backend),
-            mode="shared" if cfg.memory_shared else "stream", on_device=cfg.use_gpu_to_search,
+            mode=str(cfg.memory_mode), on_device=cfg.use_gpu_to_search,
         ), enabled=cfg.use_external_memory)
         self.backbone_loaded = False
 
@@ -154,7 +166,12 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         return x, {"attn": [None], "inner_states": None}
 
     def output_layer(self, features):
-        return self.pretrained_model.lm_head(features)
+        return self.output_projection(features)  # lm_head's weight without its bias, as released
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it."""
+        state_dict.setdefault(f"{name}.version" if name else "version", torch.Tensor([3]))
+        return state_dict
 
     def max_positions(self):
         return self.cfg.max_target_positions
@@ -177,6 +194,9 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg, task):
+        if cfg.use_gpu_to_search and not torch.cuda.is_available():
+            logger.warning("--use-gpu-to-search: no CUDA GPU here (torch.cuda.is_available() is False); the memory "
+                           "stays on the CPU and is searched there")
         backbone, loaded = build_backbone(cfg, task.target_dictionary)
         decoder = SideNetDecoder(cfg, task.target_dictionary, backbone)
         decoder.backbone_loaded = loaded
@@ -192,7 +212,7 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
         return self.decoder.memory
 
 
-def _sidenet_arch(layers, embed, heads, ffn, retrieval_layer_index):
+def _sidenet_arch(layers, embed, heads, ffn, retrieval_layer_index, memory_mode):
     def arch(args):
         args.decoder_layers = getattr(args, "decoder_layers", layers)
         args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed)
@@ -202,11 +222,13 @@ def _sidenet_arch(layers, embed, heads, ffn, retrieval_layer_index):
         args.layer_reduction_factor = getattr(args, "layer_reduction_factor", 2)
         args.dropout = getattr(args, "dropout", 0.1)
         args.attention_dropout = getattr(args, "attention_dropout", 0.1)
+        args.memory_mode = getattr(args, "memory_mode", memory_mode)
     return arch
 
 
-# released: 12 layers, 1024 wide, 16 heads over newgpt-medium; tiny: half of newgpt-tiny's 4 layers
+# released: 12 layers, 1024 wide, 16 heads over newgpt-medium, the release's memory; tiny (this
+# project's, for CPU): half of newgpt-tiny's 4 layers, a memory per batch row
 register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_gpt2_small")(
-    _sidenet_arch(12, 1024, 16, 4096, 17))
+    _sidenet_arch(12, 1024, 16, 4096, 17, "release"))
 register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_tiny")(
-    _sidenet_arch(2, 256, 4, 1024, 2))
+    _sidenet_arch(2, 256, 4, 1024, 2, "stream"))

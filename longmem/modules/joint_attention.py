@@ -8,11 +8,12 @@ With ``q`` scaled by ``d^-0.5``::
 
 K̃, Ṽ are the raw cached backbone keys/values; only the query comes from the SideNet. The gate
 ``memory_bias`` (one scalar per head, initialised to 0) weighs memory by σ(g), as the release does
-(the paper's text writes it the other way round).
+(the paper's text writes it the other way round). Attention dropout acts on A only, as released.
 
 Memory slots that do not exist (``mask`` False) are excluded from M; a token with no memory slot at
-all gets plain local attention (weight 1 on A V). That is exactly the release's output whenever its
-memory held enough chunks, and plain attention where it would have read garbage.
+all gets plain local attention (weight 1 on A V). Where every slot exists this is the release's
+formula (``tests/test_sidenet.py`` checks it against the formula written out); where the release's
+memory held fewer than k/csz chunks it gathered garbage rows instead.
 """
 from typing import Callable, Optional
 
@@ -56,17 +57,17 @@ class JointMemoryAttention(nn.Module):
         local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
         if self.use_memory and retrieve is not None:
             memory = retrieve(query.detach())
-            out = self.mix_with_memory(q, local, memory.keys, memory.values, memory.mask, p)
+            out = self.mix_with_memory(q, local, memory.keys, memory.values, memory.mask)
         else:
             out = local
         return self.out_proj(merge_heads(out))  # (B, T, C)
 
-    def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask, dropout_p=0.0):
+    def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask):
         """q, local: (B, H, T, d); mem_keys/values: (B, H, T, k, d); mem_mask: (B, H, T, k)."""
         mem_keys, mem_values = mem_keys.to(q.dtype), mem_values.to(q.dtype)
         scores = torch.einsum("bhtd,bhtkd->bhtk", q * self.head_dim ** -0.5, mem_keys)  # (B, H, T, k)
         scores = scores.masked_fill(~mem_mask, torch.finfo(scores.dtype).min)
-        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
+        probs = torch.softmax(scores, dim=-1)  # no dropout on the memory probabilities, as released
         from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (B, H, T, d)
         gate = torch.sigmoid(self.memory_bias).view(1, -1, 1, 1).to(q.dtype)  # (1, H, 1, 1)
         gate = gate * mem_mask.any(dim=-1, keepdim=True).to(q.dtype)  # no memory slot -> local only

@@ -6,16 +6,22 @@ A chunk's index key, per head, is the mean of its keys. ``retrieve`` returns, fo
 head, the ``k // chunk_size`` chunks of highest inner product with the query and all their tokens:
 ``k`` token-level key/value pairs.
 
-Differences from the release, none of which changes a result where the release was correct:
+Storage is a ring of ``memory_size / chunk_size`` chunk slots per stream written in place: the chunks
+held are the ``filled`` slots that end at ``write_pos``, oldest first. Two eviction rules
+(``docs/fidelity.md`` lists how each differs from the release):
 
-* ``shared=False`` (default) gives every batch row its own stream; ``shared=True`` is the release's
-  single bank fed batch-major by every row.
-* Eviction is a FIFO ring buffer: new chunks overwrite the oldest in place, so an ``add`` costs the
-  same whatever ``memory_size`` is (the release calls faiss ``remove_ids`` and shifts tensors).
-* Slots that memory cannot fill yet are masked (``mask`` False, zero keys/values); the release gathers
-  garbage rows for faiss's ``-1`` ids.
-* Runs on CPU: the ``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when
-  ``faiss.get_num_gpus() > 0``), the ``"torch"`` backend an exact matmul + top-k on the tensors' device.
+* ``eviction="ring"`` (default): new chunks overwrite the oldest, one for one, so a full memory holds
+  exactly ``memory_size`` tokens and an ``add`` costs the same whatever ``memory_size`` is.
+* ``eviction="release"``: the release's rule. When ``held + incoming >= capacity`` chunks (incoming =
+  the add's tokens // chunk_size), the oldest ``2 * tokens // chunk_size`` chunks are dropped first. The
+  bank then holds the same chunks in the same order as the release's after any sequence of adds
+  (``tests/test_memory_bank.py``), without the release's tensor shifts and faiss ``remove_ids``.
+
+``shared=False`` gives every batch row its own stream; ``shared=True`` is the release's single bank fed
+batch-major (row 0's tokens first) by every row. Slots that memory cannot fill yet are masked (``mask``
+False, zero keys/values) where the release gathers garbage rows for faiss's ``-1`` ids. The
+``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when ``faiss.get_num_gpus() > 0``); the
+``"torch"`` backend is an exact matmul + top-k on the tensors' device.
 
 Example::
 
@@ -35,6 +41,7 @@ from longmem.utils.atomic import atomic_open
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
+EVICTIONS = ("ring", "release")
 # queries scored per matmul in the torch backend: bounds the (B, H, T, C) score tensor
 _TORCH_QUERY_BLOCK = 256
 
@@ -78,6 +85,7 @@ class ChunkedMemoryBank:
         backend: str = "auto",
         device=None,
         dtype: torch.dtype = torch.float16,
+        eviction: str = "ring",
     ):
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("memory_size", memory_size),
                             ("chunk_size", chunk_size), ("k", k), ("num_streams", num_streams)):
@@ -91,11 +99,13 @@ class ChunkedMemoryBank:
                              f"chunk_size={chunk_size}; memory holds whole chunks")
         if backend not in BACKENDS:
             raise ValueError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"ChunkedMemoryBank: unknown eviction {eviction!r}; choose one of {EVICTIONS}")
         if not dtype.is_floating_point:
             raise TypeError(f"ChunkedMemoryBank: storage dtype must be floating point, got {dtype}")
         self.num_heads, self.head_dim = num_heads, head_dim
         self.memory_size, self.chunk_size, self.k = memory_size, chunk_size, k
-        self.num_streams, self.shared = num_streams, shared
+        self.num_streams, self.shared, self.eviction = num_streams, shared, eviction
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.capacity = memory_size // chunk_size  # chunks per stream
@@ -107,9 +117,10 @@ class ChunkedMemoryBank:
         self.values = torch.zeros(S, H, C, c, d, dtype=dtype, device=self.device)
         self.chunk_keys = torch.zeros(S, H, C, d, dtype=torch.float32, device=self.device)
         self.chunk_serial = torch.full((S, C), -1, dtype=torch.long, device=self.device)
-        # ring state, kept on the host: no device sync is needed to read it
+        # ring state, kept on the host: no device sync is needed to read it. Stream s holds the
+        # filled[s] slots before write_pos[s] (cyclically), oldest first.
         self.write_pos = [0] * S   # next slot to write
-        self.filled = [0] * S      # slots holding a chunk; slots [0, filled) until the ring wraps
+        self.filled = [0] * S      # chunks held
         self.next_serial = [0] * S
 
     def set_search(self, k: Optional[int] = None, backend: Optional[str] = None) -> None:
@@ -180,18 +191,29 @@ class ChunkedMemoryBank:
         if self.shared:
             if start is not None:
                 raise ValueError("ChunkedMemoryBank: start positions need per-stream memory (shared=False)")
-            self._add_stream(0, keys.reshape(-1, keys.size(-1)), values.reshape(-1, values.size(-1)))
+            self._add_stream(0, keys.reshape(-1, keys.size(-1)), values.reshape(-1, values.size(-1)))  # batch-major
             return
         for s in range(keys.size(0)):
             first = 0 if start is None else int(start[s])
             self._add_stream(s, keys[s, first:], values[s, first:])
 
     def _add_stream(self, s: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values (N, H*d) into stream s: whole chunks only, the newest `capacity` of them."""
+        """keys, values (N, H*d) into stream s: whole chunks only."""
         c, H, d = self.chunk_size, self.num_heads, self.head_dim
         n = keys.size(0) // c  # whole chunks
-        skipped = max(0, n - self.capacity)  # only the newest `capacity` chunks would survive
-        n -= skipped
+        skipped = 0
+        if self.eviction == "release":
+            if self.filled[s] + n >= self.capacity:
+                drop = 2 * keys.size(0) // c  # the release: twice what arrives, counted in tokens
+                if drop > self.filled[s]:
+                    raise ValueError(
+                        f"ChunkedMemoryBank: the release's eviction would drop {drop} chunks from a memory "
+                        f"holding {self.filled[s]} (the release fails there): memory_size={self.memory_size} "
+                        f"must hold at least three adds of {keys.size(0)} tokens, or use eviction='ring'")
+                self.filled[s] -= drop  # forget the oldest: the held slots end at write_pos
+        else:
+            skipped = max(0, n - self.capacity)  # only the newest `capacity` chunks would survive
+            n -= skipped
         if n == 0:
             return
         k_chunks = keys[skipped * c: (skipped + n) * c].view(n, c, H, d).permute(2, 0, 1, 3)  # (H, n, c, d)
@@ -205,6 +227,34 @@ class ChunkedMemoryBank:
         self.next_serial[s] = first + n
         self.write_pos[s] = (self.write_pos[s] + n) % self.capacity
         self.filled[s] = min(self.capacity, self.filled[s] + n)
+
+    @staticmethod
+    def check_release_eviction(memory_size: int, chunk_size: int, tokens_per_add: int) -> None:
+        """Raise the error ``add`` would raise, before any work: with the release's eviction every add of
+        ``tokens_per_add`` tokens must find at least the chunks it drops (the release fails otherwise)."""
+        capacity, n, drop = memory_size // chunk_size, tokens_per_add // chunk_size, 2 * tokens_per_add // chunk_size
+        filled = 0
+        for _ in range(capacity // max(n, 1) + 3):  # the first eviction is the tightest
+            if filled + n >= capacity:
+                if drop > filled:
+                    raise ValueError(
+                        f"the release's memory eviction drops {drop} chunks when memory would fill, but a memory "
+                        f"of {memory_size} tokens holds only {filled} chunks then (the release fails there): with "
+                        f"adds of {tokens_per_add} tokens (batch rows x tokens per sample) --memory-size must be at "
+                        f"least about 3 x {tokens_per_add}, or use --memory-mode stream/shared")
+                filled -= drop
+            filled += n
+
+    def held(self, stream: int = 0):
+        """(keys, values), each (H, n, chunk_size, d), and their serial numbers (n,): the chunks the
+        stream holds, oldest first."""
+        s = self._stream_index(stream)
+        slots = self._held_slots(s)
+        return self.keys[s][:, slots], self.values[s][:, slots], self.chunk_serial[s][slots]
+
+    def _held_slots(self, s: int) -> torch.Tensor:
+        n, C = self.filled[s], self.capacity
+        return (self.write_pos[s] - n + torch.arange(n, device=self.device)) % C  # oldest first
 
     def reset(self, stream: Optional[int] = None) -> None:
         """Forget everything, or one stream (e.g. at a document boundary of that row)."""
@@ -240,11 +290,16 @@ class ChunkedMemoryBank:
             if n == 0:
                 continue
             top = min(kc, n)
-            base = self.chunk_keys[s, :, :n]  # (H, n, d): the ring fills slots 0..n-1 before it wraps
-            if self.backend == "faiss":
-                scores_ids[b, :, :, :top] = self._search_faiss(q[b], base, top)
-            else:
-                scores_ids[b, :, :, :top] = self._search_torch(q[b], base, top)
+            first = (self.write_pos[s] - n) % self.capacity  # the oldest chunk's slot
+            slots = None
+            if n == self.capacity or first == 0:
+                base = self.chunk_keys[s, :, first * (n != self.capacity):][:, :n]  # (H, n, d), a view
+            else:  # the held slots wrap around the end of the ring
+                slots = self._held_slots(s)
+                base = self.chunk_keys[s][:, slots]
+            search = self._search_faiss if self.backend == "faiss" else self._search_torch
+            ids = search(q[b], base, top)  # (H, T, top), indices into base
+            scores_ids[b, :, :, :top] = ids if slots is None else slots[ids]
         return self._gather(scores_ids, bank_of_row)
 
     def _search_torch(self, q: torch.Tensor, base: torch.Tensor, top: int) -> torch.Tensor:
@@ -296,7 +351,7 @@ class ChunkedMemoryBank:
     def config(self) -> dict:
         return {"num_heads": self.num_heads, "head_dim": self.head_dim, "memory_size": self.memory_size,
                 "chunk_size": self.chunk_size, "k": self.k, "num_streams": self.num_streams,
-                "shared": self.shared}
+                "shared": self.shared, "eviction": self.eviction}
 
     def state_dict(self) -> dict:
         return {"config": self.config(), "dtype": str(self.dtype).replace("torch.", ""),
@@ -305,7 +360,7 @@ class ChunkedMemoryBank:
                 "filled": list(self.filled), "next_serial": list(self.next_serial)}
 
     def load_state_dict(self, state: dict) -> None:
-        ours, theirs = self.config(), state["config"]
+        ours, theirs = self.config(), {"eviction": "ring", **state["config"]}  # files older than eviction
         if ours != theirs:
             diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
             raise ValueError("ChunkedMemoryBank: saved memory does not fit this bank: "

@@ -11,7 +11,8 @@ of fairseq: the task, the scripts and the tests use this API only.
   ``--use-external-memory``), ``writes`` (add each segment after it is read) and ``reads`` (retrieve; off
   only to fill a memory fast, since what is written never depends on what is read).
 * **Settings**: ``memory_size``, ``k``, ``chunk_size``, ``backend``, ``mode`` (``"stream"``: one memory
-  per batch row; ``"shared"``: one bank for all rows), ``on_device`` (keep memory on the model's GPU)
+  per batch row; ``"shared"``: one bank for all rows; ``"release"``: the release's bank, one for all
+  rows with its eviction rule), ``on_device`` (keep memory on the model's GPU)
   and ``reset_at_document_boundaries``. ``configure(...)`` changes any of them and rebuilds what must
   be rebuilt; ``configured(...)`` does the same for the length of a ``with`` block.
 * **Hooks**: ``retrieval_hook(fn)`` calls ``fn(queries, retrieved)`` after every retrieval (diagnostics,
@@ -32,7 +33,9 @@ from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
 
 logger = logging.getLogger(__name__)
 
-MODES = ("stream", "shared")
+# stream: a memory per batch row (FIFO ring); shared: one bank for all rows (FIFO ring); release: one bank
+# for all rows with the release's eviction rule (memory_bank.py)
+MODES = ("stream", "shared", "release")
 SWITCHES = ("enabled", "writes", "reads", "slot")
 
 
@@ -172,7 +175,7 @@ class MemoryController:
 
     def _bank_for(self, batch_size: int, device: torch.device) -> ChunkedMemoryBank:
         s = self.settings
-        shared = s.mode == "shared"
+        shared = s.mode in ("shared", "release")
         bank = self.bank
         if bank is not None and (shared or bank.num_streams == batch_size):
             return bank
@@ -184,6 +187,7 @@ class MemoryController:
             self.num_heads, self.head_dim, s.memory_size, s.chunk_size, s.k,
             num_streams=1 if shared else batch_size, shared=shared, backend=s.backend,
             device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else torch.float32,
+            eviction="release" if s.mode == "release" else "ring",
         )
         self._banks[self.slot] = bank
         return bank

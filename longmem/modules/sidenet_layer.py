@@ -1,9 +1,10 @@
 """One SideNet layer: a parallel block with a cross-network residual from the frozen backbone (docs/design.md §2).
 
-    x_{i+1} = x_i + R_i + Attn_i(LN1_i(x_i)) + FC2_i(GELU(FC1_i(LN1_i(x_i))))
+    x_{i+1} = x_i + R_i + Attn_i(LN1_i(x_i)) + Dropout(FC2_i(GELU(FC1_i(LN1_i(x_i)))))
     R_i     = H_bb[r*i + r] - H_bb[r*i]          (backbone hidden states, detached)
 
-Dropout on both branches; erf GELU; attention with the backbone's ALiBi bias over local tokens. The
+As released: dropout on the MLP branch only (attention dropout acts on attention probabilities); erf
+GELU; fairseq's LayerNorm eps 1e-5; attention with the backbone's ALiBi bias over local tokens. The
 memory-augmented layer's attention also reads the cached memory (``JointMemoryAttention``).
 """
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from longmem.modules.joint_attention import JointMemoryAttention
 
-LAYER_NORM_EPS = 1e-6
+LAYER_NORM_EPS = 1e-5  # fairseq's LayerNorm, as in the release's SideNet (the backbone's are 1e-6)
 
 
 class SideNetLayer(nn.Module):
@@ -29,7 +30,7 @@ class SideNetLayer(nn.Module):
         h = self.ln_1(x)
         attn = self.self_attn(h, attn_bias, retrieve)
         mlp = self.fc2(F.gelu(self.fc1(h)))
-        return x + cross_residual + self.dropout(attn) + self.dropout(mlp)
+        return x + cross_residual + attn + self.dropout(mlp)
 
     @torch.no_grad()
     def load_from_backbone_block(self, block) -> None:

@@ -4,17 +4,22 @@ Extends fairseq's ``language_modeling``. Every batch row is its own contiguous s
 (``stream_dataset.py``), so the model's per-row memory holds that row's preceding text. The memory is
 reset at the start of every epoch, kept apart from validation (which reads its own streams with its
 own memory), and optionally reset at the document boundaries of each row
-(``--memory-reset-at-document-boundary``). ``--release-order`` reproduces the release instead:
-consecutive segments, no shuffling, one memory shared by all rows.
+(``--memory-reset-at-document-boundary``). ``--data-no-shuffle`` gives the release's batch order
+instead (docs/design.md §5.1; each row is then a contiguous stream of whole blocks); the release's
+memory is the model's ``--memory-mode release``.
+
+Importing this module also gives fairseq's own ``--task language_modeling`` the release's
+``--data-no-shuffle`` flag (the release's command line uses it there): without the flag that task is
+fairseq's, unchanged; with it, it reads the split in the release's order as above.
 """
 import logging
 from dataclasses import dataclass, field
 
 from fairseq.data import data_utils, iterators
-from fairseq.tasks import register_task
+from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
-from omegaconf import open_dict
 
+from longmem.modules.memory_bank import ChunkedMemoryBank
 from longmem.tasks.stream_dataset import StreamBatches, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -24,9 +29,10 @@ logger = logging.getLogger(__name__)
 class LongMemLanguageModelingConfig(LanguageModelingConfig):
     memory_reset_at_document_boundary: bool = field(
         default=False, metadata={"help": "empty a row's memory where a new document starts in that row"})
-    release_order: bool = field(
-        default=False, metadata={"help": "the release's order: consecutive segments per batch, one memory "
-                                         "shared by all rows (sets --memory-shared)"})
+    data_no_shuffle: bool = field(
+        default=False, metadata={"help": "the release's batch order: blocks of --tokens-per-sample tokens cut "
+                                         "into batch-size x ranks contiguous passages, batch i = the i-th block "
+                                         "of each of this rank's passages (needs --sample-break-mode none)"})
 
 
 def model_memory(model):
@@ -39,16 +45,20 @@ def model_memory(model):
 @register_task("longmem_language_modeling", dataclass=LongMemLanguageModelingConfig)
 class LongMemLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
-        if self.args.release_order and hasattr(cfg, "memory_shared"):
-            with open_dict(cfg):
-                cfg.memory_shared = True
         model = super().build_model(cfg, from_checkpoint)
         memory = model_memory(model)
         if memory is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
             memory.configure(reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
+            settings = memory.settings
+            if memory.enabled and settings.mode == "release" and self.args.batch_size:
+                ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
+                                                         self.args.batch_size * self.args.tokens_per_sample)
         return model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        if self.args.data_no_shuffle and self.args.sample_break_mode != "none":
+            raise ValueError(f"--data-no-shuffle reads the release's order over blocks of --tokens-per-sample "
+                             f"tokens: use --sample-break-mode none (got {self.args.sample_break_mode!r})")
         paths = self.args.data.split(":")
         data_path = paths[(epoch - 1) % len(paths)]  # fairseq's data shards, one per epoch in turn
         split_path = f"{data_path}/{split}"
@@ -75,7 +85,16 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
             raise ValueError(f"--batch-size {max_sentences} is not a multiple of "
                              f"--required-batch-size-multiple {required_batch_size_multiple}")
         batches = StreamBatches(dataset, max_sentences, self.args.tokens_per_sample, self.dictionary.pad(),
-                                num_shards, shard_id, layout="release" if self.args.release_order else "streams")
+                                num_shards, shard_id, layout="release" if self.args.data_no_shuffle else "streams")
+        if batches.layout == "release" and len(batches) == 0:
+            raise ValueError(f"--data-no-shuffle: a split of {len(dataset)} tokens gives no batch of {max_sentences} "
+                             f"rows x {num_shards} rank(s) in the release's order (blocks of "
+                             f"{self.args.tokens_per_sample} tokens, one passage per row, all as long as the "
+                             f"shortest): use more data, fewer rows, or --disable-validation for a short valid split "
+                             f"(as the release's recipe does)")
+        if batches.layout == "release" and len(batches) > 1:
+            logger.info("release order, rank %d: batch 0 = samples %s, batch 1 = samples %s", shard_id,
+                        batches.sample_ids(0).tolist(), batches.sample_ids(1).tolist())
         return iterators.EpochBatchIterator(
             dataset=batches, collate_fn=batches.collater, batch_sampler=[[i] for i in range(len(batches))],
             seed=seed, num_shards=1, shard_id=0, num_workers=num_workers, epoch=epoch,
@@ -107,3 +126,29 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
     def valid_step(self, sample, model, criterion):
         self._with_memory_slot(model, "valid", sample)
         return super().valid_step(sample, model, criterion)
+
+
+class ReleaseLanguageModelingTask(LongMemLanguageModelingTask):
+    """fairseq's ``language_modeling`` with the release's ``--data-no-shuffle``: without the flag every
+    method is fairseq's own; with it, the split is read in the release's order (and a LongMem model's
+    memory is emptied at each epoch, as the release's training loop does)."""
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        if not self.args.data_no_shuffle:
+            return LanguageModelingTask.load_dataset(self, split, epoch, combine, **kwargs)
+        return super().load_dataset(split, epoch, combine, **kwargs)
+
+
+def _install_release_language_modeling():
+    """`--task language_modeling` becomes fairseq's task plus --data-no-shuffle (and this task's memory
+    flags), in the registries fairseq's parser and config composition read."""
+    from hydra.core.config_store import ConfigStore
+
+    TASK_REGISTRY["language_modeling"] = ReleaseLanguageModelingTask
+    TASK_DATACLASS_REGISTRY["language_modeling"] = LongMemLanguageModelingConfig
+    node = LongMemLanguageModelingConfig()
+    node._name = "language_modeling"
+    ConfigStore.instance().store(name="language_modeling", group="task", node=node, provider="longmem")
+
+
+_install_release_language_modeling()

@@ -7,12 +7,30 @@ does, so that every token of the split is a target exactly once per epoch. The s
 ``[shard_id * batch_size, (shard_id + 1) * batch_size)``, and batch ``i`` holds segment ``i`` of each of
 its rows: row ``b`` of batch ``i + 1`` continues row ``b`` of batch ``i``.
 
-``layout="release"`` reproduces the release's order instead: consecutive segments, batch ``i`` =
-segments ``i*B .. i*B + B - 1`` (to be read with one shared memory).
+``layout="release"`` is the release's order (``--data-no-shuffle``, docs/design.md §5.1): the stream is
+cut into blocks of ``tokens_per_sample`` (samples 0 .. N-1, as fairseq's TokenBlockDataset cuts it) and
+``release_batches`` arranges them exactly as the release's iterator does. Rows are then contiguous
+streams of whole blocks; the last block and the tail of longer passages are never read.
 """
+import math
+from typing import List
+
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset
+
+
+def release_batches(num_samples: int, batch_size: int, num_shards: int = 1, shard_id: int = 0) -> List[List[int]]:
+    """The sample ids of each batch of rank ``shard_id``, as the release's ``--data-no-shuffle`` iterator
+    makes them from samples ``0 .. num_samples - 1`` (fairseq/data/iterators.py of the release)."""
+    if num_samples < 1:
+        return []
+    total = num_samples - 1  # the release takes the last sample's id as the count: the last is never read
+    bsz = min(batch_size, num_samples)  # the size of fairseq's first batch
+    passages = num_shards * bsz
+    length = math.ceil(total / passages)
+    mine = [range(i * length, min((i + 1) * length, total)) for i in range(shard_id * bsz, (shard_id + 1) * bsz)]
+    return [[p[i] for p in mine] for i in range(min(len(p) for p in mine))]
 
 
 class TokenStream(FairseqDataset):
@@ -57,14 +75,11 @@ class StreamBatches(FairseqDataset):
             self.src, self.tgt, self.starts = view(src), view(tgt), view(starts)  # (B, per_row)
             self.num_batches = -(-per_row // T)
         elif layout == "release":
-            segments = -(-len(tgt) // T)
-            segments = -(-segments // (B * num_shards)) * B * num_shards
-            src, tgt, starts = (self._pad(x, segments * T, fill).view(segments, T) for x, fill in
-                                ((src, pad), (tgt, pad), (starts, False)))
-            # rank r takes every num_shards-th batch of B consecutive segments
-            order = torch.arange(segments).view(-1, num_shards, B)[:, shard_id].reshape(-1)
-            self.src, self.tgt, self.starts = src[order], tgt[order], starts[order]  # (n*B, T)
-            self.num_batches = len(order) // B
+            samples = -(-len(tgt) // T)  # blocks of T tokens, the last one shorter
+            self.src, self.tgt, self.starts = (self._pad(x, samples * T, fill).view(samples, T) for x, fill in
+                                               ((src, pad), (tgt, pad), (starts, False)))  # (N, T)
+            self.batch_ids = release_batches(samples, B, num_shards, shard_id)
+            self.num_batches = len(self.batch_ids)
         else:
             raise ValueError(f"unknown stream layout {layout!r}")
         self.layout, self.B, self.T, self.pad = layout, B, T, pad
@@ -78,18 +93,24 @@ class StreamBatches(FairseqDataset):
     def __len__(self):
         return self.num_batches
 
+    def sample_ids(self, i) -> torch.Tensor:
+        """The ids of batch ``i``'s rows: block numbers in the release layout, ``i*B + b`` otherwise."""
+        if self.layout == "release":
+            return torch.tensor(self.batch_ids[i])
+        return torch.arange(i * self.B, (i + 1) * self.B)
+
     def batch(self, i):
         if self.layout == "streams":
             cut = slice(i * self.T, (i + 1) * self.T)
             return self.src[:, cut].contiguous(), self.tgt[:, cut].contiguous(), self.starts[:, cut].contiguous()
-        rows = slice(i * self.B, (i + 1) * self.B)
+        rows = self.sample_ids(i)
         return self.src[rows], self.tgt[rows], self.starts[rows]
 
     def __getitem__(self, i):
         return i
 
     def num_tokens(self, index):
-        return self.B * self.T
+        return self.B * self.T  # an upper bound, all fairseq needs
 
     def size(self, index):
         return self.T
@@ -100,7 +121,7 @@ class StreamBatches(FairseqDataset):
         i = samples[0]
         src, tgt, starts = self.batch(i)
         return {
-            "id": torch.arange(i * self.B, (i + 1) * self.B),
+            "id": self.sample_ids(i),
             "nsentences": src.size(0),
             "ntokens": int(tgt.ne(self.pad).sum()),
             "net_input": {"src_tokens": src, "src_lengths": src.ne(self.pad).sum(1), "doc_start": starts},

@@ -1,4 +1,7 @@
-"""Write a model into a file that fairseq's checkpoint loader accepts (atomically)."""
+"""Reading and writing fairseq checkpoints: what a checkpoint is, one-line errors, atomic writes."""
+import os
+from typing import Optional
+
 import torch
 
 from longmem.utils.atomic import atomic_open
@@ -16,20 +19,54 @@ def save_fairseq_checkpoint(path, model_state: dict, cfg: dict = None, args=None
         torch.save(state, f)
 
 
-def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu"):
-    """A checkpoint's model in eval mode, after checking that it predicts ``dictionary``'s symbols
-    (a clear error instead of fairseq's shape mismatch). ``data_dir`` holds that dict.txt."""
-    import os
-
+def read_checkpoint(path: str, arg_overrides: Optional[dict] = None) -> dict:
+    """fairseq's ``load_checkpoint_to_cpu`` (with ``arg_overrides`` applied to the config it records), or
+    a one-line error naming the file when it is missing or not a readable fairseq checkpoint."""
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path!r} does not exist")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+    except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SystemExit(f"{path} is not a readable fairseq checkpoint (truncated, corrupt or another format): "
+                         f"{type(e).__name__}: {reason}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise SystemExit(f"{path} is not a fairseq checkpoint: it holds no model weights")
+    return state
+
+
+def checkpoint_kind(state: dict) -> Optional[str]:
+    """"longmem" for a LongMem (``transformer_lm_sidenet*``) checkpoint, "backbone" for one of a known
+    backbone family, None otherwise: read from what the checkpoint records, never from its file name."""
+    from longmem.models.backbone import checkpoint_model_name, family_of
+
+    name = checkpoint_model_name(state)
+    if name.startswith("transformer_lm_sidenet"):
+        return "longmem"
+    return "backbone" if family_of(name) is not None else None
+
+
+def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu", expect: Optional[str] = None,
+                              overrides: Optional[dict] = None):
+    """A checkpoint's model in eval mode, after checking what it is (``expect``: "longmem" or "backbone")
+    and that it predicts ``dictionary``'s symbols (a clear error instead of fairseq's shape mismatch).
+    ``data_dir`` holds that dict.txt; ``overrides`` change recorded settings (e.g. pretrained_model_path)."""
+    from fairseq import checkpoint_utils
+
+    from longmem.models.backbone import checkpoint_model_name
+
+    state = read_checkpoint(path, {"data": data_dir, **(overrides or {})})
+    kind = checkpoint_kind(state)
+    if expect is not None and kind != expect:
+        hint = {"longmem": "a LongMem checkpoint (transformer_lm_sidenet*)",
+                "backbone": "a backbone checkpoint (newgpt-*)"}[expect]
+        raise SystemExit(f"{path} holds a {checkpoint_model_name(state) or 'unknown'!r} model, not {hint}")
     heads = [v for k, v in state["model"].items() if k.endswith("model.lm_head.weight")]
     if heads and heads[0].size(0) != len(dictionary):
         raise SystemExit(f"{path} predicts {heads[0].size(0)} symbols but {data_dir}/dict.txt has "
                          f"{len(dictionary)}: use data binarized with the model's dictionary (fairseq-preprocess "
                          f"--srcdict) or pass the model's dict.txt")
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": data_dir}, state=state)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     return models[0].eval().to(device)
