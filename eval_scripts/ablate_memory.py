@@ -19,6 +19,8 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from longmem.utils.cli import positive_int  # noqa: E402
+
 GRID = {"memory_size": [256, 512, 1024, 2048, 8192], "chunk_size": [1, 2, 4, 8], "k": [4, 8, 16, 32, 64]}
 
 
@@ -28,26 +30,27 @@ def main(argv=None):
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--longmem", required=True, help="LongMem checkpoint")
     p.add_argument("--token-mask", required=True, help="the split's .mask from preprocess/make_longrange.py")
-    p.add_argument("--tokens-per-sample", type=int, default=256)
+    p.add_argument("--tokens-per-sample", type=positive_int, default=256)
     p.add_argument("--knobs", nargs="+", default=list(GRID), choices=list(GRID))
     p.add_argument("--output", help="Markdown file for the table (a .json beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     import longmem  # noqa: F401
-    from fairseq.data import Dictionary, data_utils
     from tqdm import tqdm
 
-    from longmem.evaluation.lm import evaluate, read_token_marks
-    from longmem.tasks.stream_dataset import TokenStream
+    from longmem.evaluation.lm import evaluate, load_split, read_token_marks
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
 
-    dictionary = Dictionary.load(os.path.join(args.data, "dict.txt"))
-    stream = TokenStream(data_utils.load_indexed_dataset(os.path.join(args.data, args.gen_subset), dictionary),
-                         dictionary.eos())
-    marks = read_token_marks(args.token_mask)
-    model = load_model_for_dictionary(args.longmem, dictionary, args.data)
+    dictionary, stream = load_split(args.data, args.gen_subset)
+    if not os.path.isfile(args.token_mask):
+        raise SystemExit(f"--token-mask {args.token_mask} does not exist")
+    try:
+        marks = read_token_marks(args.token_mask)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    model = load_model_for_dictionary(args.longmem, dictionary, args.data, expect="longmem")
     trained = {knob: getattr(model.memory.settings, knob) for knob in GRID}
     rows = [("memory off", None, None)]
     for knob in args.knobs:

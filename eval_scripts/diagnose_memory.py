@@ -20,30 +20,29 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from longmem.utils.cli import positive_int  # noqa: E402
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin")
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--longmem", required=True)
-    p.add_argument("--tokens-per-sample", type=int, default=256)
-    p.add_argument("--context", type=int, default=6, help="tokens of context that must match")
-    p.add_argument("--max-documents", type=int)
+    p.add_argument("--tokens-per-sample", type=positive_int, default=256)
+    p.add_argument("--context", type=positive_int, default=6, help="tokens of context that must match")
+    p.add_argument("--max-documents", type=positive_int)
     p.add_argument("--results-path")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    from fairseq.data import Dictionary, data_utils
-
     import longmem  # noqa: F401
     from longmem.evaluation.diagnostics import retrieval_hits
-    from longmem.tasks.stream_dataset import TokenStream
+    from longmem.evaluation.lm import load_split
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
 
-    d = Dictionary.load(os.path.join(args.data, "dict.txt"))
-    stream = TokenStream(data_utils.load_indexed_dataset(os.path.join(args.data, args.gen_subset), d), d.eos())
-    model = load_model_for_dictionary(args.longmem, d, args.data)
+    d, stream = load_split(args.data, args.gen_subset)
+    model = load_model_for_dictionary(args.longmem, d, args.data, expect="longmem")
     try:
         result = retrieval_hits(model, stream, d.eos(), args.tokens_per_sample, args.context, args.max_documents)
     except ValueError as e:

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=paths.ICL,
                    help="the ICL datasets in the released layout (default: data/icl of this repository)")
-    p.add_argument("--tasks", nargs="+", default=["sst2", "mr", "subj", "sst5", "mpqa"])
+    p.add_argument("--tasks", nargs="+", help="default: all five; with --path, SST-2 as in the release")
     p.add_argument("--modes", nargs="+", choices=MODES, help="default: every mode the checkpoints given allow")
     p.add_argument("--backbone", help="backbone checkpoint (mode backbone)")
     p.add_argument("--longmem", help="LongMem checkpoint (modes memory-off, memory-on)")
@@ -80,6 +80,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task:
         args.tasks = [args.task]
+    args.tasks = args.tasks or (["sst2"] if args.path else ["sst2", "mr", "subj", "sst5", "mpqa"])
     if args.gpt_encoder_path:
         args.gpt2_bpe = args.gpt_encoder_path
     if args.gpt2_bpe is None and args.sentencepiece_model is None:
@@ -147,9 +148,12 @@ def main(argv=None):
         lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device, expect="longmem",
                                        overrides=overrides)
         # one memory that every query reads, in the evaluation slot; queries never write
-        lm.memory.configure(mode=args.memory_mode, chunk_size=args.chunk_size, slot="eval", writes=False,
-                            **({"memory_size": args.memory_size} if args.memory_size else {}),
-                            **({"backend": args.memory_backend} if args.memory_backend else {}))
+        try:
+            lm.memory.configure(mode=args.memory_mode, chunk_size=args.chunk_size, slot="eval", writes=False,
+                                **({"memory_size": args.memory_size} if args.memory_size else {}),
+                                **({"backend": args.memory_backend} if args.memory_backend else {}))
+        except ValueError as e:
+            parser.error(f"memory at evaluation: {e}")
         models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
 
     results = {}

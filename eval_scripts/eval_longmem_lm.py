@@ -18,6 +18,8 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from longmem.utils.cli import positive_int  # noqa: E402
+
 
 def plot(results, path):
     import matplotlib
@@ -46,14 +48,14 @@ def main(argv=None):
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--backbone", help="newgpt checkpoint: scored alone")
     p.add_argument("--longmem", help="LongMem checkpoint: scored with memory off and on")
-    p.add_argument("--tokens-per-sample", type=int, default=1024)
+    p.add_argument("--tokens-per-sample", type=positive_int, default=1024)
     p.add_argument("--results-path", help="JSON output")
     p.add_argument("--plot", help="PNG of loss against position in the document")
     p.add_argument("--token-mask", help="a .mask file of preprocess/make_longrange.py for this split: "
                    "also report perplexity on the marked (recurring/queried) tokens")
-    p.add_argument("--memory-size", type=int, help="LongMem: memory capacity at evaluation (default: trained)")
-    p.add_argument("--k", type=int, help="LongMem: retrieved tokens per query at evaluation (default: trained)")
-    p.add_argument("--chunk-size", type=int, help="LongMem: memory chunk size at evaluation (default: trained)")
+    p.add_argument("--memory-size", type=positive_int, help="LongMem: memory capacity at evaluation (default: trained)")
+    p.add_argument("--k", type=positive_int, help="LongMem: retrieved tokens per query at evaluation (default: trained)")
+    p.add_argument("--chunk-size", type=positive_int, help="LongMem: memory chunk size at evaluation (default: trained)")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -61,39 +63,40 @@ def main(argv=None):
     if not (args.backbone or args.longmem):
         raise SystemExit("nothing to evaluate: pass --backbone and/or --longmem")
     import longmem  # noqa: F401  (registers the models)
-    from fairseq.data import Dictionary, data_utils
     from tqdm import tqdm
 
-    from longmem.evaluation.lm import evaluate, read_token_marks
-    from longmem.tasks.stream_dataset import TokenStream
+    from longmem.evaluation.lm import evaluate, load_split, read_token_marks
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
 
-    dict_path = os.path.join(args.data, "dict.txt")
-    if not os.path.isfile(dict_path):
-        raise SystemExit(f"{args.data} holds no dict.txt: pass a fairseq-preprocess output folder")
-    dictionary = Dictionary.load(dict_path)
-    dataset = data_utils.load_indexed_dataset(os.path.join(args.data, args.gen_subset), dictionary)
-    if dataset is None:
-        raise SystemExit(f"split {args.gen_subset!r} not found in {args.data}")
-    stream = TokenStream(dataset, dictionary.eos())
+    dictionary, stream = load_split(args.data, args.gen_subset)
     marks = None
     if args.token_mask:
-        marks = read_token_marks(args.token_mask)
+        if not os.path.isfile(args.token_mask):
+            raise SystemExit(f"--token-mask {args.token_mask} does not exist: pass the .mask file that "
+                             f"preprocess/make_longrange.py wrote beside the split's .bpe")
+        try:
+            marks = read_token_marks(args.token_mask)
+        except ValueError as e:
+            raise SystemExit(str(e))
         if len(marks) != len(stream.tokens):
             raise SystemExit(f"{args.token_mask} marks {len(marks)} tokens but split {args.gen_subset!r} has "
                              f"{len(stream.tokens)}: pass the .mask written with the .bpe file that was binarized")
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    load = lambda path: load_model_for_dictionary(path, dictionary, args.data, device)  # noqa: E731
     models = {}
+    if args.longmem:  # first: a bad memory setting is refused before any model is scored
+        lm = load_model_for_dictionary(args.longmem, dictionary, args.data, device, expect="longmem")
+        try:
+            lm.memory.configure(**{name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
+                                   if getattr(args, name) is not None})
+        except ValueError as e:
+            raise SystemExit(f"--memory-size/--k/--chunk-size: {e}")
     if args.backbone:
-        models["backbone alone"] = (load(args.backbone), None)
+        models["backbone alone"] = (load_model_for_dictionary(args.backbone, dictionary, args.data, device,
+                                                              expect="backbone"), None)
     if args.longmem:
-        lm = load(args.longmem)
-        lm.memory.configure(**{name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
-                               if getattr(args, name) is not None})
         models["LongMem, memory off"] = (lm, False)
         models["LongMem, memory on"] = (lm, True)
     results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm, marks=marks)

@@ -9,5 +9,6 @@ from longmem import compat
 
 compat.apply()
 
-if importlib.util.find_spec("fairseq") is not None:
-    from longmem import models, tasks  # noqa: F401  (registers the models, archs and task)
+if importlib.util.find_spec("fairseq") is not None:  # registers the models, archs and tasks
+    from longmem.models import newgpt, transformer_lm_sidenet  # noqa: F401
+    from longmem.tasks import longmem_language_modeling  # noqa: F401

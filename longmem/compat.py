@@ -22,6 +22,62 @@ def apply() -> None:
     # LongMem ones included) keep their config as an argparse.Namespace.
     torch.serialization.add_safe_globals([argparse.Namespace])
     _cpu_fallbacks()
+    _trusted_broadcasts()
+    _one_line_config_errors()
+
+
+def _one_line_config_errors() -> None:
+    """Under a fairseq command line, a ``ConfigError`` (a setting that cannot work) that nothing caught ends
+    the process with ``program: error: message`` and exit code 2, like argparse, not a traceback."""
+    if not _fairseq_cli():
+        return
+    from longmem.errors import ConfigError
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, ConfigError):
+            sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {value}\n")
+            sys.stderr.flush()
+            os._exit(2)
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def _fairseq_cli() -> bool:
+    program = sys.argv[0] if sys.argv else ""
+    return os.path.basename(program).startswith("fairseq-") or "fairseq_cli" in program
+
+
+def _trusted_broadcasts() -> None:
+    """fairseq sends objects between ranks as torch.save bytes (e.g. the checkpoint state rank 0 read,
+    when training resumes on several processes); torch >= 2.6 reads them with weights_only=True and
+    refuses their omegaconf configs. The bytes come from rank 0 of the same job, so the receiving side
+    reads them in full."""
+    import importlib.util
+
+    if importlib.util.find_spec("fairseq") is None:
+        return
+    import io
+
+    from fairseq.distributed import utils as dist_utils
+
+    def broadcast_object_slow(obj, src_rank, group, dist_device):
+        if dist_utils.get_rank(group) == src_rank:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = torch.ByteTensor(buffer.getbuffer()).to(dist_device)
+            dist_utils.broadcast(torch.LongTensor([len(data)]).to(dist_device), src=src_rank, group=group)
+            dist_utils.broadcast(data, src=src_rank, group=group)
+            return obj
+        length = torch.LongTensor([0]).to(dist_device)
+        dist_utils.broadcast(length, src=src_rank, group=group)
+        data = torch.ByteTensor(int(length.item())).to(dist_device)
+        dist_utils.broadcast(data, src=src_rank, group=group)
+        return torch.load(io.BytesIO(data.cpu().numpy()), map_location="cpu", weights_only=False)
+
+    dist_utils._broadcast_object_slow = broadcast_object_slow
 
 
 HALF_PRECISION_FLAGS = ("--fp16", "--memory-efficient-fp16", "--amp")
@@ -31,10 +87,7 @@ def _cpu_fallbacks() -> None:
     """A fairseq command line with --fp16 (or --memory-efficient-fp16, --amp) on a machine without a CUDA
     GPU: fairseq would fail deep inside with a CUDA traceback. The flag is dropped before fairseq parses
     the command line (``--user-dir`` is imported first), with one line saying so: training runs in fp32."""
-    program = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if not (program.startswith("fairseq-") or "fairseq_cli" in (sys.argv[0] if sys.argv else "")):
-        return
-    if torch.cuda.is_available():
+    if not _fairseq_cli() or torch.cuda.is_available():
         return
     dropped = [flag for flag in HALF_PRECISION_FLAGS if flag in sys.argv[1:]]
     if dropped:

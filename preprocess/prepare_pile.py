@@ -18,13 +18,14 @@ Malformed lines (not JSON, no text, wrong types) are counted, skipped and report
 """
 import argparse
 import hashlib
-import io
 import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from multiprocessing import Pool
 
@@ -36,16 +37,45 @@ logger = logging.getLogger("prepare_pile")
 SPLITS = ("train", "valid", "test")
 
 
-def open_shard(path: str):
-    """A text stream over a .jsonl or .jsonl.zst shard."""
-    if path.endswith(".zst"):
-        try:
-            import zstandard
-        except ImportError as e:
-            raise SystemExit(f"{path} is zstd-compressed: pip install zstandard") from e
-        raw = open(path, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+class ShardError(Exception):
+    """A shard that cannot be read to its end (truncated or not what its name says)."""
+
+
+def shard_lines(path: str):
+    """The raw lines (bytes) of a .jsonl or .jsonl.zst shard; a truncated or corrupt .zst is an error,
+    never a shorter shard."""
+    if not path.endswith(".zst"):
+        with open(path, "rb") as f:
+            yield from f
+        return
+    try:
+        import zstandard
+    except ImportError as e:
+        raise SystemExit(f"{path} is zstd-compressed: pip install zstandard") from e
+    pending = b""
+    with open(path, "rb") as f:
+        dobj, frame_done = zstandard.ZstdDecompressor().decompressobj(), True
+        while True:
+            raw = f.read(1 << 20)
+            if not raw:
+                break
+            while raw:  # a shard may hold several frames one after the other
+                try:
+                    out = dobj.decompress(raw)
+                except zstandard.ZstdError as e:
+                    raise ShardError(f"{path}: not a readable zstd stream ({e})") from None
+                frame_done = dobj.eof
+                raw = dobj.unused_data if frame_done else b""
+                if frame_done:
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                lines = (pending + out).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
+        if not frame_done:
+            raise ShardError(f"{path}: truncated (its last zstd frame does not end); re-download or re-compress it")
+    if pending:
+        yield pending
 
 
 def keep_count(weight: float, seed: int, shard: str, line_no: int) -> int:
@@ -63,33 +93,39 @@ def clean_document(text: str) -> list:
 
 
 def read_documents(path: str, weights: dict, default_weight: float, seed: int):
-    """Yield (subset, lines) for every kept document; return statistics via StopIteration value."""
-    stats = {"lines": 0, "malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter()}
-    with open_shard(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            stats["lines"] += 1
-            try:
-                record = json.loads(line)
-                text = record["text"]
-                meta = record.get("meta") or {}
-                subset = meta.get("pile_set_name", "unknown") if isinstance(meta, dict) else "unknown"
-                if not isinstance(text, str) or not isinstance(subset, str):
-                    raise TypeError("text and meta.pile_set_name must be strings")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                stats["malformed"] += 1
-                if len(stats["malformed_examples"]) < 5:
-                    stats["malformed_examples"].append(f"{os.path.basename(path)}:{line_no}: {type(e).__name__}: {e}")
-                continue
-            stats["seen"][subset] += 1
-            lines = clean_document(text)
-            if not lines:
-                continue
-            copies = keep_count(weights.get(subset, default_weight), seed, path, line_no)
-            for _ in range(copies):
-                stats["kept"][subset] += 1
-                yield subset, lines
+    """Yield (subset, lines) for every kept document; return statistics via StopIteration value. Lines
+    that are not UTF-8 are read with the bad bytes replaced, and counted."""
+    stats = {"lines": 0, "malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(),
+             "undecodable_lines": 0}
+    for line_no, raw in enumerate(shard_lines(path), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            stats["undecodable_lines"] += 1
+        if not line.strip():
+            continue
+        stats["lines"] += 1
+        try:
+            record = json.loads(line)
+            text = record["text"]
+            meta = record.get("meta") or {}
+            subset = meta.get("pile_set_name", "unknown") if isinstance(meta, dict) else "unknown"
+            if not isinstance(text, str) or not isinstance(subset, str):
+                raise TypeError("text and meta.pile_set_name must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            stats["malformed"] += 1
+            if len(stats["malformed_examples"]) < 5:
+                stats["malformed_examples"].append(f"{os.path.basename(path)}:{line_no}: {type(e).__name__}: {e}")
+            continue
+        stats["seen"][subset] += 1
+        lines = clean_document(text)
+        if not lines:
+            continue
+        copies = keep_count(weights.get(subset, default_weight), seed, path, line_no)
+        for _ in range(copies):
+            stats["kept"][subset] += 1
+            yield subset, lines
     return stats
 
 
@@ -155,47 +191,94 @@ def main(argv=None):
     if args.gpt2_bpe is None and args.sentencepiece_model is None:
         args.gpt2_bpe = paths.GPT2_BPE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
-    from tqdm import tqdm
-
     if not args.train:
         raise SystemExit("--train needs at least one shard")
+    if args.workers < 1:
+        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     for split in SPLITS:
         for shard in getattr(args, split):
             if not os.path.isfile(shard):
                 raise SystemExit(f"{split} shard {shard!r} does not exist")
-    weights = {}
-    if args.weights:
-        with open(args.weights, encoding="utf-8") as f:
-            weights = json.load(f)
-        bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or v < 0}
-        if bad:
-            raise SystemExit(f"{args.weights}: weights must be non-negative numbers, got {bad}")
+    weights = read_weights(args.weights) if args.weights else {}
     Encoder(args.gpt2_bpe, args.sentencepiece_model)  # fail early on missing files
     srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
     if not args.no_binarize and (not srcdict or not os.path.isfile(srcdict)):
         raise SystemExit(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
-    workdir = args.workdir or os.path.join(args.destdir, "encoded")
-    os.makedirs(workdir, exist_ok=True)
 
+    # everything is written into a fresh folder beside --destdir, which replaces it only at the end: a
+    # failed run leaves the previous output as it was
+    destdir = os.path.abspath(args.destdir)
+    os.makedirs(os.path.dirname(destdir), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".tmp-", dir=os.path.dirname(destdir))
+    try:
+        report = build(args, weights, srcdict, staging)
+        if os.path.exists(destdir):
+            old = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".old-", dir=os.path.dirname(destdir))
+            os.replace(destdir, os.path.join(old, "previous"))
+            os.replace(staging, destdir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, destdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def read_weights(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            weights = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--weights {path}: not a readable JSON object of subset weights ({e})") from None
+    if not isinstance(weights, dict):
+        raise SystemExit(f"--weights {path}: expected a JSON object {{subset: weight}}, got {type(weights).__name__}")
+    bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+    if bad:
+        raise SystemExit(f"{path}: weights must be non-negative numbers, got {bad}")
+    return weights
+
+
+def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
+    """Encode every shard, check the splits, binarize into ``destdir``; returns the report."""
+    from tqdm import tqdm
+
+    workdir = args.workdir or os.path.join(destdir, "encoded")
+    os.makedirs(workdir, exist_ok=True)
     jobs = []
     for split in SPLITS:
         for i, shard in enumerate(getattr(args, split)):
             jobs.append((shard, os.path.join(workdir, f"{split}.{i:05d}.bpe"), weights, args.default_weight,
                          args.seed, args.gpt2_bpe, args.sentencepiece_model))
-    report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0}
+    report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
+              "undecodable_lines": 0, "kept_per_split": Counter()}
     with Pool(max(1, min(args.workers, len(jobs)))) as pool:
-        for _, stats in tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards", unit="shard"):
-            for key in ("malformed", "lines"):
-                report[key] += stats[key]
-            report["malformed_examples"] += stats["malformed_examples"]
-            report["seen"].update(stats["seen"])
-            report["kept"].update(stats["kept"])
+        try:
+            for job, (_, stats) in zip(jobs, tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards",
+                                             unit="shard")):
+                for key in ("malformed", "lines", "undecodable_lines"):
+                    report[key] += stats[key]
+                report["malformed_examples"] += stats["malformed_examples"]
+                report["seen"].update(stats["seen"])
+                report["kept"].update(stats["kept"])
+                report["kept_per_split"][os.path.basename(job[1]).split(".")[0]] += sum(stats["kept"].values())
+        except ShardError as e:
+            raise SystemExit(str(e)) from None
+    report["weights_for_unseen_subsets"] = sorted(set(weights) - set(report["seen"]))
     with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
         json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
-    logger.info("%d lines read, %d malformed (skipped)%s", report["lines"], report["malformed"],
+    logger.info("%d lines read, %d malformed (skipped), %d with bytes that are not UTF-8 (replaced)%s",
+                report["lines"], report["malformed"], report["undecodable_lines"],
                 "".join(f"\n  {e}" for e in report["malformed_examples"][:5]))
     for subset in sorted(report["seen"]):
         logger.info("  %-24s seen %8d kept %8d", subset, report["seen"][subset], report["kept"][subset])
+    if report["weights_for_unseen_subsets"]:
+        logger.warning("--weights names %d subset(s) that no shard holds (ignored): %s",
+                       len(report["weights_for_unseen_subsets"]), ", ".join(report["weights_for_unseen_subsets"]))
+    empty = [split for split in SPLITS if getattr(args, split) and not report["kept_per_split"][split]]
+    if empty:
+        raise SystemExit(f"split(s) {', '.join(empty)} kept no document (see the subsets seen and kept above): "
+                         f"check the shards and --weights / --default-weight; nothing was written to --destdir")
 
     for split in SPLITS:  # one text file per split, shards in the order given
         parts = [j[1] for j in jobs if os.path.basename(j[1]).startswith(split + ".")]
@@ -208,14 +291,14 @@ def main(argv=None):
     if args.no_binarize:
         return report
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", srcdict,
-           "--destdir", args.destdir, "--workers", str(args.workers)]
+           "--destdir", destdir, "--workers", str(args.workers)]
     for split, flag in (("train", "--trainpref"), ("valid", "--validpref"), ("test", "--testpref")):
         if getattr(args, split):
             cmd += [flag, os.path.join(workdir, f"{split}.bpe")]
     logger.info("$ %s", " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
     return report
-
 
 if __name__ == "__main__":
     main()

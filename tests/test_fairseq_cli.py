@@ -296,3 +296,152 @@ def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_
                            str(tmp_path / "other_bin"), "--backbone", str(backbone), "--cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "predicts" in proc.stderr and "dict.txt has" in proc.stderr
+
+
+# ---------------------------------------------------------------- two processes (gloo), per-rank memory
+def launch_two_ranks(root, backbone, save, probe, *extra):
+    env = dict(os.environ, NPROC="2", PRESET=os.path.join(REPO, "configs", "longmem_tiny.sh"),
+               EXTRA_FLAGS="--cpu --memory-backend torch", LONGMEM_PROBE_DIR=str(probe), PYTHONWARNINGS="ignore")
+    probe.mkdir(exist_ok=True)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), str(root / "small_bin"), str(backbone),
+         str(save), "--user-dir", os.path.join(REPO, "tests", "ddp_probe"), "--task", "longmem_probe",
+         "--arch", "transformer_lm_sidenet_tiny", "--decoder-layers", "1", "--decoder-embed-dim", "64",
+         "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "128", "--retrieval-layer-index", "1",
+         "--memory-size", "1024", "--k", "8", "--chunk-size", "2", "--tokens-per-sample", "32", "--batch-size", "2",
+         "--required-batch-size-multiple", "1", "--disable-validation", "--log-format", "json", "--log-interval", "1",
+         *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    records = {r: [json.loads(line) for line in open(probe / f"rank{r}.jsonl")] for r in (0, 1)}
+    return proc.stdout + proc.stderr, records
+
+
+def rank_memory_keys(probe, rank):
+    from longmem.modules.memory_bank import ChunkedMemoryBank
+
+    bank = ChunkedMemoryBank.load(str(probe / f"memory_rank{rank}.pt"), backend="torch")
+    return bank, [bank.held(s)[0].permute(1, 2, 0, 3).reshape(-1, bank.num_heads * bank.head_dim)
+                  for s in range(bank.num_banks)]  # per stream: (tokens, H*d), oldest first
+
+
+def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path):
+    """2 ranks x 2 rows, 32-token segments, gloo. The split's tokens are cut here, by hand, into the rows
+    each rank should read; the ranks' records, memories and weights are checked against that."""
+    from fairseq.data import Dictionary, data_utils
+
+    from longmem.models.newgpt import NewGPTLanguageModel
+
+    root, backbone_path, _ = sidenet_trained
+    (tmp_path / "small.txt").write_text(synthetic_text(90, 11))
+    run("fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--trainpref",
+        tmp_path / "small.txt", "--destdir", tmp_path / "small_bin", "--workers", "1")
+    d = Dictionary.load(str(tmp_path / "small_bin" / "dict.txt"))
+    stream = torch.cat(list(data_utils.load_indexed_dataset(str(tmp_path / "small_bin" / "train"), d)))
+    T, rows = 32, 4
+    per_row = -(-len(stream) // rows)
+    tgt = torch.cat([stream, torch.full((rows * per_row - len(stream),), d.pad())]).view(rows, per_row)
+    src = torch.cat([torch.tensor([d.eos()]), stream[:-1]])
+    src = torch.cat([src, torch.full((rows * per_row - len(src),), d.pad())]).view(rows, per_row)
+    batches = -(-per_row // T)
+    assert batches >= 8
+    state = torch.load(backbone_path, weights_only=True)
+    backbone = NewGPTLanguageModel.from_checkpoint_state(state, str(backbone_path), d, 1).eval()
+
+    def backbone_keys(tokens):  # (n,) -> (n', C): layer 1's keys of a segment, whole chunks of 2 only
+        with torch.no_grad():
+            return backbone(tokens[None], return_retrieval_kv=True)[1]["retrieval_kv"][0][0][: len(tokens) // 2 * 2]
+
+    # 1. per-row streams: stop after 4 updates, then resume to the end of the epoch
+    probe = tmp_path / "probe"
+    save = tmp_path / "ckpt"
+    launch_two_ranks(tmp_path, backbone_path, save, probe, "--max-update", "4")
+    log, records = launch_two_ranks(tmp_path, backbone_path, save, probe, "--max-epoch", "1", "--max-update", "1000")
+    assert re.search(r"resuming epoch 1 at batch 4 of \d+: every row of every rank continues", log), log[-3000:]
+    for r in (0, 1):
+        assert [rec["update"] for rec in records[r]] == list(range(batches))  # 4 updates, then 4 .. end
+        for b in range(2):  # rank r reads rows 2r and 2r+1, in order, each token once
+            read = torch.cat([torch.tensor(rec["target"][b]) for rec in records[r]])
+            assert torch.equal(read[:per_row], tgt[2 * r + b])
+        # its memory: exactly its own rows' segments read since the resume (memory is not saved)
+        _, held = rank_memory_keys(probe, r)
+        for b in range(2):
+            want = torch.cat([backbone_keys(src[2 * r + b, i * T: (i + 1) * T]) for i in range(4, batches)])
+            torch.testing.assert_close(held[b], want, rtol=1e-4, atol=1e-5)
+    trained = [torch.load(probe / f"sidenet_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert trained[0] and all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    final = torch.load(save / "checkpoint_last.pt", weights_only=True)["model"]
+    prefix = "decoder.pretrained_model."
+    for key, value in state["model"].items():
+        assert torch.equal(final[prefix + key], value), key
+
+    # 2. the release's order and memory: the blocks the release's rule assigns, once, one bank per rank
+    probe2 = tmp_path / "probe_release"
+    _, records = launch_two_ranks(tmp_path, backbone_path, tmp_path / "ckpt_release", probe2, "--max-epoch", "1",
+                                  "--max-update", "1000", "--data-no-shuffle", "--memory-mode", "release")
+    blocks = -(-len(stream) // T)
+    total = blocks - 1
+    passage = -(-total // 4)
+    passages = [list(range(p * passage, min((p + 1) * passage, total))) for p in range(4)]
+    common = min(len(p) for p in passages)
+    for r in (0, 1):
+        want_ids = [[passages[2 * r][i], passages[2 * r + 1][i]] for i in range(common)]
+        assert [rec["ids"] for rec in records[r]] == want_ids
+        bank, held = rank_memory_keys(probe2, r)
+        assert bank.shared and bank.eviction == "release"
+        block_src = torch.cat([src.view(-1)[: len(stream)], torch.full((blocks * T - len(stream),), d.pad())])
+        want = torch.cat([backbone_keys(block_src[i * T: (i + 1) * T]) for ids in want_ids for i in ids])
+        torch.testing.assert_close(held[0], want, rtol=1e-4, atol=1e-5)  # batch-major, row 0 first
+    ids = [i for r in (0, 1) for rec in records[r] for i in rec["ids"]]
+    assert len(ids) == len(set(ids)) == 4 * common
+    trained = [torch.load(probe2 / f"sidenet_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+
+
+# the release's train_scripts/train_longmem.sh, its fairseq-train command as written there
+RELEASE_TRAIN_COMMAND = """fairseq-train ${DATA_DIR}  \\
+    --save-dir ${CKPT_DIR} \\
+    --task language_modeling --arch transformer_lm_sidenet_gpt2_small \\
+    --share-decoder-input-output-embed \\
+    --optimizer adam --adam-betas '(0.9, 0.98)' --adam-eps 1e-6 \\
+    --lr 2e-4 --lr-scheduler polynomial_decay \\
+    --weight-decay 0.01 \\
+    --save-interval-updates 10000 --sample-break-mode none \\
+    --tokens-per-sample 1024 \\
+    --batch-size 8 --total-num-update 100000 --seed 42 \\
+    --pretrained-model-path /path/to/gpt2_pretrained_model \\
+    --layer-reduction-factor 2 \\
+    --disable-validation \\
+    --use-external-memory --memory-size 65536 \\
+    --k 64 --chunk-size 4 \\
+    --fp16 \\
+    --use-gpu-to-search \\
+    --no-token-positional-embeddings \\
+    --data-no-shuffle \\
+    --retrieval-layer-index 17 \\
+    --reload-ptm-layer"""
+
+
+def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path):
+    """Every flag of the release's command, with --user-dir longmem and --cpu added, tiny sizes swapped in
+    (the released arch's sizes overridden by flags, so its defaults, the release's memory among them,
+    stay), 2 updates."""
+    import shlex
+
+    root, backbone, _ = sidenet_trained
+    text = RELEASE_TRAIN_COMMAND.replace("${DATA_DIR}", str(root / "bin")).replace("${CKPT_DIR}", str(tmp_path / "ck"))
+    text = text.replace("/path/to/gpt2_pretrained_model", str(backbone))
+    args = shlex.split(text.replace("\\\n", " "))[1:]
+    for flag, value in {"--tokens-per-sample": "32", "--memory-size": "1024", "--retrieval-layer-index": "1"}.items():
+        args[args.index(flag) + 1] = value
+    args += ["--user-dir", "longmem", "--cpu", "--max-update", "2", "--decoder-layers", "1", "--decoder-embed-dim",
+             "64", "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "128", "--log-format", "json",
+             "--log-interval", "1", "--num-workers", "0"]
+    log = run("fairseq_cli.train", *args)
+    assert len(train_losses(log)) == 2
+    assert "--fp16 needs a CUDA GPU" in log and "--use-gpu-to-search: no CUDA GPU here" in log
+    assert "release order, rank 0: batch 0 = samples" in log
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    cfg = state["cfg"]["model"]
+    assert cfg["memory_mode"] == "release" and cfg["share_decoder_input_output_embed"]
+    assert cfg["no_token_positional_embeddings"] and state["cfg"]["task"]["data_no_shuffle"]
+    assert "decoder.version" in state["model"] and not any("embed_positions" in k for k in state["model"])

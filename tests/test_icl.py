@@ -178,3 +178,38 @@ def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_
     memory_ids = sum((ids(f"Review: {t} Sentiment: {l}. ") for t, l in memory), [])
     assert dump["memory_blocks"] == [memory_ids[i: i + 256] for i in range(0, len(memory_ids) // 256 * 256, 256)]
     assert dump["task"] == "sst2" and dump["seed"] == 2 and len(dump["memory_blocks"]) >= 2
+
+
+def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
+    """The release's README commands, `--path CKPT` and `--path LONGMEM --pretrained-model-path CKPT`, on
+    tiny checkpoints whose file names say nothing; --max-queries is the one flag added, for time."""
+    import re
+
+    from longmem.models.newgpt import build_newgpt
+    from longmem.released import write_released_style_checkpoint
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    dict_path = os.path.join(repo_data, "gpt2_bpe", "dict.txt")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    backbone = build_newgpt("newgpt-tiny", dict_path, embed_dim=64, num_layers=4, num_attention_heads=4,
+                            ffn_embed_dim=256, retrieval_layer_index=2)
+    save_fairseq_checkpoint(tmp_path / "a" / "checkpoint_last.pt", backbone.state_dict(), cfg={
+        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
+                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
+        "task": {"_name": "language_modeling", "data": os.path.dirname(dict_path)}})
+    write_released_style_checkpoint(str(tmp_path / "b" / "checkpoint_last.pt"), dict_path)
+    script = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
+    outputs = {}
+    for name, release_args in (("backbone", ["--path", str(tmp_path / "a" / "checkpoint_last.pt")]),
+                               ("longmem", ["--path", str(tmp_path / "b" / "checkpoint_last.pt"),
+                                            "--pretrained-model-path", str(tmp_path / "a" / "checkpoint_last.pt")])):
+        proc = subprocess.run([sys.executable, script, *release_args, "--max-queries", "4"], cwd=REPO,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[name] = proc.stdout
+        assert "not found: building it from the SideNet's sizes" not in proc.stderr  # the override was used
+    for name, mode in (("backbone", "backbone"), ("longmem", "memory-on")):
+        out = outputs[name]
+        assert [int(s) for s in re.findall(r"^Acc for random seed (\d): [\d.]+$", out, re.M)] == [1, 2, 3, 4, 5, 6]
+        assert re.search(r"^Mean acc across 6 seeds: \d\.\d{4}, std: \d\.\d{4}", out, re.M)
+        assert f"| task | {mode} |" in out and "| sst2 |" in out

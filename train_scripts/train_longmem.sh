@@ -9,6 +9,10 @@
 # With no arguments: the embedded CPU default. It reuses `make demo`'s corpus and tiny backbone
 # (building and pretraining them first when missing) and adapts into demo_out/longmem.
 # Re-running resumes from SAVE_DIR/checkpoint_last.pt. DRY_RUN=1 prints the fairseq-train command instead.
+#
+# Several processes (python -m longmem.launch): NPROC=N processes on this node (CPU: gloo, one rank per
+# process; GPUs: one per GPU, NCCL), and for several nodes NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+# (the same on every node). Each rank reads its own batch rows with its own memory.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # the project venv (make install) when there is one, else the python on PATH
@@ -42,6 +46,11 @@ CMD=("$PYTHON" -m fairseq_cli.train "$DATA" \
   --total-num-update "$MAX_UPDATE" --max-update "$MAX_UPDATE" \
   --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 500 --keep-interval-updates 1 \
   --log-format "$LOG_FORMAT" --log-interval 10 --seed "$SEED" --num-workers 0 $EXTRA_FLAGS "$@")
+NPROC=${NPROC:-1}; NNODES=${NNODES:-1}
+if (( NPROC > 1 || NNODES > 1 )); then
+  CMD=("$PYTHON" -m longmem.launch --nproc "$NPROC" --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" \
+       --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-0}" -- "${CMD[@]:3}")
+fi
 # DRY_RUN=1: print the command, NUL-separated, instead of running it (used by the tests)
 if [[ -n ${DRY_RUN:-} ]]; then printf '%s\0' "${CMD[@]}"; exit 0; fi
 exec "${CMD[@]}"

@@ -19,6 +19,26 @@ LENGTH_BUCKETS = [(0, 5_000, "<5k"), (5_000, 10_000, "5k-10k"), (10_000, 100_000
                   (100_000, 500_000, "100k-500k"), (500_000, 1_000_000, "500k-1M"), (1_000_000, math.inf, ">1M")]
 
 
+def load_split(data_dir: str, split: str):
+    """(dictionary, TokenStream) of a split of a fairseq data-bin folder, or a one-line error."""
+    import os
+
+    from fairseq.data import Dictionary, data_utils
+
+    from longmem.tasks.stream_dataset import TokenStream
+
+    dict_path = os.path.join(data_dir, "dict.txt")
+    if not os.path.isfile(dict_path):
+        raise SystemExit(f"{data_dir} holds no dict.txt: pass a fairseq-preprocess output folder")
+    dictionary = Dictionary.load(dict_path)
+    dataset = data_utils.load_indexed_dataset(os.path.join(data_dir, split), dictionary)
+    if dataset is None:
+        raise SystemExit(f"split {split!r} not found in {data_dir}")
+    if len(dataset) == 0:
+        raise SystemExit(f"split {split!r} of {data_dir} is empty")
+    return dictionary, TokenStream(dataset, dictionary.eos())
+
+
 def document_spans(doc_start: torch.Tensor) -> List[tuple]:
     """(start, end) of every document of a stream, from its document-start marks."""
     starts = torch.nonzero(doc_start).view(-1).tolist()

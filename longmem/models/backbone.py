@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,15 @@ def load_backbone(path: str, dictionary, retrieval_layer_index: int):
 
     if not (path and os.path.isfile(path)):
         return None, False
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
+        raise ConfigError(f"--pretrained-model-path {path} is not a readable fairseq checkpoint (truncated, "
+                          f"corrupt or another format: {type(e).__name__})") from None
     name = checkpoint_model_name(state)
     family = family_of(name)
     if family is None:
-        raise ValueError(f"--pretrained-model-path {path} is not a {' or '.join(FAMILIES)} backbone checkpoint (its "
+        raise ConfigError(f"--pretrained-model-path {path} is not a {' or '.join(FAMILIES)} backbone checkpoint (its "
                          f"model is {name or 'unknown'!r}); pass the backbone's checkpoint, e.g. "
                          f"gpt2_medium/checkpoint_last.pt")
     backbone = family.from_checkpoint_state(state, path, dictionary, retrieval_layer_index)

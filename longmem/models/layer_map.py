@@ -11,12 +11,13 @@ whose keys/values fill the memory):
 """
 from dataclasses import dataclass
 from typing import Tuple
+from longmem.errors import ConfigError
 
 
 def check_retrieval_layer_index(index: int, backbone_layers: int) -> None:
     """The one range check of ``--retrieval-layer-index`` against a backbone's depth."""
     if not 0 <= index < backbone_layers:
-        raise ValueError(f"--retrieval-layer-index {index} is beyond the backbone's {backbone_layers} layers: "
+        raise ConfigError(f"--retrieval-layer-index {index} is beyond the backbone's {backbone_layers} layers: "
                          f"retrieval_layer_index={index} is out of range for num_layers={backbone_layers}, choose "
                          f"one in [0, {backbone_layers - 1}] (the release: 17 of 24)")
 
@@ -31,14 +32,14 @@ class LayerMap:
     def __post_init__(self):
         r = self.reduction_factor
         if r < 1:
-            raise ValueError(f"--layer-reduction-factor must be >= 1, got {r}")
+            raise ConfigError(f"--layer-reduction-factor must be >= 1, got {r}")
         check_retrieval_layer_index(self.retrieval_layer_index, self.backbone_layers)
         if self.memory_layer >= self.sidenet_layers:
-            raise ValueError(f"memory layer int({self.retrieval_layer_index} / {r}) = {self.memory_layer} is beyond "
+            raise ConfigError(f"memory layer int({self.retrieval_layer_index} / {r}) = {self.memory_layer} is beyond "
                              f"the SideNet's {self.sidenet_layers} layers; lower --retrieval-layer-index or add "
                              f"--decoder-layers")
         if r * self.sidenet_layers > self.backbone_layers:
-            raise ValueError(f"{self.sidenet_layers} SideNet layers x layer_reduction_factor {r} needs "
+            raise ConfigError(f"{self.sidenet_layers} SideNet layers x layer_reduction_factor {r} needs "
                              f"{r * self.sidenet_layers} backbone layers, the backbone has {self.backbone_layers}")
 
     @property

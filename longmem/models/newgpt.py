@@ -33,6 +33,7 @@ from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_positions
 from longmem.modules.heads import merge_heads, split_heads
 from longmem.modules.sidenet_layer import SideNetLayer
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class NewGPTConfig(FairseqDataclass):
 def validate_newgpt_config(cfg) -> None:
     """Errors that name the bad value and the fix, raised before any weight is allocated."""
     if cfg.embed_dim % cfg.num_attention_heads != 0:
-        raise ValueError(
+        raise ConfigError(
             f"newgpt: embed_dim={cfg.embed_dim} is not divisible by "
             f"num_attention_heads={cfg.num_attention_heads}; choose a head count that divides the width "
             f"(e.g. {[h for h in (4, 8, 12, 16, 20, 25) if cfg.embed_dim % h == 0]})"
@@ -299,11 +300,11 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
         weights = state["model"]
         prefix = "decoder.model.transformer."
         if prefix + "wte.weight" not in weights:
-            raise ValueError(f"--pretrained-model-path {path} is not a newgpt backbone checkpoint (its model is "
+            raise ConfigError(f"--pretrained-model-path {path} is not a newgpt backbone checkpoint (its model is "
                              f"{checkpoint_model_name(state) or 'unknown'!r} but it holds no {prefix}wte.weight)")
         rows = weights[prefix + "wte.weight"].shape[0]
         if rows != len(dictionary):
-            raise ValueError(f"backbone {path} has a vocabulary of {rows} but this task's dictionary has "
+            raise ConfigError(f"backbone {path} has a vocabulary of {rows} but this task's dictionary has "
                              f"{len(dictionary)}: binarize the data with the backbone's dict.txt "
                              f"(fairseq-preprocess --srcdict)")
         model_cfg = (state.get("cfg") or {}).get("model") if state.get("cfg") is not None else None
@@ -423,10 +424,10 @@ for _name, _sizes in NEWGPT_ARCHS.items():
 def newgpt_config(arch: str, **overrides) -> NewGPTConfig:
     """The config of a registered ``newgpt`` arch, with keyword overrides; unknown arch is an error."""
     if arch not in NEWGPT_ARCHS:
-        raise ValueError(f"unknown newgpt arch {arch!r}; known: {', '.join(NEWGPT_ARCHS)}")
+        raise ConfigError(f"unknown newgpt arch {arch!r}; known: {', '.join(NEWGPT_ARCHS)}")
     unknown = set(overrides) - {f.name for f in fields(NewGPTConfig)}
     if unknown:
-        raise ValueError(f"unknown newgpt option(s) {sorted(unknown)} for arch {arch!r}")
+        raise ConfigError(f"unknown newgpt option(s) {sorted(unknown)} for arch {arch!r}")
     args = argparse.Namespace(**overrides)
     ARCH_CONFIG_REGISTRY[arch](args)
     return NewGPTConfig(**{f.name: getattr(args, f.name, f.default) for f in fields(NewGPTConfig)})

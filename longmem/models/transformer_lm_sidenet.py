@@ -33,6 +33,7 @@ from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
 from longmem.modules.memory_controller import MemoryController, MemorySettings
 from longmem.modules.sidenet_layer import LAYER_NORM_EPS
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.layer_map = LayerMap(backbone.num_layers, cfg.decoder_layers, cfg.layer_reduction_factor,
                                   cfg.retrieval_layer_index)
         if (backbone.embed_dim, backbone.num_heads) != (cfg.decoder_embed_dim, cfg.decoder_attention_heads):
-            raise ValueError(f"SideNet width/heads ({cfg.decoder_embed_dim}, {cfg.decoder_attention_heads}) "
+            raise ConfigError(f"SideNet width/heads ({cfg.decoder_embed_dim}, {cfg.decoder_attention_heads}) "
                              f"must equal the backbone's ({backbone.embed_dim}, {backbone.num_heads})")
         backbone.freeze()
         self.pretrained_model = backbone

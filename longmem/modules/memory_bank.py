@@ -37,6 +37,7 @@ import torch
 
 from longmem.modules.heads import split_heads
 from longmem.utils.atomic import atomic_open
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +91,17 @@ class ChunkedMemoryBank:
         for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("memory_size", memory_size),
                             ("chunk_size", chunk_size), ("k", k), ("num_streams", num_streams)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ChunkedMemoryBank: {name} must be a positive int, got {value!r}")
+                raise ConfigError(f"ChunkedMemoryBank: {name} must be a positive int, got {value!r}")
         if k % chunk_size:
-            raise ValueError(f"ChunkedMemoryBank: k={k} is not a multiple of chunk_size={chunk_size}; "
+            raise ConfigError(f"ChunkedMemoryBank: k={k} is not a multiple of chunk_size={chunk_size}; "
                              f"retrieval returns whole chunks, so choose k in {chunk_size}, {2 * chunk_size}, ...")
         if memory_size % chunk_size:
-            raise ValueError(f"ChunkedMemoryBank: memory_size={memory_size} is not a multiple of "
+            raise ConfigError(f"ChunkedMemoryBank: memory_size={memory_size} is not a multiple of "
                              f"chunk_size={chunk_size}; memory holds whole chunks")
         if backend not in BACKENDS:
-            raise ValueError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+            raise ConfigError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
         if eviction not in EVICTIONS:
-            raise ValueError(f"ChunkedMemoryBank: unknown eviction {eviction!r}; choose one of {EVICTIONS}")
+            raise ConfigError(f"ChunkedMemoryBank: unknown eviction {eviction!r}; choose one of {EVICTIONS}")
         if not dtype.is_floating_point:
             raise TypeError(f"ChunkedMemoryBank: storage dtype must be floating point, got {dtype}")
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -127,12 +128,12 @@ class ChunkedMemoryBank:
         """Change how memory is read (tokens per query, search backend) without touching what it holds."""
         if k is not None:
             if not isinstance(k, int) or k < 1 or k % self.chunk_size:
-                raise ValueError(f"ChunkedMemoryBank: k={k!r} must be a positive multiple of "
+                raise ConfigError(f"ChunkedMemoryBank: k={k!r} must be a positive multiple of "
                                  f"chunk_size={self.chunk_size}")
             self.k, self.chunks_per_query = k, k // self.chunk_size
         if backend is not None:
             if backend not in BACKENDS:
-                raise ValueError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+                raise ConfigError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
             self.backend = self._choose_backend(backend)
 
     @property
@@ -169,11 +170,16 @@ class ChunkedMemoryBank:
                             f"another float dtype), received {x.dtype}")
         width = self.num_heads * self.head_dim
         if x.dim() != 3 or x.size(-1) != width:
-            raise ValueError(f"ChunkedMemoryBank: {name} must be (B, T, num_heads*head_dim) = "
+            raise ConfigError(f"ChunkedMemoryBank: {name} must be (B, T, num_heads*head_dim) = "
                              f"(B, T, {width}), received {tuple(x.shape)}")
         if not self.shared and x.size(0) != self.num_streams:
-            raise ValueError(f"ChunkedMemoryBank: {name} has batch size {x.size(0)} but the bank has "
+            raise ConfigError(f"ChunkedMemoryBank: {name} has batch size {x.size(0)} but the bank has "
                              f"num_streams={self.num_streams} (one row per stream); received {tuple(x.shape)}")
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise ConfigError(f"ChunkedMemoryBank: {name} hold {bad} non-finite values (NaN or inf) of "
+                              f"{x.numel()}: memory stores and searches finite vectors only (look for an overflow "
+                              f"upstream, e.g. fp16 in the backbone)")
 
     # ------------------------------------------------------------------ write
     @torch.no_grad()
@@ -184,13 +190,13 @@ class ChunkedMemoryBank:
         self._check("keys", keys)
         self._check("values", values)
         if keys.shape != values.shape:
-            raise ValueError(f"ChunkedMemoryBank: keys {tuple(keys.shape)} and values "
+            raise ConfigError(f"ChunkedMemoryBank: keys {tuple(keys.shape)} and values "
                              f"{tuple(values.shape)} must have the same shape")
         keys = keys.to(self.device, self.dtype)
         values = values.to(self.device, self.dtype)
         if self.shared:
             if start is not None:
-                raise ValueError("ChunkedMemoryBank: start positions need per-stream memory (shared=False)")
+                raise ConfigError("ChunkedMemoryBank: start positions need per-stream memory (shared=False)")
             self._add_stream(0, keys.reshape(-1, keys.size(-1)), values.reshape(-1, values.size(-1)))  # batch-major
             return
         for s in range(keys.size(0)):
@@ -206,7 +212,7 @@ class ChunkedMemoryBank:
             if self.filled[s] + n >= self.capacity:
                 drop = 2 * keys.size(0) // c  # the release: twice what arrives, counted in tokens
                 if drop > self.filled[s]:
-                    raise ValueError(
+                    raise ConfigError(
                         f"ChunkedMemoryBank: the release's eviction would drop {drop} chunks from a memory "
                         f"holding {self.filled[s]} (the release fails there): memory_size={self.memory_size} "
                         f"must hold at least three adds of {keys.size(0)} tokens, or use eviction='ring'")
@@ -237,7 +243,7 @@ class ChunkedMemoryBank:
         for _ in range(capacity // max(n, 1) + 3):  # the first eviction is the tightest
             if filled + n >= capacity:
                 if drop > filled:
-                    raise ValueError(
+                    raise ConfigError(
                         f"the release's memory eviction drops {drop} chunks when memory would fill, but a memory "
                         f"of {memory_size} tokens holds only {filled} chunks then (the release fails there): with "
                         f"adds of {tokens_per_add} tokens (batch rows x tokens per sample) --memory-size must be at "
@@ -281,6 +287,12 @@ class ChunkedMemoryBank:
         """queries (B, T, H*d) -> the k memory tokens of each query token and head."""
         self._check("queries", queries)
         B, T, _ = queries.shape
+        if T == 0:  # nothing to look up: empty results of the right shapes
+            kc = self.chunks_per_query
+            empty = torch.zeros(B, self.num_heads, 0, self.k, self.head_dim, dtype=self.dtype, device=self.device)
+            return Retrieved(keys=empty, values=empty.clone(),
+                             mask=torch.zeros(B, self.num_heads, 0, self.k, dtype=torch.bool, device=self.device),
+                             chunk_ids=torch.zeros(B, self.num_heads, 0, kc, dtype=torch.long, device=self.device))
         H, kc = self.num_heads, self.chunks_per_query
         q = split_heads(queries.to(self.device), self.num_heads).float()  # (B, H, T, d)
         bank_of_row = [0] * B if self.shared else list(range(B))
@@ -359,11 +371,17 @@ class ChunkedMemoryBank:
                 "chunk_serial": self.chunk_serial.cpu(), "write_pos": list(self.write_pos),
                 "filled": list(self.filled), "next_serial": list(self.next_serial)}
 
+    STATE_KEYS = ("config", "dtype", "keys", "values", "chunk_keys", "chunk_serial", "write_pos", "filled",
+                  "next_serial")
+
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in self.STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise ConfigError(f"ChunkedMemoryBank: not a saved memory bank (missing {', '.join(missing)})")
         ours, theirs = self.config(), {"eviction": "ring", **state["config"]}  # files older than eviction
         if ours != theirs:
             diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
-            raise ValueError("ChunkedMemoryBank: saved memory does not fit this bank: "
+            raise ConfigError("ChunkedMemoryBank: saved memory does not fit this bank: "
                              + ", ".join(f"{k} saved={a} here={b}" for k, (a, b) in diff.items()))
         self.keys.copy_(state["keys"])
         self.values.copy_(state["values"])
@@ -380,7 +398,18 @@ class ChunkedMemoryBank:
 
     @classmethod
     def load(cls, path: str, backend: str = "auto", device=None) -> "ChunkedMemoryBank":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        bank = cls(**state["config"], backend=backend, device=device, dtype=getattr(torch, state["dtype"]))
+        """A bank saved by ``save``; a file that is not one is an error naming it."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"ChunkedMemoryBank: memory file {str(path)!r} does not exist") from None
+        except Exception as e:  # truncated, another format: torch's many unpickling errors
+            raise ConfigError(f"ChunkedMemoryBank: {path} is not a readable saved memory bank "
+                              f"({type(e).__name__})") from None
+        missing = [k for k in cls.STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing or not isinstance(state.get("config"), dict):
+            raise ConfigError(f"ChunkedMemoryBank: {path} is not a saved memory bank (missing "
+                              f"{', '.join(missing) or 'config'})")
+        bank = cls(**state["config"], backend=backend, device=device, dtype=getattr(torch, str(state["dtype"])))
         bank.load_state_dict(state)
         return bank

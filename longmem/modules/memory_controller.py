@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +54,17 @@ class MemorySettings:
         for name in ("memory_size", "k", "chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"memory: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"memory: {name} must be a positive integer, got {value!r}")
         if self.k % self.chunk_size:
-            raise ValueError(f"memory: k={self.k} is not a multiple of chunk_size={self.chunk_size}; retrieval "
+            raise ConfigError(f"memory: k={self.k} is not a multiple of chunk_size={self.chunk_size}; retrieval "
                              f"returns whole chunks, so choose k in {self.chunk_size}, {2 * self.chunk_size}, ...")
         if self.memory_size % self.chunk_size:
-            raise ValueError(f"memory: memory_size={self.memory_size} is not a multiple of "
+            raise ConfigError(f"memory: memory_size={self.memory_size} is not a multiple of "
                              f"chunk_size={self.chunk_size}; memory holds whole chunks")
         if self.backend not in BACKENDS:
-            raise ValueError(f"memory: unknown backend {self.backend!r}; choose one of {BACKENDS}")
+            raise ConfigError(f"memory: unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if self.mode not in MODES:
-            raise ValueError(f"memory: unknown mode {self.mode!r}; choose one of {MODES}")
+            raise ConfigError(f"memory: unknown mode {self.mode!r}; choose one of {MODES}")
 
     # settings a live bank cannot change without being rebuilt (empty)
     STRUCTURAL = ("memory_size", "chunk_size", "mode", "on_device")
@@ -134,7 +135,7 @@ class MemoryController:
         """Put a bank built elsewhere (e.g. ``ChunkedMemoryBank.load``) in a slot, the active one by
         default; it must hold this model's heads."""
         if (bank.num_heads, bank.head_dim) != (self.num_heads, self.head_dim):
-            raise ValueError(f"memory: the bank holds {bank.num_heads} heads of {bank.head_dim}, this model caches "
+            raise ConfigError(f"memory: the bank holds {bank.num_heads} heads of {bank.head_dim}, this model caches "
                              f"{self.num_heads} heads of {self.head_dim}")
         self._banks[self.slot if slot is None else slot] = bank
 

@@ -21,6 +21,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from longmem.modules.memory_bank import ChunkedMemoryBank
 from longmem.tasks.stream_dataset import StreamBatches, TokenStream
+from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,18 @@ class LongMemLanguageModelingConfig(LanguageModelingConfig):
                                          "of each of this rank's passages (needs --sample-break-mode none)"})
 
 
+class StreamEpochBatchIterator(iterators.EpochBatchIterator):
+    """fairseq's iterator over the streams' batches; on resume it says what continues and what does not."""
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        done = state_dict.get("iterations_in_epoch", 0)
+        if done:
+            logger.warning("resuming epoch %d at batch %d of %d: every row of every rank continues its stream where "
+                           "it stopped; the memory starts empty (it is not saved in checkpoints, as in the release) "
+                           "and refills as the rows read on", self.epoch, done, len(self))
+
+
 def model_memory(model):
     """The memory controller of a (possibly wrapped) LongMem model, or None for a model without memory."""
     while hasattr(model, "module") and not hasattr(model, "decoder"):
@@ -46,6 +59,10 @@ def model_memory(model):
 class LongMemLanguageModelingTask(LanguageModelingTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        decoder = getattr(model, "decoder", None)
+        if not from_checkpoint and getattr(decoder, "backbone_loaded", True) is False:
+            raise ConfigError(f"--pretrained-model-path {cfg.pretrained_model_path!r} does not exist: training needs "
+                              f"the frozen backbone's checkpoint (e.g. gpt2_medium/checkpoint_last.pt)")
         memory = model_memory(model)
         if memory is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
             memory.configure(reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
@@ -57,7 +74,7 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         if self.args.data_no_shuffle and self.args.sample_break_mode != "none":
-            raise ValueError(f"--data-no-shuffle reads the release's order over blocks of --tokens-per-sample "
+            raise ConfigError(f"--data-no-shuffle reads the release's order over blocks of --tokens-per-sample "
                              f"tokens: use --sample-break-mode none (got {self.args.sample_break_mode!r})")
         paths = self.args.data.split(":")
         data_path = paths[(epoch - 1) % len(paths)]  # fairseq's data shards, one per epoch in turn
@@ -80,14 +97,14 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
                 required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch, data_buffer_size,
                 disable_iterator_cache, skip_remainder_batch, grouped_shuffling, update_epoch_batch_itr)
         if max_sentences is None:
-            raise ValueError("longmem_language_modeling needs --batch-size: each row is one memory stream")
+            raise ConfigError("longmem_language_modeling needs --batch-size: each row is one memory stream")
         if max_sentences % required_batch_size_multiple:
-            raise ValueError(f"--batch-size {max_sentences} is not a multiple of "
+            raise ConfigError(f"--batch-size {max_sentences} is not a multiple of "
                              f"--required-batch-size-multiple {required_batch_size_multiple}")
         batches = StreamBatches(dataset, max_sentences, self.args.tokens_per_sample, self.dictionary.pad(),
                                 num_shards, shard_id, layout="release" if self.args.data_no_shuffle else "streams")
         if batches.layout == "release" and len(batches) == 0:
-            raise ValueError(f"--data-no-shuffle: a split of {len(dataset)} tokens gives no batch of {max_sentences} "
+            raise ConfigError(f"--data-no-shuffle: a split of {len(dataset)} tokens gives no batch of {max_sentences} "
                              f"rows x {num_shards} rank(s) in the release's order (blocks of "
                              f"{self.args.tokens_per_sample} tokens, one passage per row, all as long as the "
                              f"shortest): use more data, fewer rows, or --disable-validation for a short valid split "
@@ -95,7 +112,7 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
         if batches.layout == "release" and len(batches) > 1:
             logger.info("release order, rank %d: batch 0 = samples %s, batch 1 = samples %s", shard_id,
                         batches.sample_ids(0).tolist(), batches.sample_ids(1).tolist())
-        return iterators.EpochBatchIterator(
+        return StreamEpochBatchIterator(
             dataset=batches, collate_fn=batches.collater, batch_sampler=[[i] for i in range(len(batches))],
             seed=seed, num_shards=1, shard_id=0, num_workers=num_workers, epoch=epoch,
             buffer_size=data_buffer_size, disable_shuffling=True,  # the order is the point

@@ -18,6 +18,7 @@ from typing import List
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset
+from longmem.errors import ConfigError
 
 
 def release_batches(num_samples: int, batch_size: int, num_shards: int = 1, shard_id: int = 0) -> List[List[int]]:
@@ -62,7 +63,7 @@ class StreamBatches(FairseqDataset):
     def __init__(self, stream: TokenStream, batch_size: int, tokens_per_sample: int, pad: int,
                  num_shards: int = 1, shard_id: int = 0, layout: str = "streams"):
         if batch_size is None or batch_size < 1:
-            raise ValueError("the longmem_language_modeling task needs --batch-size (rows = memory streams)")
+            raise ConfigError("the longmem_language_modeling task needs --batch-size (rows = memory streams)")
         T, B = tokens_per_sample, batch_size
         src = torch.cat([torch.tensor([stream.eos]), stream.tokens[:-1]]) if len(stream.tokens) else stream.tokens
         tgt, starts = stream.tokens, stream.doc_start
@@ -78,10 +79,13 @@ class StreamBatches(FairseqDataset):
             samples = -(-len(tgt) // T)  # blocks of T tokens, the last one shorter
             self.src, self.tgt, self.starts = (self._pad(x, samples * T, fill).view(samples, T) for x, fill in
                                                ((src, pad), (tgt, pad), (starts, False)))  # (N, T)
-            self.batch_ids = release_batches(samples, B, num_shards, shard_id)
-            self.num_batches = len(self.batch_ids)
+            # every rank stops with the one whose passages are shortest (the release's ranks could disagree
+            # on their number of batches, which stalls data-parallel training at the end of an epoch)
+            common = min(len(release_batches(samples, B, num_shards, s)) for s in range(num_shards))
+            self.batch_ids = release_batches(samples, B, num_shards, shard_id)[:common]
+            self.num_batches = common
         else:
-            raise ValueError(f"unknown stream layout {layout!r}")
+            raise ConfigError(f"unknown stream layout {layout!r}")
         self.layout, self.B, self.T, self.pad = layout, B, T, pad
 
     @staticmethod

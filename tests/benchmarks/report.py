@@ -10,14 +10,15 @@ HEADER = ("# Benchmarks\n\nWritten by the scripts in `tests/benchmarks/` (`make 
           "from one run on one machine, and the machines are shared and noisy.\n")
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    text = open(DOC, encoding="utf-8").read() if os.path.exists(DOC) else HEADER
+def write_section(name: str, title: str, body: str, doc: str = None) -> None:
+    doc = doc or DOC
+    text = open(doc, encoding="utf-8").read() if os.path.exists(doc) else HEADER
     stamp = datetime.date.today().isoformat()
     section = f"<!-- {name}:start -->\n## {title}\n\nRun on {stamp}.\n\n{body}\n<!-- {name}:end -->"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = DOC + ".tmp"
-    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    tmp = doc + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, DOC)
+    os.replace(tmp, doc)

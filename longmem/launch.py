@@ -1,0 +1,122 @@
+"""Start fairseq's own distributed training on N processes (and several nodes), on CPUs or GPUs.
+
+    python -m longmem.launch --nproc 2 -- DATA --user-dir longmem --task longmem_language_modeling ...
+
+* **CPU** (``--cpu`` among the training flags, or no CUDA GPU): ``nproc`` processes of
+  ``fairseq_cli.train`` with ``--distributed-backend gloo --ddp-backend legacy_ddp``, each told its
+  rank and the rendezvous ``tcp://MASTER_ADDR:MASTER_PORT`` (``--distributed-no-spawn``). torchrun's
+  ``env://`` path does not work on CPU in fairseq 0.12 (it divides by the GPU count).
+* **GPUs, one node**: one ``fairseq_cli.train`` with ``--distributed-world-size nproc``: fairseq spawns a
+  process per GPU and uses NCCL.
+* **GPUs, several nodes**: ``torchrun --nnodes --node_rank --master_addr --master_port
+  --nproc_per_node`` on each node (fairseq reads torchrun's environment).
+
+On a CPU run, every rank's output goes to the terminal, the non-zero ranks' with a ``[rank R]`` prefix
+(fairseq keeps them quiet but for warnings and errors); the launcher waits for all ranks and, if one
+fails, stops the others and exits with its code.
+"""
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commands(args, train_args, cuda: bool):
+    """The processes to start on this node: a list of (rank or None, argv)."""
+    world = args.nproc * args.nnodes
+    python = [sys.executable, "-m", "fairseq_cli.train", *train_args]
+    if not cuda:
+        init = f"tcp://{args.master_addr}:{args.master_port}"
+        return [(rank, python + ["--distributed-world-size", str(world), "--distributed-rank", str(rank),
+                                 "--distributed-init-method", init, "--distributed-no-spawn",
+                                 "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp", "--device-id", "0"])
+                for rank in range(args.node_rank * args.nproc, (args.node_rank + 1) * args.nproc)]
+    if args.nnodes == 1:
+        return [(None, python + ["--distributed-world-size", str(world)])]
+    return [(None, [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+                     "--node_rank", str(args.node_rank), "--master_addr", args.master_addr,
+                     "--master_port", str(args.master_port), "--nproc_per_node", str(args.nproc),
+                     "-m", "fairseq_cli.train", *train_args, "--distributed-world-size", str(world)])]
+
+
+def _relay(proc, rank, sink):
+    for line in proc.stdout:
+        sink.write(f"[rank {rank}] {line}" if rank else line)
+        sink.flush()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        raise SystemExit("usage: python -m longmem.launch [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1, help="processes on this node (one per GPU on GPUs)")
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1", help="the address of node 0")
+    p.add_argument("--master-port", type=int, default=0, help="a free port on node 0 (default: one found here; "
+                                                             "give one explicitly with several nodes)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
+    args = p.parse_args(argv[:cut])
+    train_args = argv[cut + 1:]
+    for name in ("nproc", "nnodes"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        p.error(f"--node-rank {args.node_rank} must be in [0, {args.nnodes - 1}]")
+    if args.nnodes > 1 and not args.master_port:
+        p.error("several nodes need --master-port (the same free port of node 0 on every node)")
+    args.master_port = args.master_port or free_port()
+    import torch
+
+    cuda = torch.cuda.is_available() and "--cpu" not in train_args
+    procs = commands(args, train_args, cuda)
+    if args.dry_run:
+        for _, cmd in procs:
+            print(" ".join(cmd))
+        return 0
+    if len(procs) == 1 and procs[0][0] is None:
+        os.execv(sys.executable, procs[0][1])
+    running = []
+    for rank, cmd in procs:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        thread = threading.Thread(target=_relay, args=(proc, rank, sys.stdout), daemon=True)
+        thread.start()
+        running.append((rank, proc, thread))
+    failed = None
+    while running and failed is None:
+        for item in list(running):
+            rank, proc, thread = item
+            code = proc.poll()
+            if code is None:
+                continue
+            thread.join()
+            running.remove(item)
+            if code != 0:
+                failed = (rank, code)
+                break
+        else:
+            time.sleep(0.2)
+    for rank, proc, thread in running:
+        proc.terminate()
+        proc.wait()
+        thread.join()
+    if failed:
+        print(f"longmem.launch: rank {failed[0]} failed with exit code {failed[1]}; the other ranks were stopped",
+              file=sys.stderr)
+        return failed[1]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Bad input: a one-line error naming the input and the fix (no traceback), or a counted warning; never a
+silent wrong number, never damaged or partial output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "preprocess"))
+
+
+def run_script(*args, timeout=300):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
+    backbone records a data path that does not exist."""
+    from longmem.models.newgpt import build_newgpt
+    from longmem.released import write_released_style_checkpoint
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    root = tmp_path_factory.mktemp("errors")
+    words = [f"w{i}" for i in range(30)]
+    docs = ["\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12)) for j in range(20)) for d in range(3)]
+    (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt",
+                    "--testpref", root / "docs.txt", "--destdir", root / "bin", "--workers", "1"], check=True,
+                   capture_output=True)
+    d = str(root / "bin" / "dict.txt")
+    backbone = build_newgpt("newgpt-tiny", d, embed_dim=64, num_layers=4, num_attention_heads=4, ffn_embed_dim=256,
+                            retrieval_layer_index=2)
+    save_fairseq_checkpoint(root / "backbone.pt", backbone.state_dict(), cfg={
+        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
+                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
+        "task": {"_name": "language_modeling", "data": "relative/path/that/is/not/here"}})
+    write_released_style_checkpoint(str(root / "longmem.pt"), d)
+    from longmem import paths
+
+    write_released_style_checkpoint(str(root / "longmem_gpt2.pt"), paths.GPT2_DICT)  # for the ICL sets
+    return root
+
+
+LM = os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py")
+ICL = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
+
+
+def test_eval_lm_rejects_bad_sizes_and_checkpoints_of_the_wrong_kind_before_scoring(tiny):
+    out = tiny / "lm.json"
+    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "-5",
+                              "--results-path", out)
+    assert_one_line_error(code, err, "--tokens-per-sample", "must be a positive integer")
+    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "0")
+    assert_one_line_error(code, err, "--tokens-per-sample")
+    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "longmem.pt", "--results-path", out)
+    assert_one_line_error(code, err, "longmem.pt", "not a backbone checkpoint")
+    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "backbone.pt", "--results-path", out)
+    assert_one_line_error(code, err, "backbone.pt", "not a LongMem checkpoint")
+    code, stdout, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--longmem",
+                                   tiny / "longmem.pt", "--k", "6", "--chunk-size", "4", "--results-path", out)
+    assert_one_line_error(code, err, "k=6 is not a multiple of chunk_size=4")
+    assert "documents of" not in stdout  # refused before any model was scored
+    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem.pt", "--token-mask", tiny / "none.mask")
+    assert_one_line_error(code, err, "none.mask", "does not exist")
+    (tiny / "corrupt.pt").write_bytes(torch.load.__doc__.encode()[:500])
+    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "corrupt.pt")
+    assert_one_line_error(code, err, "corrupt.pt", "not a readable fairseq checkpoint")
+    assert not out.exists()
+
+
+def test_eval_lm_reads_the_data_folder_given_not_the_one_a_checkpoint_recorded(tiny):
+    """The backbone recorded a relative data path that does not exist here: the folder on the command
+    line is the one used (fairseq drops arg_overrides when given a loaded state)."""
+    out = tiny / "ok.json"
+    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "64",
+                              "--results-path", out)
+    assert code == 0, err[-2000:]
+    assert json.loads(out.read_text())["documents"] == 3
+
+
+def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_path):
+    common = ["--longmem", tiny / "longmem_gpt2.pt", "--cpu", "--max-queries", "2", "--seeds", "1"]
+    code, _, err = run_script(ICL, *common, "--tasks", "sst2", "--cache-k", "0")
+    assert_one_line_error(code, err, "memory would stay empty")
+    code, _, err = run_script(ICL, *common, "--tasks", "sst2", "--cache-k", "3", "--memory-block", "1024")
+    assert_one_line_error(code, err, "fill no whole block of 1024 tokens")
+    for flag, value in (("--k", "-1"), ("--memory-block", "0"), ("--batch-size", "0")):
+        code, _, err = run_script(ICL, *common, "--tasks", "sst2", flag, value)
+        assert_one_line_error(code, err, flag)
+    out = tmp_path / "icl.json"
+    code, _, err = run_script(ICL, *common, "--tasks", "subj", "sst2", "--modes", "memory-off", "--k", "2",
+                              "--cache-k", "7000", "--results-path", out)  # subj has 8,000 examples, SST-2 6,920
+    assert_one_line_error(code, err, "sst2 memory-off", "cache_k = 7000")
+    assert set(json.loads(out.read_text())["results"]) == {"subj"}  # the finished task was kept
+
+
+def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny):
+    code, _, err = run_script("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                              "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
+                              "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+                              "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
+                              "--use-external-memory", "--k", "6", "--chunk-size", "4", "--tokens-per-sample", "32",
+                              "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--cpu",
+                              "--save-dir", tiny / "never")
+    assert_one_line_error(code, err, "error: memory: k=6 is not a multiple of chunk_size=4")
+    assert not (tiny / "never" / "crash.pt").exists()
+
+
+def test_memory_bank_refuses_non_finite_vectors_and_unreadable_files(tmp_path):
+    from longmem.errors import ConfigError
+    from longmem.modules.memory_bank import ChunkedMemoryBank
+
+    for backend in ("torch", "faiss"):
+        bank = ChunkedMemoryBank(2, 4, 32, 2, 4, backend=backend, dtype=torch.float32)
+        keys = torch.randn(1, 6, 8)
+        keys[0, 3, 1] = float("nan")
+        with pytest.raises(ConfigError, match="keys hold 1 non-finite values"):
+            bank.add(keys, torch.randn(1, 6, 8))
+        bank.add(torch.randn(1, 6, 8), torch.randn(1, 6, 8))
+        with pytest.raises(ConfigError, match="queries hold 1 non-finite"):
+            bank.retrieve(torch.tensor([[[float("inf")] + [0.0] * 7]]))
+        empty = bank.retrieve(torch.zeros(1, 0, 8))
+        assert empty.keys.shape == (1, 2, 0, 4, 4) and empty.mask.shape == (1, 2, 0, 4)
+    bank.save(tmp_path / "mem.pt")
+    data = (tmp_path / "mem.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="cut.pt is not a readable saved memory bank"):
+        ChunkedMemoryBank.load(str(tmp_path / "cut.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="other.pt is not a saved memory bank"):
+        ChunkedMemoryBank.load(str(tmp_path / "other.pt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        ChunkedMemoryBank.load(str(tmp_path / "none.pt"))
+
+
+def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_output(tmp_path):
+    import zstandard
+
+    script = os.path.join(REPO, "preprocess", "prepare_pile.py")
+    docs = [json.dumps({"text": f"document {i} line one\nline two of {i}", "meta": {"pile_set_name": "Pile-CC"}})
+            for i in range(3000)]
+    good = tmp_path / "good.jsonl.zst"
+    good.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(docs) + "\n").encode()))
+    dest = tmp_path / "bin"
+    common = ["--destdir", dest, "--workers", "1"]
+    code, _, err = run_script(script, "--train", good, *common)
+    assert code == 0, err[-2000:]
+    before = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
+    assert "train.bin" in before
+
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    code, _, err = run_script(script, "--train", cut, *common)
+    assert_one_line_error(code, err, "cut.jsonl.zst", "truncated")
+    (tmp_path / "empty.jsonl").write_text("")
+    code, _, err = run_script(script, "--train", good, "--valid", tmp_path / "empty.jsonl", *common)
+    assert_one_line_error(code, err, "valid", "kept no document")
+    (tmp_path / "bad.json").write_text("{not json")
+    code, _, err = run_script(script, "--train", good, "--weights", tmp_path / "bad.json", *common)
+    assert_one_line_error(code, err, "bad.json", "not a readable JSON")
+    after = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
+    assert after == before  # every failed run left the previous output as it was
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("bin.")) == []  # no staging left
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"\n".join(d.encode() for d in docs[:5]) + b"\n" +
+                      b'{"text": "caf\xe9 latin-1", "meta": {"pile_set_name": "Pile-CC"}}\n')
+    (tmp_path / "w.json").write_text(json.dumps({"Pile-CC": 1, "Githubb": 2}))
+    code, _, err = run_script(script, "--train", mixed, "--weights", tmp_path / "w.json", *common)
+    assert code == 0, err[-2000:]
+    report = json.loads((dest / "encoded" / "report.json").read_text())
+    assert report["undecodable_lines"] == 1 and report["kept"] == {"Pile-CC": 6}
+    assert report["weights_for_unseen_subsets"] == ["Githubb"] and "Githubb" in err
+    assert "1 with bytes that are not UTF-8" in err
