@@ -25,6 +25,8 @@ $(STAMP): requirements.txt setup.py Makefile
 	# 4. the rest, pinned; no torchaudio.
 	$(PIP) install -q hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
 	    bitarray cffi regex sacrebleu tqdm scikit-learn faiss-cpu==1.15.1 sentencepiece zstandard matplotlib pytest
+	# 5. the [hf] extra: Hugging Face backbones, loaded offline (torch already satisfies accelerate)
+	$(PIP) install -q transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 

@@ -21,5 +21,7 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu==1.15.1"],
         "gpu": ["faiss-gpu==1.15.1"],
+        # a Hugging Face backbone (longmem/models/hf_causal_lm.py), loaded from local files only
+        "hf": ["transformers==5.24.0", "gguf==0.19.0", "accelerate==1.15.0"],
     },
 )

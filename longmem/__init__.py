@@ -10,5 +10,5 @@ from longmem import compat
 compat.apply()
 
 if importlib.util.find_spec("fairseq") is not None:  # registers the models, archs and tasks
-    from longmem.models import newgpt, transformer_lm_sidenet  # noqa: F401
+    from longmem.models import hf_causal_lm, newgpt, transformer_lm_sidenet  # noqa: F401
     from longmem.tasks import longmem_language_modeling  # noqa: F401

@@ -190,20 +190,37 @@ def recall_doc(src, rng, encoder, keys, values, n_pairs, min_gap):
     return doc
 
 
-def write_split(out, split, docs):
+def write_split(out, split, docs, newline=None):
+    """``newline``: the tokens of a line break; when given, each document is one line, its text lines
+    joined by those tokens (a tokenizer that encodes newlines, as Hugging Face ones do); otherwise one
+    line per text line (fairseq's ``</s>`` ends each)."""
     with atomic_open(os.path.join(out, f"{split}.bpe"), "w", encoding="utf-8") as fb, \
             atomic_open(os.path.join(out, f"{split}.mask"), "w", encoding="utf-8") as fm:
         for n, (_, doc) in enumerate(docs):
             if n:
                 fb.write("\n")
                 fm.write("\n")
+            if newline is not None:
+                pieces, marks = [], []
+                for i, (line, mask) in enumerate(doc):
+                    pieces += (newline if i else []) + line
+                    marks += ([0] * len(newline) if i else []) + mask
+                doc = [(pieces, marks)]
             for line, mask in doc:
                 fb.write(" ".join(line) + "\n")
                 fm.write(" ".join(map(str, mask)) + "\n")
 
 
 def build(args):
-    encoder = Encoder(args.spm_model)
+    if bool(args.spm_model) == bool(args.hf_tokenizer):
+        raise SystemExit("choose one tokenizer: --spm-model FILE or --hf-tokenizer PATH")
+    if args.hf_tokenizer:
+        from longmem.models.hf_causal_lm import HFTokens
+
+        encoder = HFTokens(args.hf_tokenizer)
+    else:
+        encoder = Encoder(args.spm_model)
+    newline = getattr(encoder, "newline", None)
     keys, values = word_pools(args.train_text, encoder, args.pool_size, args.pool_skip)
     stats = {"min_gap": args.min_gap, "doc_tokens": args.doc_tokens, "seed": args.seed, "splits": {}}
     for split, path, n_docs, kinds in (
@@ -224,7 +241,7 @@ def build(args):
             else:
                 doc = recall_doc(src, rng, encoder, keys, values, args.pairs, args.min_gap)
             docs.append((kind, doc))
-        write_split(args.out, split, docs)
+        write_split(args.out, split, docs, newline)
         summarize(stats, split, docs)
     if args.pretrain_docs:
         # in-window recurrences for the backbone's pretraining: a model that learned to copy from its
@@ -233,7 +250,7 @@ def build(args):
         src = Source(read_lines(args.train_text, encoder), rng)
         low, high = args.pretrain_gap
         docs = [("recurring", recurring_doc(src, rng, args.doc_tokens, low, high)) for _ in range(args.pretrain_docs)]
-        write_split(args.out, "pretrain", docs)
+        write_split(args.out, "pretrain", docs, newline)
         summarize(stats, "pretrain", docs)
     with atomic_open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
@@ -252,7 +269,9 @@ def summarize(stats, split, docs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--spm-model", required=True, help="the sentencepiece model that encodes the corpus")
+    p.add_argument("--spm-model", help="the sentencepiece model that encodes the corpus")
+    p.add_argument("--hf-tokenizer", help="instead: a Hugging Face model folder or .gguf file whose tokenizer "
+                                          "encodes the corpus as its ids (one line per document)")
     p.add_argument("--train-text", required=True, help="real text for training documents (and word pools)")
     p.add_argument("--valid-text", required=True, help="held-out real text for validation documents")
     p.add_argument("--test-text", required=True, help="held-out real text for test documents")

@@ -298,5 +298,5 @@ def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path, make_sidenet)
     save_fairseq_checkpoint(other, {"decoder.embed_tokens.weight": torch.zeros(2)},
                             cfg={"model": {"_name": "transformer_lm_gpt"}})
     cfg.pretrained_model_path = str(other)
-    with pytest.raises(ValueError, match="is not a newgpt backbone checkpoint .*'transformer_lm_gpt'"):
+    with pytest.raises(ValueError, match="is not a backbone checkpoint of a known family .*'transformer_lm_gpt'"):
         TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d))

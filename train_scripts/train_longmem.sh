@@ -26,7 +26,7 @@ fi
 DATA=$1; BACKBONE=$2; SAVE=$3; shift 3
 [[ -f $PRESET ]] || { echo "preset $PRESET not found (see configs/)" >&2; exit 2; }
 [[ -f $DATA/dict.txt ]] || { echo "no fairseq data at $DATA (dict.txt missing)" >&2; exit 2; }
-[[ -f $BACKBONE ]] || { echo "backbone checkpoint $BACKBONE not found (train one: train_scripts/pretrain_backbone.sh)" >&2; exit 2; }
+[[ -e $BACKBONE ]] || { echo "backbone checkpoint $BACKBONE not found (train one: train_scripts/pretrain_backbone.sh)" >&2; exit 2; }
 # EXTRA_FLAGS in the environment replaces the preset's (e.g. EXTRA_FLAGS="" to drop its --cpu)
 ENV_EXTRA_FLAGS=${EXTRA_FLAGS-__unset__}
 # shellcheck disable=SC1090
@@ -44,7 +44,7 @@ CMD=("$PYTHON" -m fairseq_cli.train "$DATA" \
   --optimizer adam --adam-betas '(0.9, 0.98)' --adam-eps 1e-6 --weight-decay "$WEIGHT_DECAY" \
   --lr "$LR" --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" \
   --total-num-update "$MAX_UPDATE" --max-update "$MAX_UPDATE" \
-  --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates 500 --keep-interval-updates 1 \
+  --save-dir "$SAVE" --no-epoch-checkpoints --save-interval-updates "${SAVE_INTERVAL_UPDATES:-500}" --keep-interval-updates 1 \
   --log-format "$LOG_FORMAT" --log-interval 10 --seed "$SEED" --num-workers 0 $EXTRA_FLAGS "$@")
 NPROC=${NPROC:-1}; NNODES=${NNODES:-1}
 if (( NPROC > 1 || NNODES > 1 )); then

@@ -1,1 +1,1 @@
-from longmem.models import newgpt, transformer_lm_sidenet  # noqa: F401
+from longmem.models import hf_causal_lm, newgpt, transformer_lm_sidenet  # noqa: F401

@@ -69,6 +69,10 @@ class FrozenBackbone:
     def final_norm(self) -> nn.Module:
         raise NotImplementedError
 
+    def sidenet_final_norm(self) -> nn.Module:
+        """A fresh norm of the type the SideNet ends with (``--reload-ptm-layer`` copies ``final_norm``)."""
+        raise NotImplementedError
+
     def sidenet_layer(self, ffn_embed_dim: int, dropout: float, attention_dropout: float,
                       use_memory: bool) -> nn.Module:
         """A SideNet layer of this family's block type, ``forward(x, residual, position, retrieve)``."""
@@ -118,8 +122,15 @@ def load_backbone(path: str, dictionary, retrieval_layer_index: int):
     sizes to be filled by a LongMem checkpoint, False) when the file does not exist."""
     from fairseq import checkpoint_utils
 
-    if not (path and os.path.isfile(path)):
+    if not (path and os.path.exists(path)):
         return None, False
+    for family in FAMILIES.values():  # families read from their own files (a Hugging Face folder, a .gguf)
+        if hasattr(family, "accepts_path") and family.accepts_path(path):
+            backbone = family.from_path(path, dictionary, retrieval_layer_index)
+            backbone.freeze()
+            return backbone, True
+    if not os.path.isfile(path):
+        raise ConfigError(f"--pretrained-model-path {path} is a folder but not a backbone one (no config.json)")
     try:
         state = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
@@ -128,9 +139,9 @@ def load_backbone(path: str, dictionary, retrieval_layer_index: int):
     name = checkpoint_model_name(state)
     family = family_of(name)
     if family is None:
-        raise ConfigError(f"--pretrained-model-path {path} is not a {' or '.join(FAMILIES)} backbone checkpoint (its "
-                         f"model is {name or 'unknown'!r}); pass the backbone's checkpoint, e.g. "
-                         f"gpt2_medium/checkpoint_last.pt")
+        raise ConfigError(f"--pretrained-model-path {path} is not a backbone checkpoint of a known family "
+                          f"({', '.join(FAMILIES)}): its model is {name or 'unknown'!r}; pass the backbone's "
+                          f"checkpoint, e.g. gpt2_medium/checkpoint_last.pt")
     backbone = family.from_checkpoint_state(state, path, dictionary, retrieval_layer_index)
     backbone.freeze()
     return backbone, True

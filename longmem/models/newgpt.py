@@ -32,6 +32,7 @@ from longmem.models.backbone import BackboneStates, FrozenBackbone, register_fam
 from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_positions
 from longmem.modules.heads import merge_heads, split_heads
+from longmem.modules.sidenet_layer import LAYER_NORM_EPS as SIDENET_LAYER_NORM_EPS
 from longmem.modules.sidenet_layer import SideNetLayer
 from longmem.errors import ConfigError
 
@@ -370,6 +371,9 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
     @property
     def final_norm(self) -> nn.Module:
         return self.decoder.model.transformer.ln_f
+
+    def sidenet_final_norm(self) -> nn.Module:
+        return nn.LayerNorm(self.embed_dim, eps=SIDENET_LAYER_NORM_EPS)  # fairseq's eps, as released
 
     def sidenet_layer(self, ffn_embed_dim, dropout, attention_dropout, use_memory):
         return SideNetLayer(self.embed_dim, ffn_embed_dim, self.num_heads, dropout, attention_dropout, use_memory)

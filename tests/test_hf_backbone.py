@@ -1,0 +1,157 @@
+"""LongMem over a Hugging Face Llama backbone, on a tiny random Llama built here (no download)."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, FakeTask, make_dictionary
+
+transformers = pytest.importorskip("transformers")  # the [hf] extra, which `make test` installs
+
+
+@pytest.fixture
+def llama(tmp_path):
+    """(folder of a saved tiny Llama, its fairseq dictionary): 4 layers, 4 query heads sharing 2 key/value
+    heads, rotary positions, tied embeddings."""
+    d = make_dictionary(60)
+    config = transformers.LlamaConfig(vocab_size=len(d), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "llama")
+    d.save(str(tmp_path / "dict.txt"))
+    return tmp_path / "llama", d
+
+
+def longmem_over(path, d, **kw):
+    from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
+
+    settings = dict(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_ffn_embed_dim=64,
+                    retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0, attention_dropout=0.0,
+                    memory_size=64, k=4, chunk_size=2, memory_backend="torch")
+    cfg = SideNetConfig(**{**settings, **kw})
+    return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d)), cfg
+
+
+def test_adapter_returns_the_models_own_hidden_states_and_pre_rotary_keys(llama):
+    from longmem.models.hf_causal_lm import HFCausalLM
+
+    path, d = llama
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    adapter = HFCausalLM.from_path(str(path), d, retrieval_layer_index=2)
+    tokens = torch.randint(4, len(d), (2, 9))
+    seen = {}
+    attn = hf.model.layers[2].self_attn
+    hooks = [attn.k_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("k", out)),
+             attn.v_proj.register_forward_hook(lambda m, a, out: seen.__setitem__("v", out))]
+    with torch.no_grad():
+        want = hf.model(input_ids=tokens, output_hidden_states=True).hidden_states
+        got = adapter.frozen_states(tokens, retrieval_kv=True)
+    for h in hooks:
+        h.remove()
+    assert len(got.hidden) == 5 == len(want)
+    for a, b in zip(got.hidden, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.retrieval_kv[0], seen["k"], rtol=0, atol=0)
+    torch.testing.assert_close(got.retrieval_kv[1], seen["v"], rtol=0, atol=0)
+    assert got.retrieval_kv[0].shape == (2, 9, 2 * 8)  # the key/value heads, before any rotation
+    # the logits through fairseq's interface are the model's own
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(tokens)[0], hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reload_copies_backbone_layer_r_i_plus_1_and_training_leaves_the_backbone(llama):
+    path, d = llama
+    model, _ = longmem_over(path, d, reload_ptm_layer=True, use_external_memory=True)
+    hf = model.decoder.pretrained_model.hf
+    for i, layer in enumerate(model.decoder.layers):
+        src = hf.model.layers[2 * i + 1]
+        for name, value in src.state_dict().items():
+            assert torch.equal(layer.state_dict()[name], value), (i, name)
+    assert torch.equal(model.decoder.layer_norm.weight, hf.model.norm.weight)
+    assert model.decoder.layers[1].self_attn.memory_bias.shape == (4,)  # one gate per query head
+    before = {k: v.clone() for k, v in model.decoder.pretrained_model.state_dict().items()}
+    trainable = {k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(2):  # the second step reads memory, so the gate gets a gradient
+        opt.zero_grad()
+        logits = model(torch.randint(4, len(d), (2, 8)))[0]
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), torch.randint(4, len(d), (16,))).backward()
+        opt.step()
+    for k, v in model.decoder.pretrained_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    changed = {k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, trainable[k])}
+    assert changed == set(trainable)
+
+
+def test_a_segment_never_finds_its_own_tokens_and_each_query_head_reads_its_key_value_head(llama):
+    path, d = llama
+    model, _ = longmem_over(path, d, use_external_memory=True, k=4, chunk_size=2)
+    model.eval()
+    backbone = model.decoder.pretrained_model
+    seen = []
+    seg1, seg2 = torch.randint(4, len(d), (1, 10)), torch.randint(4, len(d), (1, 10))
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
+        k1 = backbone.frozen_states(seg1, True).retrieval_kv[0].view(10, 2, 8)  # (T, H_kv, d)
+        k2 = backbone.frozen_states(seg2, True).retrieval_kv[0].view(10, 2, 8)
+        model(seg1)
+        assert seen == []
+        model(seg2)
+    assert len(seen) == 2  # one search per query head of a group (2 query heads per key/value head)
+    for out in seen:
+        for h in range(2):
+            real = out.keys[0, h][out.mask[0, h]]
+            assert len(real)
+            for row in real:
+                assert torch.isclose(row, k1[:, h], atol=1e-6).all(-1).any()
+                assert not torch.isclose(row, k2[:, h], atol=1e-6).all(-1).any()
+
+
+def test_checkpoint_saves_and_reloads_without_the_model_folder(llama, tmp_path):
+    import shutil
+
+    from fairseq import checkpoint_utils
+
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    path, d = llama
+    model, cfg = longmem_over(path, d, use_external_memory=True, reload_ptm_layer=True)
+    assert cfg.backbone_family == "hf_causal_lm" and '"num_key_value_heads": 2' in cfg.backbone_config
+    model_cfg = {**dataclasses.asdict(cfg), "_name": "transformer_lm_sidenet"}
+    save_fairseq_checkpoint(tmp_path / "lm.pt", model.state_dict(), cfg={
+        "model": model_cfg, "task": {"_name": "language_modeling", "data": str(tmp_path)}})
+    shutil.rmtree(path)  # the backbone's folder is gone: the checkpoint carries its weights and config
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "lm.pt")])
+    loaded = models[0].eval()
+    model.eval()
+    tokens = torch.randint(4, len(d), (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path):
+    path, d = llama
+    words = " ".join(f"w{i}" for i in range(60))
+    (tmp_path / "train.txt").write_text("\n".join(words for _ in range(40)) + "\n")
+    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
+                    tmp_path / "dict.txt", "--trainpref", tmp_path / "train.txt", "--destdir", tmp_path / "bin",
+                    "--workers", "1"], check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", tmp_path / "bin", "--user-dir",
+                           os.path.join(REPO, "longmem"), "--task", "longmem_language_modeling", "--arch",
+                           "transformer_lm_sidenet_tiny", "--decoder-layers", "2", "--decoder-embed-dim", "32",
+                           "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
+                           "--pretrained-model-path", path, "--retrieval-layer-index", "2", "--reload-ptm-layer",
+                           "--use-external-memory", "--memory-size", "128", "--k", "4", "--chunk-size", "2",
+                           "--tokens-per-sample", "16", "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3",
+                           "--max-update", "3", "--cpu", "--save-dir", tmp_path / "ck", "--disable-validation",
+                           "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["backbone_family"] == "hf_causal_lm"
+    assert "decoder.pretrained_model.decoder.model.model.layers.3.mlp.down_proj.weight" in state["model"]
