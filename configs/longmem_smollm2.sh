@@ -92,12 +92,17 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   say "evaluate"
   mkdir -p "$OUT/eval"
   EVAL=("$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" --tokens-per-sample "$TOKENS_PER_SAMPLE" --cpu)
-  "${EVAL[@]}" "$OUT/data-bin-copy" --backbone "$MODEL" --token-mask "$OUT/tokens/longrange/pretrain.mask" \
-      --results-path "$OUT/eval/copy.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/copy.log"
+  # the backbone copies in its window: each in-window recurrence document read whole (2,048-token segments)
+  "$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" "$OUT/data-bin-copy" --backbone "$MODEL" --tokens-per-sample 2048 \
+      --token-mask "$OUT/tokens/longrange/pretrain.mask" --results-path "$OUT/eval/copy.json" --cpu 2>&1 \
+      | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/copy.log"
   for set in longrange real; do
     MASK=(); [[ $set == longrange ]] && MASK=(--token-mask "$OUT/tokens/longrange/test.mask")
     "${EVAL[@]}" "$OUT/data-bin-$set" --backbone "$MODEL" --longmem "$OUT/longmem/checkpoint_last.pt" "${MASK[@]}" \
         --results-path "$OUT/eval/$set.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/$set.log"
   done
-  say "done: $OUT/eval/{copy,longrange,real}.json"
+  # does the memory layer retrieve the chunk a copy needs? (per query head)
+  "$PYTHON" "$ROOT/eval_scripts/diagnose_memory.py" "$OUT/data-bin-longrange" --longmem "$OUT/longmem/checkpoint_last.pt" \
+      --tokens-per-sample "$TOKENS_PER_SAMPLE" --results-path "$OUT/eval/diagnose.json" 2>&1 | tee "$OUT/eval/diagnose.log"
+  say "done: $OUT/eval/{copy,longrange,real,diagnose}.json"
 fi

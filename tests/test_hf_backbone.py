@@ -155,3 +155,29 @@ def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_pa
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
     assert state["cfg"]["model"]["backbone_family"] == "hf_causal_lm"
     assert "decoder.pretrained_model.decoder.model.model.layers.3.mlp.down_proj.weight" in state["model"]
+
+
+def test_retrieval_diagnostics_cover_every_query_head_of_a_group(llama):
+    """k = the whole memory: every earlier occurrence is retrieved, for each of the 4 query heads (2 per
+    key/value head, one search per group member)."""
+    from longmem.evaluation.diagnostics import retrieval_hits
+    from longmem.tasks.stream_dataset import TokenStream
+
+    path, d = llama
+    model, _ = longmem_over(path, d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
+    model.eval()
+    eos = d.eos()
+    passage = torch.randint(4, len(d), (12,)).tolist()
+
+    class Split:  # one document: passage, 20 other tokens, the passage again (beyond a segment of 8)
+        lines = [passage + torch.randint(4, len(d), (20,)).tolist() + passage + [eos]]
+        sizes = [len(lines[0])]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor(self.lines[i])
+
+    r = retrieval_hits(model, TokenStream(Split(), eos), eos, 8, context=4)
+    assert r["positions"] >= 4 and r["hit_s"] == [1.0] * 4 and r["hit_s+1"] == [1.0] * 4 and len(r["gate"]) == 4

@@ -33,7 +33,12 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
             score_document(model, tokens, T, eos, memory=True)
             if not captured:
                 continue
-            ids = torch.cat(captured, dim=1)  # (H, N - T, k / c): segments 1.. (segment 0 has no memory)
+            # segments 1.. (segment 0 has no memory); with grouped-query attention each segment makes one
+            # search per member of a key/value head's group, member j answering query heads kv*group + j
+            read = -(-len(tokens) // T) - 1
+            group = len(captured) // read
+            ids = torch.cat([torch.stack(captured[n * group:(n + 1) * group], dim=1).flatten(0, 1)
+                             for n in range(read)], dim=1)  # (H query heads, N - T, k / c)
             src = [eos] + tokens[:-1].tolist()
             seen = {}
             for j in range(context - 1, len(src)):
