@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
 from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)

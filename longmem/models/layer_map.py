@@ -11,6 +11,7 @@ whose keys/values fill the memory):
 """
 from dataclasses import dataclass
 from typing import Tuple
+
 from longmem.errors import ConfigError
 
 

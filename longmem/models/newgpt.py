@@ -28,13 +28,13 @@ from fairseq.models import (
     register_model_architecture,
 )
 
+from longmem.errors import ConfigError
 from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
 from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.alibi import alibi_attention_bias, alibi_slopes, token_positions
 from longmem.modules.heads import merge_heads, split_heads
 from longmem.modules.sidenet_layer import LAYER_NORM_EPS as SIDENET_LAYER_NORM_EPS
 from longmem.modules.sidenet_layer import SideNetLayer
-from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

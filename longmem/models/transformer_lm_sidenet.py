@@ -1,12 +1,12 @@
 """``transformer_lm_sidenet``: LongMem's language model (docs/design.md §2-§4).
 
-A frozen backbone (``--pretrained-model-path``, any ``FrozenBackbone`` family: ``newgpt``) and a
-trainable residual SideNet. With ``H`` the backbone's L+1 hidden states of a segment and ``r`` the layer
+A frozen backbone (``--pretrained-model-path``, any ``FrozenBackbone`` family: ``newgpt``,
+``hf_causal_lm``) and a trainable residual SideNet. With ``H`` the backbone's L+1 hidden states of a segment and ``r`` the layer
 reduction factor (``layer_map.py``)::
 
     x_0     = H[0]                                                      the backbone's token embeddings
     x_{i+1} = SideNetLayer_i(x_i) + H[r*i + r] - H[r*i]                 i = 0 .. n-1
-    logits  = lm_head(LayerNorm(x_n))                                   the backbone's frozen head
+    logits  = LayerNorm(x_n) · Wᵀ                                       W: the backbone's lm_head weight
 
 SideNet layer ``int(m / r)`` attends jointly to its local tokens and to the memory (``memory_controller.py``),
 which caches the backbone's layer-``m`` keys and values: each forward reads memory, then writes the
@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import DictConfig, open_dict
 from fairseq.models import (
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
     register_model_architecture,
 )
+from omegaconf import DictConfig, open_dict
 
+from longmem.errors import ConfigError
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
 from longmem.modules.memory_controller import MemoryController, MemorySettings
-from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

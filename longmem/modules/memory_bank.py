@@ -35,9 +35,9 @@ from typing import Optional
 
 import torch
 
+from longmem.errors import ConfigError
 from longmem.modules.heads import split_heads
 from longmem.utils.atomic import atomic_open
-from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

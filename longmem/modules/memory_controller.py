@@ -29,8 +29,8 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
 from longmem.errors import ConfigError
+from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
 
 logger = logging.getLogger(__name__)
 

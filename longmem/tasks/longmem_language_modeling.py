@@ -19,9 +19,9 @@ from fairseq.data import data_utils, iterators
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from longmem.errors import ConfigError
 from longmem.modules.memory_bank import ChunkedMemoryBank
 from longmem.tasks.stream_dataset import StreamBatches, TokenStream
-from longmem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

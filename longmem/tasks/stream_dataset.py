@@ -18,6 +18,7 @@ from typing import List
 import numpy as np
 import torch
 from fairseq.data import FairseqDataset
+
 from longmem.errors import ConfigError
 
 
