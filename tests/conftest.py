@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 import torch
@@ -22,6 +23,18 @@ class FakeTask:
 
     def __init__(self, dictionary):
         self.target_dictionary = self.source_dictionary = dictionary
+
+
+def synthetic_text(n_lines, seed):
+    """Lines from a deterministic cycle over 40 words with some noise: easy to learn, hard to guess."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)]
+    lines = []
+    for _ in range(n_lines):
+        start = rng.randrange(40)
+        lines.append(" ".join(words[(start + 3 * j) % 40] if rng.random() > 0.1 else rng.choice(words)
+                              for j in range(rng.randint(8, 20))))
+    return "\n".join(lines) + "\n"
 
 
 def make_dictionary(num_symbols: int) -> Dictionary:

@@ -2,13 +2,14 @@
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from conftest import synthetic_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "newgpt-tiny", "--embed-dim", "64", "--num-layers", "2", "--num-attention-heads", "4",
@@ -22,18 +23,6 @@ def run(module, *args, cwd=REPO):
     if proc.returncode != 0:
         raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout + proc.stderr
-
-
-def synthetic_text(n_lines, seed):
-    """Lines from a deterministic cycle over 40 words with some noise: easy to learn, hard to guess."""
-    rng = random.Random(seed)
-    words = [f"w{i}" for i in range(40)]
-    lines = []
-    for _ in range(n_lines):
-        start = rng.randrange(40)
-        lines.append(" ".join(words[(start + 3 * j) % 40] if rng.random() > 0.1 else rng.choice(words)
-                              for j in range(rng.randint(8, 20))))
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ instead (docs/design.md §5.1; each row is then a contiguous stream of whole blo
 memory is the model's ``--memory-mode release``.
 
 Importing this module also gives fairseq's own ``--task language_modeling`` the release's
-``--data-no-shuffle`` flag (the release's command line uses it there): without the flag that task is
-fairseq's, unchanged; with it, it reads the split in the release's order as above.
+``--data-no-shuffle`` flag (the release's command line uses it there): without the flag that task reads
+and batches data as fairseq's does; with it, in the release's order as above.
 """
 import logging
 from dataclasses import dataclass, field
@@ -146,9 +146,9 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
 
 
 class ReleaseLanguageModelingTask(LongMemLanguageModelingTask):
-    """fairseq's ``language_modeling`` with the release's ``--data-no-shuffle``: without the flag every
-    method is fairseq's own; with it, the split is read in the release's order (and a LongMem model's
-    memory is emptied at each epoch, as the release's training loop does)."""
+    """fairseq's ``language_modeling`` with the release's ``--data-no-shuffle``: without the flag the data
+    is read and batched by fairseq's own code; with it, in the release's order. A LongMem model's memory
+    is emptied at each epoch (as the release's training loop does) and validation keeps its own."""
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         if not self.args.data_no_shuffle:

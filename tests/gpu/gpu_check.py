@@ -101,7 +101,7 @@ def test_longmem_forward_backward_on_the_device_matches_the_cpu(tmp_path, dtype,
 
 
 def test_fairseq_train_with_external_memory_and_gpu_search(tmp_path):
-    from test_fairseq_cli import synthetic_text
+    from conftest import synthetic_text
 
     (tmp_path / "train.txt").write_text(synthetic_text(300, 1))
     subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref",
