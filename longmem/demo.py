@@ -317,8 +317,20 @@ def sample(out, data_bin, bpe, prompt):
         bpe="sentencepiece", sentencepiece_model=os.path.join(bpe, "spm.model"),
     )
     hub.eval()
-    return hub.sample(prompt, beam=1, sampling=True, sampling_topk=20, temperature=0.8, min_len=30,
-                      max_len_b=60, seed=1)
+    return seeded_sample(hub, prompt)
+
+
+def seeded_sample(hub, prompt, seed=1, **kwargs):
+    """``hub.sample`` with top-20 sampling at temperature 0.8 that gives the same text on every run.
+
+    fairseq's hub interface takes no seed (it draws from torch's global generator): the draw is seeded
+    here, and the generator's state is restored afterwards."""
+    from fairseq.utils import set_torch_seed
+
+    kwargs = {"beam": 1, "sampling": True, "sampling_topk": 20, "temperature": 0.8, "min_len": 30,
+              "max_len_b": 60, **kwargs}
+    with set_torch_seed(seed):
+        return hub.sample(prompt, **kwargs)
 
 
 def main(argv=None):
