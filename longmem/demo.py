@@ -321,7 +321,7 @@ def sample(out, data_bin, bpe, prompt):
 
 
 def seeded_sample(hub, prompt, seed=1, **kwargs):
-    """``hub.sample`` with top-20 sampling at temperature 0.8 that gives the same text on every run.
+    """``hub.sample`` (by default top-20 sampling at temperature 0.8) that gives the same text on every run.
 
     fairseq's hub interface takes no seed (it draws from torch's global generator): the draw is seeded
     here, and the generator's state is restored afterwards."""
