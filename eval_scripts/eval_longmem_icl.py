@@ -100,10 +100,9 @@ def main(argv=None):
 
     try:
         tasks = [icl.task_name(t) for t in args.tasks]
-        for name in tasks:
-            split = "validation" if name in ("sst2", "sst5") else "test"
-            if args.subset and args.subset != split and name not in ("sst2", "sst5"):
-                raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is {split}")
+        for name in tasks:  # the release's --subset: SST-2 and SST-5 are read from their dev files whatever it says
+            if args.subset and args.subset != "test" and name not in ("sst2", "sst5"):
+                raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is test")
     except ValueError as e:
         parser.error(str(e))
     dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
@@ -121,12 +120,18 @@ def main(argv=None):
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import checkpoint_kind, load_model_for_dictionary, read_checkpoint
 
+    dict_dir = os.path.dirname(os.path.abspath(dict_path))
+    lm_overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
+    already_read = {}  # role -> the checkpoint as load_model_for_dictionary would read it (a file is read once)
     if args.path:  # the release's form: the checkpoint's kind picks the checkpoint's role and mode
-        kind = checkpoint_kind(read_checkpoint(args.path))
+        state = read_checkpoint(args.path, {"data": dict_dir, **lm_overrides})
+        kind = checkpoint_kind(state)
         if kind is None:
             parser.error(f"--path {args.path} is neither a LongMem nor a backbone checkpoint")
         setattr(args, "longmem" if kind == "longmem" else "backbone", args.path)
         args.modes = args.modes or (["memory-on"] if kind == "longmem" else ["backbone"])
+        if kind == "longmem" or not lm_overrides:
+            already_read[kind] = state
     modes = args.modes or [m for m in MODES if (args.backbone if m == "backbone" else args.longmem)]
     if not modes:
         parser.error("nothing to evaluate: pass --path, or --backbone and/or --longmem")
@@ -138,15 +143,14 @@ def main(argv=None):
         data = {name: icl.load_task(args.data_dir, name) for name in tasks}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
-    dict_dir = os.path.dirname(os.path.abspath(dict_path))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     models = {}
     if "backbone" in modes:
-        models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device, expect="backbone")
+        models["backbone"] = load_model_for_dictionary(args.backbone, dictionary, dict_dir, device, expect="backbone",
+                                                       state=already_read.get("backbone"))
     if {"memory-off", "memory-on"} & set(modes):
-        overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
         lm = load_model_for_dictionary(args.longmem, dictionary, dict_dir, device, expect="longmem",
-                                       overrides=overrides)
+                                       overrides=lm_overrides, state=already_read.get("longmem"))
         # one memory that every query reads, in the evaluation slot; queries never write
         try:
             lm.memory.configure(mode=args.memory_mode, chunk_size=args.chunk_size, slot="eval", writes=False,

@@ -14,7 +14,7 @@ import os
 import torch
 
 from longmem import paths
-from longmem.utils.checkpoints import save_fairseq_checkpoint
+from longmem.utils.checkpoints import checkpoint_kind, load_checkpoint_state, save_fairseq_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +23,13 @@ def load_longmem_checkpoint(path: str, data: str = None, **overrides):
     """(model, cfg, task) from a LongMem checkpoint; a clear error for anything else."""
     from fairseq import checkpoint_utils
 
+    from longmem.models.backbone import checkpoint_model_name
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LongMem checkpoint {path!r} does not exist")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    cfg = state.get("cfg")
-    name = None
-    if cfg is not None and cfg.get("model") is not None:
-        name = cfg["model"].get("_name") or cfg["model"].get("arch")
-    if not str(name).startswith("transformer_lm_sidenet"):
+    state = load_checkpoint_state(path)
+    if checkpoint_kind(state) != "longmem":
+        name = checkpoint_model_name(state) or None
         raise ValueError(f"{path} is not a LongMem checkpoint: its model is {name!r}, expected "
                          f"transformer_lm_sidenet* (a newgpt backbone checkpoint is loaded with "
                          f"--pretrained-model-path instead)")

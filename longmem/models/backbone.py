@@ -100,13 +100,19 @@ def register_family(prefix: str):
     return wrap
 
 
-def checkpoint_model_name(state: dict) -> str:
-    """The model (or arch) name a fairseq checkpoint records, from a dataclass or a legacy config."""
+def checkpoint_model_config(state: dict):
+    """The model config a fairseq checkpoint records (a dict or namespace-like object; {} if none), from
+    its dataclass config or a legacy argparse one."""
     cfg = state.get("cfg")
     model_cfg = cfg.get("model") if cfg is not None else None
     if model_cfg is None and state.get("args") is not None:
         model_cfg = vars(state["args"])
-    model_cfg = model_cfg or {}
+    return model_cfg or {}
+
+
+def checkpoint_model_name(state: dict) -> str:
+    """The model (or arch) name a fairseq checkpoint records, from a dataclass or a legacy config."""
+    model_cfg = checkpoint_model_config(state)
     for key in ("_name", "arch"):
         value = model_cfg.get(key) if isinstance(model_cfg, dict) else getattr(model_cfg, key, None)
         if value:
@@ -121,7 +127,7 @@ def family_of(name: str) -> Optional[type]:
 def load_backbone(path: str, dictionary, retrieval_layer_index: int):
     """The frozen backbone of ``--pretrained-model-path``: (model, True), or (a model of the SideNet's
     sizes to be filled by a LongMem checkpoint, False) when the file does not exist."""
-    from fairseq import checkpoint_utils
+    from longmem.utils.checkpoints import load_checkpoint_state
 
     if not (path and os.path.exists(path)):
         return None, False
@@ -133,10 +139,9 @@ def load_backbone(path: str, dictionary, retrieval_layer_index: int):
     if not os.path.isfile(path):
         raise ConfigError(f"--pretrained-model-path {path} is a folder but not a backbone one (no config.json)")
     try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
-        raise ConfigError(f"--pretrained-model-path {path} is not a readable fairseq checkpoint (truncated, "
-                          f"corrupt or another format: {type(e).__name__})") from None
+        state = load_checkpoint_state(path)
+    except ConfigError as e:
+        raise ConfigError(f"--pretrained-model-path {e}") from None
     name = checkpoint_model_name(state)
     family = family_of(name)
     if family is None:

@@ -296,7 +296,7 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
     @classmethod
     def from_checkpoint_state(cls, state: dict, path: str, dictionary, retrieval_layer_index: int):
         """The backbone of a newgpt checkpoint, sizes read off its weights, heads off its config."""
-        from longmem.models.backbone import checkpoint_model_name
+        from longmem.models.backbone import checkpoint_model_config, checkpoint_model_name
 
         weights = state["model"]
         prefix = "decoder.model.transformer."
@@ -308,10 +308,7 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
             raise ConfigError(f"backbone {path} has a vocabulary of {rows} but this task's dictionary has "
                              f"{len(dictionary)}: binarize the data with the backbone's dict.txt "
                              f"(fairseq-preprocess --srcdict)")
-        model_cfg = (state.get("cfg") or {}).get("model") if state.get("cfg") is not None else None
-        if model_cfg is None and state.get("args") is not None:
-            model_cfg = vars(state["args"])
-        model_cfg = model_cfg or {}
+        model_cfg = checkpoint_model_config(state)
         embed_dim = weights[prefix + "wte.weight"].shape[1]
         heads = next((model_cfg.get(k) for k in ("num_attention_heads", "decoder_attention_heads", "n_head")
                       if model_cfg.get(k) is not None), embed_dim // 64)

@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 
+from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
 
 
@@ -19,19 +20,28 @@ def save_fairseq_checkpoint(path, model_state: dict, cfg: dict = None, args=None
         torch.save(state, f)
 
 
-def read_checkpoint(path: str, arg_overrides: Optional[dict] = None) -> dict:
-    """fairseq's ``load_checkpoint_to_cpu`` (with ``arg_overrides`` applied to the config it records), or
-    a one-line error naming the file when it is missing or not a readable fairseq checkpoint."""
+def load_checkpoint_state(path: str, arg_overrides: Optional[dict] = None) -> dict:
+    """fairseq's ``load_checkpoint_to_cpu`` (with ``arg_overrides`` applied to the config it records), or a
+    one-line ``ConfigError`` naming the file when it is not a readable fairseq checkpoint."""
     from fairseq import checkpoint_utils
 
+    try:
+        return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+    except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(f"{path} is not a readable fairseq checkpoint (truncated, corrupt or another format): "
+                          f"{type(e).__name__}: {reason}") from None
+
+
+def read_checkpoint(path: str, arg_overrides: Optional[dict] = None) -> dict:
+    """``load_checkpoint_state`` for the scripts: a one-line exit naming the file when it is missing or not
+    a readable fairseq checkpoint with model weights."""
     if not os.path.isfile(path):
         raise SystemExit(f"checkpoint {path!r} does not exist")
     try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
-    except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise SystemExit(f"{path} is not a readable fairseq checkpoint (truncated, corrupt or another format): "
-                         f"{type(e).__name__}: {reason}") from None
+        state = load_checkpoint_state(path, arg_overrides)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise SystemExit(f"{path} is not a fairseq checkpoint: it holds no model weights")
     return state
@@ -49,10 +59,12 @@ def checkpoint_kind(state: dict) -> Optional[str]:
 
 
 def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu", expect: Optional[str] = None,
-                              overrides: Optional[dict] = None):
+                              overrides: Optional[dict] = None, state: Optional[dict] = None):
     """A checkpoint's model in eval mode, after checking what it is (``expect``: "longmem" or "backbone")
     and that it predicts ``dictionary``'s symbols (a clear error instead of fairseq's shape mismatch).
-    ``data_dir`` holds that dict.txt; ``overrides`` change recorded settings (e.g. pretrained_model_path)."""
+    ``data_dir`` holds that dict.txt; ``overrides`` change recorded settings (e.g. pretrained_model_path);
+    ``state``: the file as ``read_checkpoint(path, {"data": data_dir, **overrides})`` returned it, when the
+    caller has read it already (it is not read again)."""
     from fairseq import checkpoint_utils
 
     from longmem.models.backbone import checkpoint_model_name
@@ -65,7 +77,8 @@ def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu", exp
             return HFCausalLM.from_path(str(path), dictionary, 0).eval().to(device)
         except ValueError as e:
             raise SystemExit(str(e))
-    state = read_checkpoint(path, {"data": data_dir, **(overrides or {})})
+    if state is None:
+        state = read_checkpoint(path, {"data": data_dir, **(overrides or {})})
     kind = checkpoint_kind(state)
     if expect is not None and kind != expect:
         hint = {"longmem": "a LongMem checkpoint (transformer_lm_sidenet*)",
