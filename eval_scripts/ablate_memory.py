@@ -39,17 +39,12 @@ def main(argv=None):
     import longmem  # noqa: F401
     from tqdm import tqdm
 
-    from longmem.evaluation.lm import evaluate, load_split, read_token_marks
+    from longmem.evaluation.lm import evaluate, load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
 
     dictionary, stream = load_split(args.data, args.gen_subset)
-    if not os.path.isfile(args.token_mask):
-        raise SystemExit(f"--token-mask {args.token_mask} does not exist")
-    try:
-        marks = read_token_marks(args.token_mask)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    marks = load_token_marks(args.token_mask, stream, args.gen_subset)
     model = load_model_for_dictionary(args.longmem, dictionary, args.data, expect="longmem")
     trained = {knob: getattr(model.memory.settings, knob) for knob in GRID}
     rows = [("memory off", None, None)]

@@ -65,23 +65,12 @@ def main(argv=None):
     import longmem  # noqa: F401  (registers the models)
     from tqdm import tqdm
 
-    from longmem.evaluation.lm import evaluate, load_split, read_token_marks
+    from longmem.evaluation.lm import evaluate, load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
     from longmem.utils.checkpoints import load_model_for_dictionary
 
     dictionary, stream = load_split(args.data, args.gen_subset)
-    marks = None
-    if args.token_mask:
-        if not os.path.isfile(args.token_mask):
-            raise SystemExit(f"--token-mask {args.token_mask} does not exist: pass the .mask file that "
-                             f"preprocess/make_longrange.py wrote beside the split's .bpe")
-        try:
-            marks = read_token_marks(args.token_mask)
-        except ValueError as e:
-            raise SystemExit(str(e))
-        if len(marks) != len(stream.tokens):
-            raise SystemExit(f"{args.token_mask} marks {len(marks)} tokens but split {args.gen_subset!r} has "
-                             f"{len(stream.tokens)}: pass the .mask written with the .bpe file that was binarized")
+    marks = load_token_marks(args.token_mask, stream, args.gen_subset) if args.token_mask else None
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"

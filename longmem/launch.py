@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from longmem.utils.cli import positive_int
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -60,8 +62,8 @@ def main(argv=None):
         raise SystemExit("usage: python -m longmem.launch [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
     cut = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=1, help="processes on this node (one per GPU on GPUs)")
-    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--nproc", type=positive_int, default=1, help="processes on this node (one per GPU on GPUs)")
+    p.add_argument("--nnodes", type=positive_int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1", help="the address of node 0")
     p.add_argument("--master-port", type=int, default=0, help="a free port on node 0 (default: one found here; "
@@ -69,9 +71,6 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
     args = p.parse_args(argv[:cut])
     train_args = argv[cut + 1:]
-    for name in ("nproc", "nnodes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
     if not 0 <= args.node_rank < args.nnodes:
         p.error(f"--node-rank {args.node_rank} must be in [0, {args.nnodes - 1}]")
     if args.nnodes > 1 and not args.master_port:

@@ -32,6 +32,7 @@ from multiprocessing import Pool
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from longmem import paths  # noqa: E402
 from longmem.utils.atomic import atomic_open  # noqa: E402
+from longmem.utils.cli import positive_int  # noqa: E402
 
 logger = logging.getLogger("prepare_pile")
 SPLITS = ("train", "valid", "test")
@@ -130,27 +131,19 @@ def read_documents(path: str, weights: dict, default_weight: float, seed: int):
 
 
 class Encoder:
-    """GPT-2 BPE (fairseq's implementation of OpenAI's encoder) or a sentencepiece model."""
+    """A text line -> its symbols joined by spaces, as ``fairseq-preprocess`` reads them (GPT-2 BPE or a
+    sentencepiece model: ``longmem.evaluation.codec.Tokenizer``); a missing file ends the run in one line."""
 
     def __init__(self, gpt2_bpe: str = None, sentencepiece_model: str = None):
-        if gpt2_bpe:
-            from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+        from longmem.evaluation.codec import Tokenizer
 
-            files = [os.path.join(gpt2_bpe, n) for n in ("encoder.json", "vocab.bpe")]
-            missing = [f for f in files if not os.path.isfile(f)]
-            if missing:
-                raise SystemExit(f"GPT-2 BPE files missing: {missing}; --gpt2-bpe must hold encoder.json and vocab.bpe")
-            self.bpe = get_encoder(*files)
-            self.encode = lambda text: " ".join(map(str, self.bpe.encode(text)))
-        elif sentencepiece_model:
-            import sentencepiece as spm
+        try:
+            self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
 
-            if not os.path.isfile(sentencepiece_model):
-                raise SystemExit(f"sentencepiece model {sentencepiece_model!r} does not exist")
-            sp = spm.SentencePieceProcessor(model_file=sentencepiece_model)
-            self.encode = lambda text: " ".join(sp.encode(text, out_type=str))
-        else:
-            raise SystemExit("choose an encoder: --gpt2-bpe DIR or --sentencepiece-model FILE")
+    def encode(self, text: str) -> str:
+        return " ".join(self.tokenizer.pieces(text))
 
 
 def process_shard(job):
@@ -185,7 +178,7 @@ def main(argv=None):
     p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe)")
     p.add_argument("--destdir", required=True, help="fairseq data-bin output")
     p.add_argument("--workdir", help="where encoded text goes (default: DESTDIR/encoded)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count())
     p.add_argument("--no-binarize", action="store_true", help="stop after writing the encoded text")
     args = p.parse_args(argv)
     if args.gpt2_bpe is None and args.sentencepiece_model is None:
@@ -193,8 +186,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     if not args.train:
         raise SystemExit("--train needs at least one shard")
-    if args.workers < 1:
-        raise SystemExit(f"--workers must be at least 1, got {args.workers}")
     for split in SPLITS:
         for shard in getattr(args, split):
             if not os.path.isfile(shard):
@@ -299,6 +290,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
     return report
+
 
 if __name__ == "__main__":
     main()

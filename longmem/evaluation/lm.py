@@ -39,6 +39,24 @@ def load_split(data_dir: str, split: str):
     return dictionary, TokenStream(dataset, dictionary.eos())
 
 
+def load_token_marks(path: str, stream, split: str) -> torch.Tensor:
+    """``read_token_marks`` of a split's ``.mask`` file, checked against the split's stream, or a one-line
+    error naming the file."""
+    import os
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"--token-mask {path} does not exist: pass the .mask file that "
+                         f"preprocess/make_longrange.py wrote beside the split's .bpe")
+    try:
+        marks = read_token_marks(path)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if len(marks) != len(stream.tokens):
+        raise SystemExit(f"{path} marks {len(marks)} tokens but split {split!r} has {len(stream.tokens)}: pass "
+                         f"the .mask written with the .bpe file that was binarized")
+    return marks
+
+
 def document_spans(doc_start: torch.Tensor) -> List[tuple]:
     """(start, end) of every document of a stream, from its document-start marks."""
     starts = torch.nonzero(doc_start).view(-1).tolist()

@@ -34,6 +34,7 @@ from longmem.errors import ConfigError
 from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
 from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.llama_sidenet_layer import LlamaSideNetLayer
+from longmem.utils.cli import positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def main(argv=None):
     e.add_argument("--model", required=True)
     e.add_argument("--inputs", nargs="+", required=True)
     e.add_argument("--outputs", nargs="+", required=True)
-    e.add_argument("--max-tokens", type=int, help="stop a file after this many tokens")
+    e.add_argument("--max-tokens", type=positive_int, help="stop a file after this many tokens")
     args = p.parse_args(argv)
     tokens = HFTokens(args.model)
     if args.command == "dict":

@@ -57,13 +57,10 @@ class JointMemoryAttention(nn.Module):
         local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
         if self.use_memory and retrieve is not None:
             memory = retrieve(query.detach())
-            out = self.mix_with_memory(q, local, memory.keys, memory.values, memory.mask)
+            out = mix_with_memory(q, local, memory.keys, memory.values, memory.mask, self.memory_bias)
         else:
             out = local
         return self.out_proj(merge_heads(out))  # (B, T, C)
-
-    def mix_with_memory(self, q, local, mem_keys, mem_values, mem_mask):
-        return mix_with_memory(q, local, mem_keys, mem_values, mem_mask, self.memory_bias)
 
 
 def mix_with_memory(q, local, mem_keys, mem_values, mem_mask, memory_bias):

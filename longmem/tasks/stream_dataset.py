@@ -82,9 +82,9 @@ class StreamBatches(FairseqDataset):
                                                ((src, pad), (tgt, pad), (starts, False)))  # (N, T)
             # every rank stops with the one whose passages are shortest (the release's ranks could disagree
             # on their number of batches, which stalls data-parallel training at the end of an epoch)
-            common = min(len(release_batches(samples, B, num_shards, s)) for s in range(num_shards))
-            self.batch_ids = release_batches(samples, B, num_shards, shard_id)[:common]
-            self.num_batches = common
+            per_rank = [release_batches(samples, B, num_shards, s) for s in range(num_shards)]
+            self.num_batches = min(len(batches) for batches in per_rank)
+            self.batch_ids = per_rank[shard_id][:self.num_batches]
         else:
             raise ConfigError(f"unknown stream layout {layout!r}")
         self.layout, self.B, self.T, self.pad = layout, B, T, pad
