@@ -11,17 +11,19 @@ class ReferenceMemory:
     """What docs/design.md §3 says, as literally as possible: a FIFO list of chunks per stream."""
 
     def __init__(self, streams, memory_size, chunk_size, k, shared, dtype):
-        self.chunks = [[] for _ in range(1 if shared else streams)]  # (serial, keys (c,H,D), values)
+        self.chunks = [[] for _ in range(1 if shared else streams)]  # (serial, keys (c,H,D), values, search key)
         self.serial = [0] * len(self.chunks)
         self.capacity, self.c, self.k, self.shared, self.dtype = memory_size // chunk_size, chunk_size, k, shared, dtype
 
     def add(self, keys, values):
-        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        """A chunk's search key: the mean of its keys as they arrive (before rounding to the storage dtype)."""
         rows = [(keys.reshape(-1, H * D), values.reshape(-1, H * D))] if self.shared else list(zip(keys, values))
         for s, (k_row, v_row) in enumerate(rows):
             for start in range(0, len(k_row) - self.c + 1, self.c):
-                self.chunks[s].append((self.serial[s], k_row[start: start + self.c].view(self.c, H, D),
-                                       v_row[start: start + self.c].view(self.c, H, D)))
+                k = k_row[start: start + self.c].view(self.c, H, D)
+                self.chunks[s].append((self.serial[s], k.to(self.dtype),
+                                       v_row[start: start + self.c].view(self.c, H, D).to(self.dtype),
+                                       k.double().mean(0)))
                 self.serial[s] += 1
             del self.chunks[s][: max(0, len(self.chunks[s]) - self.capacity)]
 
@@ -34,8 +36,8 @@ class ReferenceMemory:
             for h in range(H):
                 for t in range(T):
                     q = queries[b, t].view(H, D)[h].double()
-                    scored = [(float(q @ keys[:, h].double().mean(0)), serial, keys[:, h], values[:, h])
-                              for serial, keys, values in held]
+                    scored = [(float(q @ search[h]), serial, keys[:, h], values[:, h])
+                              for serial, keys, values, search in held]
                     scored.sort(key=lambda x: -x[0])
                     out[b, h, t] = [(s, k, v) for _, s, k, v in scored[: self.k // self.c]]
         return out
@@ -122,6 +124,17 @@ def test_retrieval_order_is_best_first_and_tokens_in_order():
     out = bank.retrieve(torch.tensor([[[1., 0]]]))
     assert out.chunk_ids[0, 0, 0].tolist() == [1, 2]  # chunk keys 5 > 3 > 1
     assert out.values[0, 0, 0].tolist() == [[4, 5], [6, 7], [8, 9], [10, 11]]
+
+
+def test_fp16_bank_averages_the_incoming_keys_into_chunk_keys():
+    """The release averages the keys it receives (then casts to fp32) and stores the keys in fp16. With
+    keys 1 + 2^-12 and 1 (chunk of 2), fp16 rounds the first to 1, so a mean of the stored keys would
+    give exactly 1; the mean of the incoming keys is 1 + 2^-13."""
+    bank = ChunkedMemoryBank(1, 1, 8, 2, 2, backend="torch", dtype=torch.float16)
+    keys = torch.tensor([[[1 + 2 ** -12], [1.0]]])
+    bank.add(keys, torch.ones(1, 2, 1))
+    assert bank.keys[0, 0, 0, :, 0].tolist() == [1.0, 1.0]  # stored rounded
+    assert bank.chunk_keys[0, 0, 0, 0].item() == 1 + 2 ** -13  # searched unrounded
 
 
 def test_save_and_load_round_trip_including_the_ring_position(tmp_path):

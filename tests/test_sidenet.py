@@ -154,14 +154,15 @@ def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet):
 
 def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
     """x_{i+1} = x_i + (H[2i+2] - H[2i]) + Attn(LN1(x_i)) + FC2(GELU(FC1(LN1(x_i)))), LayerNorms with
-    fairseq's eps 1e-5, then layer_norm and the backbone's lm_head weight without its bias (released)."""
+    fairseq's eps 1e-5, then layer_norm and the backbone's lm_head, weight and bias (the release's forward
+    calls ``pretrained_model.decoder.model.lm_head``)."""
     d = make_dictionary(40)
     model, backbone = make_sidenet(d, reload_ptm_layer=False)
     model.eval()
     tokens = torch.randint(4, 40, (2, 7))
     with torch.no_grad():
         backbone = model.decoder.pretrained_model
-        backbone.decoder.model.lm_head.bias.normal_()  # a bias the output must ignore
+        backbone.decoder.model.lm_head.bias.normal_()  # a non-zero bias the output must add
         got = model(tokens)[0]
         hs = backbone(tokens, return_all_hiddens=True)[1]["inner_states"]
         x = hs[0]
@@ -172,7 +173,7 @@ def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
             h = F.layer_norm(x, (32,), layer.ln_1.weight, layer.ln_1.bias, 1e-5)
             x = x + (hs[2 * i + 2] - hs[2 * i]) + layer.self_attn(h, bias) + layer.fc2(F.gelu(layer.fc1(h)))
         x = F.layer_norm(x, (32,), model.decoder.layer_norm.weight, model.decoder.layer_norm.bias, 1e-5)
-        want = x @ backbone.decoder.model.lm_head.weight.T
+        want = x @ backbone.decoder.model.lm_head.weight.T + backbone.decoder.model.lm_head.bias
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -6,7 +6,8 @@ reduction factor (``layer_map.py``)::
 
     x_0     = H[0]                                                      the backbone's token embeddings
     x_{i+1} = SideNetLayer_i(x_i) + H[r*i + r] - H[r*i]                 i = 0 .. n-1
-    logits  = LayerNorm(x_n) · Wᵀ                                       W: the backbone's lm_head weight
+    logits  = LayerNorm(x_n) · Wᵀ + b                                   W, b: the backbone's lm_head (b = 0 where
+                                                                        it has none, e.g. Llama)
 
 SideNet layer ``int(m / r)`` attends jointly to its local tokens and to the memory (``memory_controller.py``),
 which caches the backbone's layer-``m`` keys and values: each forward reads memory, then writes the
@@ -105,7 +106,8 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         ])
         self.layer_norm = backbone.sidenet_final_norm()
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
-        self.output_projection.weight = backbone.lm_head.weight  # shared, frozen; no bias, as released
+        # shared, frozen: the released key. The logits come from the backbone's lm_head itself (output_layer)
+        self.output_projection.weight = backbone.lm_head.weight
         self.register_buffer("version", torch.Tensor([3]))  # the released checkpoints carry decoder.version
         self._init_sidenet()
         if cfg.reload_ptm_layer:
@@ -172,7 +174,9 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         return x, {"attn": [None], "inner_states": None}
 
     def output_layer(self, features):
-        return self.output_projection(features)  # lm_head's weight without its bias, as released
+        # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
+        # bias; HF Llama's lm_head has none). ``output_projection`` only carries the released state-dict key.
+        return self.pretrained_model.lm_head(features)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it."""

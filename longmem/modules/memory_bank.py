@@ -192,7 +192,7 @@ class ChunkedMemoryBank:
         if keys.shape != values.shape:
             raise ConfigError(f"ChunkedMemoryBank: keys {tuple(keys.shape)} and values "
                              f"{tuple(values.shape)} must have the same shape")
-        keys = keys.to(self.device, self.dtype)
+        keys = keys.to(self.device)  # the incoming dtype: chunk search keys are averaged from it (_add_stream)
         values = values.to(self.device, self.dtype)
         if self.shared:
             if start is not None:
@@ -204,7 +204,9 @@ class ChunkedMemoryBank:
             self._add_stream(s, keys[s, first:], values[s, first:])
 
     def _add_stream(self, s: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """keys, values (N, H*d) into stream s: whole chunks only."""
+        """keys (N, H*d) in the incoming dtype, values (N, H*d) in the storage dtype, into stream s: whole
+        chunks only. A chunk's search key is the mean of its incoming keys (the release's
+        ``keys.mean(dim=-2).type(torch.float32)``), taken before the keys are rounded to the storage dtype."""
         c, H, d = self.chunk_size, self.num_heads, self.head_dim
         n = keys.size(0) // c  # whole chunks
         skipped = 0
@@ -225,9 +227,9 @@ class ChunkedMemoryBank:
         k_chunks = keys[skipped * c: (skipped + n) * c].view(n, c, H, d).permute(2, 0, 1, 3)  # (H, n, c, d)
         v_chunks = values[skipped * c: (skipped + n) * c].view(n, c, H, d).permute(2, 0, 1, 3)
         slots = ((self.write_pos[s] + torch.arange(n)) % self.capacity).to(self.device)  # (n,)
-        self.keys[s].index_copy_(1, slots, k_chunks)
+        self.keys[s].index_copy_(1, slots, k_chunks.to(self.dtype))
         self.values[s].index_copy_(1, slots, v_chunks)
-        self.chunk_keys[s].index_copy_(1, slots, k_chunks.float().mean(dim=2))  # from stored precision
+        self.chunk_keys[s].index_copy_(1, slots, k_chunks.mean(dim=2).float())  # from incoming precision
         first = self.next_serial[s] + skipped
         self.chunk_serial[s].index_copy_(0, slots, torch.arange(first, first + n, device=self.device))
         self.next_serial[s] = first + n
