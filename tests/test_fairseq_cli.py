@@ -452,3 +452,28 @@ def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path
     assert cfg["memory_mode"] == "release" and cfg["share_decoder_input_output_embed"]
     assert cfg["no_token_positional_embeddings"] and state["cfg"]["task"]["data_no_shuffle"]
     assert "decoder.version" in state["model"] and not any("embed_positions" in k for k in state["model"])
+
+
+def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_trained, tmp_path):
+    """``--precision bf16`` through fairseq-train: the log says what it chose (bf16 where native, else fp32);
+    the saved backbone is the backbone file's fp32 weights, bit for bit; the checkpoint loads in fp32."""
+    from fairseq import checkpoint_utils
+
+    from longmem import precision
+
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 10)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "bf16")
+    log = run("fairseq_cli.train", *args, "--precision", "bf16")
+    native = precision.native_bf16()
+    assert ("bf16 on this CPU (native)" if native else "running in fp32") in log
+    losses = train_losses(log)
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    state = torch.load(tmp_path / "bf16" / "checkpoint_last.pt", weights_only=True)
+    source = torch.load(backbone, weights_only=True)["model"]
+    for name, p in source.items():
+        saved = state["model"][f"decoder.pretrained_model.{name}"]
+        assert saved.dtype == torch.float32 and torch.equal(saved, p), name
+    models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "bf16" / "checkpoint_last.pt")],
+                                                     arg_overrides={"precision": "fp32"})
+    assert models[0].decoder.autocast_dtype is None

@@ -18,6 +18,7 @@ State-dict keys are the released ones: ``decoder.layers.{i}...``, ``decoder.laye
 and ``lm_head`` weights, shared, frozen) and the whole backbone under ``decoder.pretrained_model.``.
 """
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from fairseq.models import (
 )
 from omegaconf import DictConfig, open_dict
 
+from longmem import precision
 from longmem.errors import ConfigError
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_BACKENDS = ChoiceEnum(["auto", "faiss", "torch"])
 MEMORY_MODES = ChoiceEnum(["stream", "shared", "release"])
+PRECISIONS = ChoiceEnum(list(precision.CHOICES))
 
 
 @dataclass
@@ -84,6 +87,10 @@ class SideNetConfig(FairseqDataclass):
         "help": "accepted for the release's command line; changes nothing: the SideNet has no position "
                 "embeddings (the backbone's ALiBi places tokens), as in the release"})
     max_target_positions: int = field(default=2048, metadata={"help": "longest sequence to batch"})
+    precision: PRECISIONS = field(default="fp32", metadata={
+        "help": "CPU arithmetic: fp32; bf16 (the backbone in a bf16 copy, the SideNet under autocast with fp32 "
+                "master weights, memory in bf16) where the CPU has native bf16, else fp32 with a warning; auto: "
+                "bf16 where native. On a GPU use fairseq's --fp16 (longmem/precision.py)"})
 
 
 class SideNetDecoder(FairseqIncrementalDecoder):
@@ -118,6 +125,30 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             mode=str(cfg.memory_mode), on_device=cfg.use_gpu_to_search,
         ), enabled=cfg.use_external_memory)
         self.backbone_loaded = False
+        self.set_precision(str(getattr(cfg, "precision", "fp32")))
+
+    # ---------------------------------------------------------------- precision (longmem/precision.py)
+    def set_precision(self, name: str, log: bool = True) -> None:
+        """``fp32``, ``bf16`` or ``auto`` for CPU forwards from now on; memory restarts empty if its storage
+        dtype changes."""
+        self.autocast_dtype = precision.resolve(name, torch.device("cpu"), log=log)
+        self.__dict__["_backbone_bf16"] = None  # built at the first bf16 forward (not a submodule: not saved)
+        self.memory.configure(cpu_dtype="bfloat16" if self.autocast_dtype is not None else "float32")
+
+    def drop_backbone_copy(self) -> None:
+        """Forget the bf16 copy of the backbone (its weights changed, e.g. a checkpoint was loaded)."""
+        self.__dict__["_backbone_bf16"] = None
+
+    def _bf16(self, device: torch.device) -> bool:
+        return self.autocast_dtype is not None and device.type == "cpu"
+
+    def _frozen(self, device: torch.device) -> FrozenBackbone:
+        """The backbone a forward runs: itself, or under bf16 its copy in bf16 (cast once)."""
+        if not self._bf16(device):
+            return self.pretrained_model
+        if self.__dict__.get("_backbone_bf16") is None:
+            self.__dict__["_backbone_bf16"] = copy.deepcopy(self.pretrained_model).to(torch.bfloat16).eval()
+        return self.__dict__["_backbone_bf16"]
 
     @property
     def memory_layer_index(self) -> int:
@@ -150,9 +181,10 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if incremental_state is not None:
             raise NotImplementedError("transformer_lm_sidenet scores whole segments; incremental decoding "
                                       "is not supported (score with fairseq-eval-lm or the model's forward)")
-        x, extra = self.extract_features(prev_output_tokens, doc_start=kwargs.get("doc_start"))
-        if not features_only:
-            x = self.output_layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(prev_output_tokens.device)):
+            x, extra = self.extract_features(prev_output_tokens, doc_start=kwargs.get("doc_start"))
+            if not features_only:
+                x = self.output_layer(x)
         return x, extra
 
     def extract_features(self, tokens, doc_start=None, **kwargs):
@@ -161,8 +193,10 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             raise RuntimeError(f"the backbone was never loaded: --pretrained-model-path "
                                f"{self.cfg.pretrained_model_path!r} does not exist; pass the backbone checkpoint")
         memory = self.memory.step(tokens.size(0), tokens.device, doc_start)
-        bb = self.pretrained_model.frozen_states(tokens, retrieval_kv=memory.active)
+        bb = self._frozen(tokens.device).frozen_states(tokens, retrieval_kv=memory.active)
         H = bb.hidden
+        if self._bf16(tokens.device):  # the residual stream in fp32 (layers add bf16 outputs to it), as autocast does
+            H = [h.float() for h in H]
         x = H[0]  # (B, T, C)
         for i, layer in enumerate(self.layers):
             a, b = self.layer_map.residual(i)
@@ -176,7 +210,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
     def output_layer(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
         # bias; HF Llama's lm_head has none). ``output_projection`` only carries the released state-dict key.
-        return self.pretrained_model.lm_head(features)
+        return self._frozen(features.device).lm_head(features)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it."""
@@ -224,6 +258,7 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         if any(k.startswith("decoder.pretrained_model.") for k in state_dict):
             self.decoder.backbone_loaded = True
+            self.decoder.drop_backbone_copy()
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     @property

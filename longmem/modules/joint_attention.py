@@ -74,6 +74,8 @@ def mix_with_memory(q, local, mem_keys, mem_values, mem_mask, memory_bias):
     scores = scores.masked_fill(~mem_mask, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)  # no dropout on the memory probabilities, as released
     from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (B, H, T, d)
-    gate = torch.sigmoid(memory_bias).view(1, -1, 1, 1).to(q.dtype)  # (1, H, 1, 1)
-    gate = gate * mem_mask.any(dim=-1, keepdim=True).to(q.dtype)  # no memory slot -> local only
-    return (1 - gate) * local + gate * from_memory
+    # the mix in fp32 whatever the compute dtype: under bf16 autocast the gate's gradient, a sum over tokens
+    # of (memory - local)·dL/dout, cancels heavily and would lose most of its digits in bf16
+    gate = torch.sigmoid(memory_bias.float()).view(1, -1, 1, 1)  # (1, H, 1, 1)
+    gate = gate * mem_mask.any(dim=-1, keepdim=True).float()  # no memory slot -> local only
+    return ((1 - gate) * local.float() + gate * from_memory.float()).to(local.dtype)

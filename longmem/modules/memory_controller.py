@@ -49,6 +49,7 @@ class MemorySettings:
     mode: str = "stream"
     on_device: bool = False
     reset_at_document_boundaries: bool = False
+    cpu_dtype: str = "float32"  # storage of a bank on the CPU: float32, or bfloat16 under --precision bf16
 
     def __post_init__(self):
         for name in ("memory_size", "k", "chunk_size"):
@@ -65,9 +66,11 @@ class MemorySettings:
             raise ConfigError(f"memory: unknown backend {self.backend!r}; choose one of {BACKENDS}")
         if self.mode not in MODES:
             raise ConfigError(f"memory: unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.cpu_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"memory: cpu_dtype must be float32 or bfloat16, got {self.cpu_dtype!r}")
 
     # settings a live bank cannot change without being rebuilt (empty)
-    STRUCTURAL = ("memory_size", "chunk_size", "mode", "on_device")
+    STRUCTURAL = ("memory_size", "chunk_size", "mode", "on_device", "cpu_dtype")
 
 
 class MemoryController:
@@ -187,7 +190,7 @@ class MemoryController:
         bank = ChunkedMemoryBank(
             self.num_heads, self.head_dim, s.memory_size, s.chunk_size, s.k,
             num_streams=1 if shared else batch_size, shared=shared, backend=s.backend,
-            device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else torch.float32,
+            device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else getattr(torch, s.cpu_dtype),
             eviction="release" if s.mode == "release" else "ring",
         )
         self._banks[self.slot] = bank
