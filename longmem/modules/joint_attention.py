@@ -13,7 +13,7 @@ K̃, Ṽ are the raw cached backbone keys/values; only the query comes from the 
 Memory slots that do not exist (``mask`` False) are excluded from M; a token with no memory slot at
 all gets plain local attention (weight 1 on A V). Where every slot exists this is the release's
 formula (``tests/test_sidenet.py`` checks it against the formula written out); where the release's
-memory held fewer than k/csz chunks it gathered garbage rows instead.
+memory held fewer than k/csz chunks it gathered its never-written all-zero last row instead.
 """
 from typing import Callable, Optional
 

@@ -19,8 +19,8 @@ held are the ``filled`` slots that end at ``write_pos``, oldest first. Two evict
 
 ``shared=False`` gives every batch row its own stream; ``shared=True`` is the release's single bank fed
 batch-major (row 0's tokens first) by every row. Slots that memory cannot fill yet are masked (``mask``
-False, zero keys/values) where the release gathers garbage rows for faiss's ``-1`` ids. The
-``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when ``faiss.get_num_gpus() > 0``); the
+False, zero keys/values) where the release gathers its never-written all-zero last row for faiss's
+``-1`` ids. The ``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when ``faiss.get_num_gpus() > 0``); the
 ``"torch"`` backend is an exact matmul + top-k on the tensors' device.
 
 Example::
