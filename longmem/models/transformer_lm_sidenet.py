@@ -132,11 +132,12 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         """``fp32``, ``bf16`` or ``auto`` for CPU forwards from now on; memory restarts empty if its storage
         dtype changes."""
         self.autocast_dtype = precision.resolve(name, torch.device("cpu"), log=log)
-        self.__dict__["_backbone_bf16"] = None  # built at the first bf16 forward (not a submodule: not saved)
+        self.drop_backbone_copy()
         self.memory.configure(cpu_dtype="bfloat16" if self.autocast_dtype is not None else "float32")
 
     def drop_backbone_copy(self) -> None:
-        """Forget the bf16 copy of the backbone (its weights changed, e.g. a checkpoint was loaded)."""
+        """Forget the bf16 copy of the backbone (its weights changed, e.g. a checkpoint was loaded); the next
+        bf16 forward makes it again. Kept outside the submodules: never saved, never trained."""
         self.__dict__["_backbone_bf16"] = None
 
     def _bf16(self, device: torch.device) -> bool:
