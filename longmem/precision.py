@@ -9,8 +9,16 @@
 - ``auto``: ``bf16`` where it is native, ``fp32`` elsewhere.
 
 On a GPU, half precision is fairseq's own ``--fp16`` (the release's); ``--precision`` applies to CPU runs.
+
+Whatever the precision, building a LongMem model asks glibc to keep freed memory for reuse
+(:func:`keep_freed_memory`): a training step allocates and frees its logits and their gradients, 2 x 256 x
+49,152 floats for SmolLM2 (100 MB each), and glibc otherwise returns such blocks to the kernel on free, so
+that every step pays page faults to fault them in again (docs/benchmarks.md).
 """
+import ctypes
 import logging
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -20,6 +28,28 @@ from longmem.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 CHOICES = ("fp32", "bf16", "auto")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept = None
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to serve every block from its heap and keep freed ones (no per-block mmap, no
+    trimming below 2 GiB), once per process; the process's memory then stays at its peak instead of being
+    returned and faulted in again each step. ``LONGMEM_KEEP_FREED_MEMORY=0`` leaves malloc as it is.
+    False where there is no glibc (or it refuses)."""
+    global _kept
+    if _kept is None:
+        _kept = False
+        if os.environ.get("LONGMEM_KEEP_FREED_MEMORY", "1") != "0" and sys.platform.startswith("linux"):
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):
+                mallopt = None
+            if mallopt is not None:
+                _kept = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+                logger.info("glibc malloc keeps freed memory for reuse: %s (LONGMEM_KEEP_FREED_MEMORY=0 to leave it)",
+                            "yes" if _kept else "refused")
+    return _kept
 
 
 def native_bf16() -> bool:

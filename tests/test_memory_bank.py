@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from longmem.modules.memory_bank import ChunkedMemoryBank
+from longmem.modules.memory_bank import ChunkedMemoryBank, exact_topk
 
 H, D = 3, 8
 
@@ -80,6 +80,25 @@ def test_retrieval_matches_brute_force_through_partial_fill_and_wrap(backend, ch
         assert bank.num_tokens(s) == len(ref.chunks[s]) * chunk_size
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_rows_whose_memories_differ_in_fill_match_brute_force(backend):
+    """Rows searched together (the torch backend batches rows whose banks are filled alike) and apart: a
+    row reset at a document boundary holds fewer chunks, then wraps at another point of the ring."""
+    torch.manual_seed(5)
+    streams, c, memory_size, k = 3, 2, 24, 8
+    bank = ChunkedMemoryBank(H, D, memory_size, c, k, num_streams=streams, backend=backend, dtype=torch.float32)
+    ref = ReferenceMemory(streams, memory_size, c, k, False, torch.float32)
+    for step, T in enumerate((10, 6, 14, 8, 12, 4, 10)):
+        if step in (2, 4):
+            bank.reset(stream=step // 2)
+            ref.chunks[step // 2], ref.serial[step // 2] = [], 0
+        keys, values = torch.randn(streams, T, H * D), torch.randn(streams, T, H * D)
+        bank.add(keys, values)
+        ref.add(keys, values)
+        queries = torch.randn(streams, 3, H * D)
+        assert_matches(bank.retrieve(queries), ref.retrieve(queries), k, c)
+
+
 def test_backends_agree_at_larger_scale():
     torch.manual_seed(0)
     banks = [ChunkedMemoryBank(4, 16, 4096, 4, 16, num_streams=2, backend=b, dtype=torch.float32)
@@ -92,6 +111,22 @@ def test_backends_agree_at_larger_scale():
     a, b = (bank.retrieve(q) for bank in banks)
     assert torch.equal(a.chunk_ids, b.chunk_ids)
     assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("n,top", [(1024, 8), (4096, 16), (640, 10), (1000, 8), (64, 4)])
+def test_exact_topk_equals_a_full_sort(n, top):
+    """Distinct scores (a permutation), so the answer is unique: the two-stage top-k must give the indices
+    a full sort gives, in order, including when the best entries crowd one slice or one column."""
+    g = torch.Generator().manual_seed(n)
+    rows = [torch.randperm(n, generator=g).float() for _ in range(6)]
+    m = n // 16
+    crowd_slice = torch.randperm(n, generator=g).float()  # the `top` best all in slice 3, contiguous
+    crowd_slice[3 * m: 3 * m + top] = n + torch.arange(top).float()
+    crowd_column = torch.randperm(n, generator=g).float()  # the `top` best all in column 5 of successive slices
+    crowd_column[5 + m * torch.arange(min(top, 16))] = n + torch.arange(min(top, 16)).float()
+    scores = torch.stack(rows + [crowd_slice, crowd_column]).view(2, 4, n)
+    expected = torch.sort(scores, dim=-1, descending=True).indices[..., :top]
+    assert torch.equal(exact_topk(scores, top), expected)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])

