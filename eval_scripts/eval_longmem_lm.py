@@ -57,6 +57,8 @@ def main(argv=None):
     p.add_argument("--k", type=positive_int, help="LongMem: retrieved tokens per query at evaluation (default: trained)")
     p.add_argument("--chunk-size", type=positive_int, help="LongMem: memory chunk size at evaluation (default: trained)")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="LongMem: CPU arithmetic at evaluation (default: the checkpoint's --precision)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -82,6 +84,8 @@ def main(argv=None):
                                    if getattr(args, name) is not None})
         except ValueError as e:
             raise SystemExit(f"--memory-size/--k/--chunk-size: {e}")
+        if args.precision:
+            lm.decoder.set_precision(args.precision)
     if args.backbone:
         models["backbone alone"] = (load_model_for_dictionary(args.backbone, dictionary, args.data, device,
                                                               expect="backbone"), None)

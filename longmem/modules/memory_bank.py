@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch")
 EVICTIONS = ("ring", "release")
-# queries scored per matmul in the torch backend: bounds the (H, t, C) score tensor
-_TORCH_QUERY_BLOCK = 128
+# the torch backend scores as many queries per matmul as keep its (G, t, n) score block within this many
+# floats (128 MB): 128 queries of the paper's 16 heads x 16,384 chunks, all 256 of the tiny model's rows
+_TORCH_SCORE_BLOCK = 2 ** 25
 # the torch backend's exact two-stage top-k splits a row of C scores into this many contiguous slices
 _TOPK_SLICES = 16
 
@@ -371,8 +372,9 @@ class ChunkedMemoryBank:
         """q (G, T, d) float32, base (G, n, d) -> slot ids (G, T, top), best first (G: heads, or
         (row, head) pairs)."""
         out = []
-        for start in range(0, q.size(1), _TORCH_QUERY_BLOCK):
-            scores = torch.bmm(q[:, start: start + _TORCH_QUERY_BLOCK], base.transpose(1, 2))  # (G, t, n)
+        block = max(1, _TORCH_SCORE_BLOCK // (q.size(0) * base.size(1)))
+        for start in range(0, q.size(1), block):
+            scores = torch.bmm(q[:, start: start + block], base.transpose(1, 2))  # (G, t, n)
             out.append(exact_topk(scores, top))
         return torch.cat(out, dim=1)
 

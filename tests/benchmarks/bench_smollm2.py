@@ -3,8 +3,8 @@
 
 The recipe's shapes (``configs/longmem_smollm2.sh``): transformer_lm_sidenet_smollm2_135m (15 Llama
 SideNet layers over the 30-layer backbone, memory in SideNet layer 8), 2 rows x 256 tokens, per-stream
-memory of 4,096 tokens per row (full while timed), k = 32, chunk 4, torch search, AdamW. One model, one
-run; per precision (``--precision fp32`` / ``bf16``, switched on the same model):
+memory of 4,096 tokens per row (full while timed), k = 32, chunk 4, torch search, AdamW. One run, one
+model per precision (``--precision fp32`` / ``bf16``), every column of both timed in each round:
 
 - the frozen backbone's forward (all hidden states and the retrieval layer's keys/values);
 - the SideNet's training step without memory (forward, backward, AdamW) on the backbone's states
@@ -72,8 +72,9 @@ def build(gguf):
     return TransformerLanguageModelSideNet.build_model(cfg, _Task(d))
 
 
-def measure(model, src, tgt, repeats):
-    """Seconds per call: backbone forward, SideNet step (no memory), full step memory off / on."""
+def columns(model, src, tgt):
+    """The functions timed on one model: backbone forward, SideNet step (no memory), full step memory
+    off / on; the memory filled first."""
     decoder = model.decoder
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
@@ -110,9 +111,7 @@ def measure(model, src, tgt, repeats):
         for _ in range(MEMORY // T):
             model(src)
     assert all(decoder.memory.bank.num_tokens(b) == MEMORY for b in range(B))
-    out = interleaved({"backbone": backbone, "sidenet": sidenet, "off": memory_off, "on": step}, repeats)
-    assert all(decoder.memory.bank.num_tokens(b) == MEMORY for b in range(B))
-    return out
+    return {"backbone": backbone, "sidenet": sidenet, "off": memory_off, "on": step}
 
 
 def main():
@@ -126,14 +125,20 @@ def main():
         return
     if not precision.native_bf16():
         print("bench_smollm2: this CPU has no native bf16: only fp32 is timed")
-    model = build(args.gguf)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, VOCAB, (B, T + 1), generator=g)
     src, tgt = tokens[:, :-1], tokens[:, 1:]
-    results = {}
-    for name in ("fp32", "bf16") if precision.native_bf16() else ("fp32",):
-        model.decoder.set_precision(name, log=False)
-        results[name] = measure(model, src, tgt, args.repeats)
+    fns, models = {}, {}
+    for name in ("fp32", "bf16") if precision.native_bf16() else ("fp32",):  # one model per precision
+        models[name] = build(args.gguf)
+        models[name].decoder.set_precision(name, log=False)
+        fns.update({(name, column): fn for column, fn in columns(models[name], src, tgt).items()})
+    times = interleaved(fns, args.repeats)  # every column of both precisions in each round
+    for name, model in models.items():
+        assert all(model.decoder.memory.bank.num_tokens(b) == MEMORY for b in range(B))
+    results = {name: {column: times[(name, column)] for column in ("backbone", "sidenet", "off", "on")}
+               for name in models}
+    for name in results:
         print(name, {k: round(v, 3) for k, v in results[name].items()}, flush=True)
 
     def row(name):
@@ -146,7 +151,7 @@ def main():
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, native bf16: {precision.native_bf16()}; median of {args.repeats} "
-        f"rounds (each round times every column once, after 2 warm-up rounds); glibc malloc keeps freed memory: "
+        f"rounds (each round times every column of both precisions once, after 2 warm-up rounds; one model per precision); glibc malloc keeps freed memory: "
         f"{precision.keep_freed_memory()}. SmolLM2-135M-Instruct (GGUF, dequantised) + transformer_lm_sidenet_smollm2_135m, batch {B} x {T} "
         f"tokens, per-stream memory {MEMORY:,} tokens per row (full), k = {K}, chunk {CSZ}, backend torch, AdamW.",
         "",
