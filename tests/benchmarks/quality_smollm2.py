@@ -23,8 +23,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
+from longmem.utils.atomic import atomic_open  # noqa: E402
 from report import write_section  # noqa: E402
 
 RECIPE = os.path.join(REPO, "configs", "longmem_smollm2.sh")
@@ -151,9 +153,8 @@ def plot(curves, path, updates):
     ax.set_title(f"LongMem over SmolLM2-135M, {updates} updates: fp32 vs bf16")
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 if __name__ == "__main__":
