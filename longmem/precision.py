@@ -33,8 +33,8 @@ _kept = None
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to serve every block from its heap and keep freed ones (no per-block mmap, no
-    trimming below 2 GiB), once per process; the process's memory then stays at its peak instead of being
+    """Ask glibc's malloc to serve every block from its heap and keep freed ones (no per-block mmap; up to
+    2 GiB of free memory kept at the heap's top before it trims), once per process; the process's memory then stays at its peak instead of being
     returned and faulted in again each step. ``LONGMEM_KEEP_FREED_MEMORY=0`` leaves malloc as it is.
     False where there is no glibc (or it refuses)."""
     global _kept
