@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 
 from longmem.modules.memory_bank import ChunkedMemoryBank, _faiss  # noqa: E402
 from longmem import precision  # noqa: E402
-from report import interleaved, write_section  # noqa: E402
+from report import interleaved, publish  # noqa: E402
 
 H, D, K, CSZ, T = 16, 64, 64, 4, 1024
 # (label, heads, memory tokens per row, k, rows, segment): the paper's retrieval; the SmolLM2 recipe's
@@ -248,13 +248,10 @@ def main():
           + "".join(f", {b} {results[f'retrieve_{b}_{label}'] / results[f'floor_{label}']:.2f}x" for b in backends[1:])
           + " (target: torch <= 1.2x)" for label, *_ in RETRIEVAL_SHAPES],
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        name = "bench_memory" if device.type == "cpu" else "bench_memory_gpu"
-        title = "Memory bank (tests/benchmarks/bench_memory.py)" if device.type == "cpu" else \
-            f"Memory bank on a GPU: {machine(device).split(',')[0]} (tests/benchmarks/bench_memory.py --device cuda)"
-        write_section(name, title, text, doc=args.doc)
+    name = "bench_memory" if device.type == "cpu" else "bench_memory_gpu"
+    title = "Memory bank (tests/benchmarks/bench_memory.py)" if device.type == "cpu" else \
+        f"Memory bank on a GPU: {machine(device).split(',')[0]} (tests/benchmarks/bench_memory.py --device cuda)"
+    publish(lines, name, title, write=not args.no_write, doc=args.doc)
 
 
 if __name__ == "__main__":

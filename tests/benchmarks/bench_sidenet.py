@@ -29,7 +29,7 @@ from fairseq.data import Dictionary  # noqa: E402
 from longmem.models.newgpt import build_newgpt  # noqa: E402
 from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet  # noqa: E402
 from longmem.utils.checkpoints import save_fairseq_checkpoint  # noqa: E402
-from report import interleaved, write_section  # noqa: E402
+from report import interleaved, publish  # noqa: E402
 
 B, T, VOCAB = 8, 256, 8000
 MEMORY, K, CSZ = 4096, 32, 4
@@ -108,10 +108,8 @@ def main():
         f"- memory's cost on a training step: {ratio:.2f}x (target <= 1.1x); on a forward: "
         f"{results['fwd_True'] / results['fwd_False']:.2f}x (target <= 1.2x)",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("bench_sidenet", "LongMem training step, memory on vs off (tests/benchmarks/bench_sidenet.py)", text)
+    publish(lines, "bench_sidenet", "LongMem training step, memory on vs off (tests/benchmarks/bench_sidenet.py)",
+            write=not args.no_write)
 
 
 if __name__ == "__main__":

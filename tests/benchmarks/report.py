@@ -24,6 +24,14 @@ def write_section(name: str, title: str, body: str, doc: str = None) -> None:
     os.replace(tmp, doc)
 
 
+def publish(lines, name: str, title: str, write: bool, doc: str = None) -> None:
+    """Print a benchmark's lines and, when ``write``, put them in its section of docs/benchmarks.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(name, title, text, doc=doc)
+
+
 def interleaved(fns: dict, repeats: int, warmup: int = 2, sync=lambda: None) -> dict:
     """Median seconds per call of each function, measured in rounds (one call of each per round, after
     ``warmup`` rounds) so that the drift of a shared machine falls on every column alike."""
