@@ -144,9 +144,10 @@ class ReleaseStyleMemory:
         return out_k, out_v
 
 
-def fill(bank, memory_size, device):
-    for _ in range(memory_size // T):
-        bank.add(torch.randn(1, T, H * D, device=device), torch.randn(1, T, H * D, device=device))
+def fill(bank, memory_size, device, rows=1, seg=T, heads=H):
+    """Add random segments of ``rows`` x ``seg`` tokens until each row has given ``memory_size`` tokens."""
+    for _ in range(memory_size // seg):
+        bank.add(torch.randn(rows, seg, heads * D, device=device), torch.randn(rows, seg, heads * D, device=device))
 
 
 def machine(device) -> str:
@@ -182,8 +183,7 @@ def main():
         for backend in backends + ["auto"]:
             bank = ChunkedMemoryBank(heads, D, memory_size, CSZ, k, num_streams=rows_, backend=backend,
                                      device=device, dtype=torch.float16)
-            for _ in range(memory_size // seg):
-                bank.add(torch.randn(rows_, seg, heads * D, device=device), torch.randn(rows_, seg, heads * D, device=device))
+            fill(bank, memory_size, device, rows=rows_, seg=seg, heads=heads)
             banks[backend] = bank
         for backend in backends:
             fns[backend] = (lambda bank: lambda: bank.retrieve(queries))(banks[backend])
