@@ -24,6 +24,19 @@ def apply() -> None:
     _cpu_fallbacks()
     _trusted_broadcasts()
     _one_line_config_errors()
+    _parameter_groups()
+
+
+def _parameter_groups() -> None:
+    """fairseq's optimizers get one flat list of parameters: the gate options need groups of their own
+    (longmem/optim_groups.py; a no-op for models that ask for none)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fairseq") is None:
+        return
+    from longmem import optim_groups
+
+    optim_groups.install()
 
 
 def _one_line_config_errors() -> None:

@@ -477,3 +477,32 @@ def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_tra
     models, _ = checkpoint_utils.load_model_ensemble([str(tmp_path / "bf16" / "checkpoint_last.pt")],
                                                      arg_overrides={"precision": "fp32"})
     assert models[0].decoder.autocast_dtype is None
+
+
+@pytest.mark.parametrize("gate_flags", [[], ["--memory-gate-lr-scale", "10", "--memory-gate-no-decay",
+                                             "--memory-gate-init", "1.5"]])
+def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, sidenet_trained, tmp_path):
+    """--memory-gate-{lr-scale,no-decay,init} through fairseq-train: the saved optimizer holds the gates in a
+    group of their own (lr x 10, no weight decay), and Adam's first step on them (the second update: the
+    first reads an empty memory, so the gates get no gradient) moves each by exactly its group's lr,
+    lr * g / |g|; without the options one group, as the release, and a step of lr."""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 2)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    lr, decay = 1e-2, 0.1
+    args[args.index("--lr") + 1] = str(lr)
+    # --adam-eps 1e-16: Adam's first step is then lr * g / |g| to 1e-6 even for the tiny gradients of a gate
+    run("fairseq_cli.train", *args, "--weight-decay", str(decay), "--lr-scheduler", "fixed", "--adam-eps", "1e-16",
+        *gate_flags)
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
+    groups = state["last_optimizer_state"]["param_groups"]
+    gate = state["model"]["decoder.layers.0.self_attn.memory_bias"]
+    scale, start = (10.0, 1.5) if gate_flags else (1.0, 0.0)
+    if gate_flags:
+        assert len(groups) == 2 and len(groups[1]["params"]) == 1, groups
+        assert groups[0]["weight_decay"] == decay and groups[1]["weight_decay"] == 0.0
+        assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(scale * lr)
+    else:
+        assert len(groups) == 1 and groups[0]["weight_decay"] == decay
+    # decoupled decay of a gate at 0 is 0; at 1.5 it is switched off: the step alone moves the gate
+    assert torch.allclose((gate - start).abs(), torch.full_like(gate, scale * lr), rtol=1e-5), gate.tolist()

@@ -33,7 +33,7 @@ from fairseq.models import (
 )
 from omegaconf import DictConfig, open_dict
 
-from longmem import precision
+from longmem import optim_groups, precision
 from longmem.errors import ConfigError
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
@@ -87,6 +87,13 @@ class SideNetConfig(FairseqDataclass):
         "help": "accepted for the release's command line; changes nothing: the SideNet has no position "
                 "embeddings (the backbone's ALiBi places tokens), as in the release"})
     max_target_positions: int = field(default=2048, metadata={"help": "longest sequence to batch"})
+    memory_gate_init: float = field(default=0.0, metadata={
+        "help": "initial logit g of every memory head's gate; σ(g) weighs memory (0: σ = 0.5, the release's start)"})
+    memory_gate_lr_scale: float = field(default=1.0, metadata={
+        "help": "the gates' learning rate is the schedule's times this, in a parameter group of their own "
+                "(1: one group for all parameters, as the release trains)"})
+    memory_gate_no_decay: bool = field(default=False, metadata={
+        "help": "no weight decay on the gates (the release decays them with every other parameter)"})
     precision: PRECISIONS = field(default="fp32", metadata={
         "help": "CPU arithmetic: fp32; bf16 (the backbone in a bf16 copy, the SideNet under autocast with fp32 "
                 "master weights, memory in bf16) where the CPU has native bf16, else fp32 with a warning; auto: "
@@ -119,6 +126,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self._init_sidenet()
         if cfg.reload_ptm_layer:
             self.reload_from_backbone()
+        self._init_gates(cfg)
         heads, head_dim = backbone.memory_heads
         self.memory = MemoryController(heads, head_dim, MemorySettings(
             memory_size=cfg.memory_size, k=cfg.k, chunk_size=cfg.chunk_size, backend=str(cfg.memory_backend),
@@ -164,6 +172,19 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                 nn.init.ones_(p) if "ln_1.weight" in name else nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=0.02)
+
+    @torch.no_grad()
+    def _init_gates(self, cfg):
+        """The gates' start (--memory-gate-init) and their optimizer group (longmem/optim_groups.py)."""
+        scale = float(getattr(cfg, "memory_gate_lr_scale", 1.0))
+        if not scale > 0:
+            raise ConfigError(f"--memory-gate-lr-scale must be positive, got {scale}")
+        for layer in self.layers:
+            gate = getattr(layer.self_attn, "memory_bias", None)
+            if gate is not None:
+                gate.fill_(float(getattr(cfg, "memory_gate_init", 0.0)))
+                optim_groups.request(gate, lr_scale=scale, no_weight_decay=bool(getattr(cfg, "memory_gate_no_decay",
+                                                                                       False)))
 
     @torch.no_grad()
     def reload_from_backbone(self):

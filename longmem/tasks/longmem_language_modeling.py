@@ -19,6 +19,7 @@ from fairseq.data import data_utils, iterators
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 
+from longmem import optim_groups
 from longmem.errors import ConfigError
 from longmem.modules.memory_bank import ChunkedMemoryBank
 from longmem.tasks.stream_dataset import StreamBatches, TokenStream
@@ -138,6 +139,7 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         self._with_memory_slot(model, "train", sample)
+        optim_groups.check_reached(model, optimizer)
         return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
