@@ -1,4 +1,5 @@
 """The long-range benchmark: every marked token really recurs beyond the window, and marked perplexity."""
+import contextlib
 import math
 import os
 import random
@@ -209,3 +210,108 @@ def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(make_sidenet)
     model.memory.configure(k=2)  # one chunk of 32: hits become rare, never above 1
     r = retrieval_hits(model, stream, eos, 8, context=4)
     assert all(0.0 <= h <= 1.0 for h in r["hit_s"]) and r["hit_s"] != [1.0] * 4
+
+
+def test_unique_sources_on_a_hand_made_document():
+    from longmem.evaluation.diagnostics import unique_sources
+
+    eos = 2
+    # inputs [eos] + tokens[:-1]: (5, 6) at input positions 1-2 and 9-10, (6, 7) at 2-3 and 10-11
+    tokens = torch.tensor([5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7, 13, 14])
+    got = unique_sources(tokens, eos, tokens_per_sample=4, context=2)
+    assert {t: int(s) for t, s in enumerate(got) if s >= 0} == {10: 2, 11: 3}
+    # with segments of 12 both sources sit in the window, not in memory
+    assert int((unique_sources(tokens, eos, 12, 2) >= 0).sum()) == 0
+    # (5, 6) seen twice before t = 10 (input positions 1-2 and 4-5): not unique; (1, 5) once before t = 9
+    twice = torch.tensor([5, 6, 1, 5, 6, 1, 1, 1, 5, 6, 1, 1])
+    assert int(unique_sources(twice, eos, 4, 2)[10]) == -1 and int(unique_sources(twice, eos, 4, 2)[9]) == 4
+
+
+def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retrieval(make_sidenet):
+    """k = the whole memory: the oracle only reorders the retrieved chunks, and attention over a set does
+    not depend on its order (same losses). k = 2 chunks: the chunks holding s and s + 1 come first, with the
+    very keys the full retrieval found for them."""
+    from longmem.evaluation.diagnostics import OracleRead, unique_sources
+
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
+    model.eval()
+    eos, T, c = d.eos(), 8, 2
+    passage = torch.randint(4, 44, (12,)).tolist()
+    tokens = torch.tensor(passage + torch.randint(4, 44, (20,)).tolist() + passage + [eos])
+    sources = unique_sources(tokens, eos, T, 4)
+    assert int((sources >= 0).sum()) >= 4
+    oracle = OracleRead(model, T)
+
+    def read(with_oracle):
+        seen = []
+        oracle.document(sources)
+        capture = lambda q, out: seen.append((out.chunk_ids[0].clone(), out.keys[0].clone()))  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            if with_oracle:
+                stack.enter_context(model.memory.retrieval_hook(oracle))
+            stack.enter_context(model.memory.retrieval_hook(capture))
+            nll = score_document(model, tokens, T, eos, memory=True)
+        return nll, seen
+
+    plain, full = read(False)
+    reordered, _ = read(True)
+    assert torch.allclose(plain, reordered, atol=1e-5)
+    model.memory.configure(k=4)
+    _, small = read(True)
+    for n, ((ids, keys), (full_ids, full_keys)) in enumerate(zip(small, full)):  # one call per segment 1..
+        begin = (n + 1) * T
+        for t in range(ids.size(1)):
+            s = int(sources[begin + t])
+            if s < 0:
+                continue
+            for h in range(ids.size(0)):
+                assert ids[h, t, 0] == s // c and ((s + 1) // c == s // c or ids[h, t, 1] == (s + 1) // c)
+                j = int(torch.nonzero(full_ids[h, t] == s // c))
+                assert torch.equal(keys[h, t, :c], full_keys[h, t, j * c:(j + 1) * c])
+
+
+def test_shortfall_split_against_direct_scoring(make_sidenet):
+    """Each variant's perplexity is the one scored directly: memory off/on by score_document, the forced
+    gates by setting them by hand; the oracle equals memory on when k covers the whole memory; the gates
+    are restored afterwards."""
+    from longmem.evaluation.diagnostics import shortfall_split
+
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=64, chunk_size=2)
+    model.eval()
+    eos = d.eos()
+    passage = torch.randint(4, 44, (12,)).tolist()
+    line = passage + torch.randint(4, 44, (20,)).tolist() + passage + [eos]
+    marks = torch.tensor([0] * 32 + [1] * 6 + [2] * 6 + [0])
+
+    class Split:
+        sizes = [len(line)]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor(line)
+
+    stream = TokenStream(Split(), eos)
+    gate = model.decoder.layers[model.decoder.memory_layer_index].self_attn.memory_bias
+    before = gate.detach().clone()
+    rows = shortfall_split(model, stream, eos, 8, marks, open_heads=[1, 3], context=4)
+    assert torch.equal(gate.detach(), before)
+
+    def ppl(nll, value):
+        return math.exp(float(nll[marks == value].mean())) if value else math.exp(float(nll.mean()))
+
+    tokens = torch.tensor(line)
+    on, off = score_document(model, tokens, 8, eos, True), score_document(model, tokens, 8, eos, False)
+    with torch.no_grad():
+        gate[[1, 3]] = 20.0
+    forced = score_document(model, tokens, 8, eos, True)
+    for value, key in ((0, "all"), (1, 1), (2, 2)):
+        assert rows["memory off"][key] == pytest.approx(ppl(off, value), rel=1e-9)
+        assert rows["memory on"][key] == pytest.approx(ppl(on, value), rel=1e-9)
+        assert rows["gates of finding heads open"][key] == pytest.approx(ppl(forced, value), rel=1e-9)
+        assert rows["oracle read"][key] == pytest.approx(ppl(on, value), rel=1e-5)
+        assert rows["oracle read, gates open"][key] == pytest.approx(ppl(forced, value), rel=1e-5)
+    assert rows["gates of finding heads open"]["all"] != pytest.approx(rows["memory on"]["all"], rel=1e-6)

@@ -1,15 +1,38 @@
-"""Retrieval hit rates: does the memory layer retrieve the chunk a copy would need?
+"""Does the memory layer retrieve the chunk a copy would need, and what is lost where?
 
 For every token t of a document whose last ``context`` tokens occurred exactly once before, at s, in an
-earlier segment (so s is in memory, not in the local window): do the chunks retrieved for t (per head)
-hold s (the same context) and s + 1 (the token that followed it)? Each document is read from an empty
-memory, so memory chunk n holds the document's tokens [n*c, n*c + c).
+earlier segment (so s is in memory, not in the local window) -- ``unique_sources`` -- :
+
+* ``retrieval_hits``: do the chunks retrieved for t (per head) hold s (the same context) and s + 1 (the
+  token that followed it)?
+* ``shortfall_split``: perplexity with memory off, on, with the gates of the heads that find the source
+  forced open, with an oracle read (the chunks holding s and s + 1 put first among the retrieved ones),
+  and both: where the memory's shortfall lies (retrieval, gate or read-out).
+
+Each document is read from an empty memory, so memory chunk n holds the document's tokens [n*c, n*c + c).
 """
-from typing import Optional
+import contextlib
+from typing import Dict, Optional
 
 import torch
 
-from longmem.evaluation.lm import document_spans, score_document
+from longmem.evaluation.lm import Tally, document_spans, score_document
+
+
+def unique_sources(tokens: torch.Tensor, eos: int, tokens_per_sample: int, context: int) -> torch.Tensor:
+    """s of every position t (-1 where none): the one earlier position whose last ``context`` input tokens
+    equal t's, with s + 1 before t's segment (in memory). Inputs are ``[eos] + tokens[:-1]``."""
+    T = tokens_per_sample
+    src = [eos] + tokens[:-1].tolist()
+    seen = {}
+    for j in range(context - 1, len(src)):
+        seen.setdefault(tuple(src[j - context + 1: j + 1]), []).append(j)
+    out = torch.full((len(src),), -1, dtype=torch.long)
+    for t in range(T, len(src) - 1):
+        earlier = [s for s in seen[tuple(src[t - context + 1: t + 1])] if s + 1 < t // T * T]
+        if len(earlier) == 1:
+            out[t] = earlier[0]
+    return out
 
 
 @torch.no_grad()
@@ -39,15 +62,9 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
             group = len(captured) // read
             ids = torch.cat([torch.stack(captured[n * group:(n + 1) * group], dim=1).flatten(0, 1)
                              for n in range(read)], dim=1)  # (H query heads, N - T, k / c)
-            src = [eos] + tokens[:-1].tolist()
-            seen = {}
-            for j in range(context - 1, len(src)):
-                seen.setdefault(tuple(src[j - context + 1: j + 1]), []).append(j)
-            for t in range(T, len(src) - 1):
-                earlier = [s for s in seen[tuple(src[t - context + 1: t + 1])] if s + 1 < t // T * T]
-                if len(earlier) != 1:
-                    continue
-                s, row = earlier[0], ids[:, t - T]
+            sources = unique_sources(tokens, eos, T, context)
+            for t in torch.nonzero(sources >= 0).view(-1).tolist():
+                s, row = int(sources[t]), ids[:, t - T]
                 hits["s"].append((row == s // c).any(-1))
                 hits["s+1"].append((row == (s + 1) // c).any(-1))
     if not hits["s"]:
@@ -55,3 +72,88 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
     return {"documents": len(spans), "positions": len(hits["s"]), "k": settings.k, "chunk_size": c,
             "gate": torch.sigmoid(dec.layers[dec.memory_layer_index].self_attn.memory_bias).tolist(),
             **{f"hit_{name}": torch.stack(v).float().mean(0).tolist() for name, v in hits.items()}}
+
+
+class OracleRead:
+    """A retrieval hook that puts, for every position with a unique earlier source s (``unique_sources``),
+    the chunks holding s and s + 1 first among its retrieved chunks (the rest keep their order; the last
+    ones drop out), in every head: what the memory could give were retrieval perfect. One row (batch of
+    1), its document read from an empty memory; ``document(sources)`` before each document."""
+
+    def __init__(self, model, tokens_per_sample: int):
+        self.memory, self.T, self.c = model.memory, tokens_per_sample, model.memory.settings.chunk_size
+        dec = model.decoder
+        self.query_heads = dec.layers[dec.memory_layer_index].self_attn.memory_bias.numel()
+        self.sources, self.calls = None, 0
+
+    def document(self, sources: torch.Tensor) -> None:
+        self.sources, self.calls = sources, 0
+
+    @torch.no_grad()
+    def __call__(self, queries, out) -> None:
+        bank = self.memory.bank
+        segment = 1 + self.calls // (self.query_heads // bank.num_heads)  # one call per member of a head group;
+        self.calls += 1                                                    # segment 0 reads nothing: no call
+        kc, c = out.chunk_ids.size(-1), self.c
+        serial_to_slot = {int(v): i for i, v in enumerate(bank.chunk_serial[0].tolist()) if v >= 0}
+        begin = segment * self.T
+        for t in torch.nonzero(self.sources[begin: begin + out.keys.size(2)] >= 0).view(-1).tolist():
+            s = int(self.sources[begin + t])
+            need = list(dict.fromkeys([s // c, (s + 1) // c]))
+            for h in range(out.keys.size(1)):
+                had = [x for x in out.chunk_ids[0, h, t].tolist() if x >= 0 and x not in need]
+                chunks = (need + had)[:kc]
+                slots = torch.tensor([serial_to_slot[x] for x in chunks], device=out.keys.device)
+                n = len(chunks) * c
+                out.keys[0, h, t, :n] = bank.keys[0, h, slots].flatten(0, 1).to(out.keys.dtype)
+                out.values[0, h, t, :n] = bank.values[0, h, slots].flatten(0, 1).to(out.values.dtype)
+                out.mask[0, h, t, :n] = True
+                out.chunk_ids[0, h, t, :len(chunks)] = torch.tensor(chunks)
+
+
+@contextlib.contextmanager
+def gates_forced(model, heads, logit: float = 20.0):
+    """Within the block, the memory layer's gates of ``heads`` (query heads) hold ``logit`` (σ = 1 - 2e-9
+    at 20: memory alone in those heads)."""
+    dec = model.decoder
+    gate = dec.layers[dec.memory_layer_index].self_attn.memory_bias
+    saved = gate.detach().clone()
+    with torch.no_grad():
+        gate[list(heads)] = logit
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            gate.copy_(saved)
+
+
+@torch.no_grad()
+def shortfall_split(model, stream, eos: int, tokens_per_sample: int, marks: torch.Tensor, open_heads,
+                    context: int = 6, max_documents: Optional[int] = None, progress=None) -> Dict[str, dict]:
+    """Perplexity (all tokens, and per mark value: 1 recurring, 2 queried) of each variant: memory off,
+    memory on, the gates of ``open_heads`` forced open, the oracle read, the oracle read with those gates
+    open. Returns {variant: {"all": ppl, 1: ppl, 2: ppl, ...}}."""
+    if len(marks) != len(stream.tokens):
+        raise ValueError(f"{len(marks)} token marks for a stream of {len(stream.tokens)} tokens")
+    oracle = OracleRead(model, tokens_per_sample)
+    nothing = contextlib.nullcontext
+    variants = {"memory off": (False, nothing, False), "memory on": (True, nothing, False),
+                "gates of finding heads open": (True, lambda: gates_forced(model, open_heads), False),
+                "oracle read": (True, nothing, True),
+                "oracle read, gates open": (True, lambda: gates_forced(model, open_heads), True)}
+    spans = document_spans(stream.doc_start)[:max_documents]
+    result = {}
+    for name, (memory, gates, use_oracle) in variants.items():
+        tally = Tally()
+        hook = model.memory.retrieval_hook(oracle) if use_oracle else nothing()
+        with gates(), hook:
+            for start, end in (spans if progress is None else progress(spans, desc=name, unit="doc")):
+                tokens, doc_marks = stream.tokens[start:end], marks[start:end]
+                oracle.document(unique_sources(tokens, eos, tokens_per_sample, context))
+                nll = score_document(model, tokens, tokens_per_sample, eos, memory=memory)
+                tally.add("all", nll)
+                for value in doc_marks.unique().tolist():
+                    if value:
+                        tally.add(value, nll[doc_marks == value])
+        result[name] = tally.ppl()
+    return result
