@@ -26,6 +26,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,6 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--gpt2-bpe", help="folder with encoder.json, vocab.bpe and dict.txt (default: data/gpt2_bpe "
                                       "of this repository, unless --sentencepiece-model is given)")
     p.add_argument("--sentencepiece-model", help="the models' sentencepiece model, instead of GPT-2 BPE")
+    p.add_argument("--hf-tokenizer", metavar="PATH",
+                   help="a Hugging Face model's own tokenizer (its .gguf file or folder), instead of GPT-2 BPE, for "
+                        "hf_causal_lm backbones and their LongMem checkpoints: the model's ids, its bos/eos in place of "
+                        "<s>/</s> (default --dict: the model's ids, as `python -m longmem.models.hf_causal_lm dict`)")
     p.add_argument("--k", type=non_negative_int, default=20, help="demonstrations in context")
     p.add_argument("--cache-k", type=non_negative_int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=positive_int, default=1024, help="tokens per block written to memory")
@@ -83,7 +88,7 @@ def parse_args(argv=None):
     args.tasks = args.tasks or (["sst2"] if args.path else ["sst2", "mr", "subj", "sst5", "mpqa"])
     if args.gpt_encoder_path:
         args.gpt2_bpe = args.gpt_encoder_path
-    if args.gpt2_bpe is None and args.sentencepiece_model is None:
+    if args.gpt2_bpe is None and args.sentencepiece_model is None and args.hf_tokenizer is None:
         args.gpt2_bpe = paths.GPT2_BPE
     return p, args
 
@@ -96,7 +101,7 @@ def main(argv=None):
     from fairseq.data import Dictionary
 
     from longmem.evaluation import icl
-    from longmem.evaluation.codec import TextCodec
+    from longmem.evaluation.codec import TextCodec, Tokenizer
 
     try:
         tasks = [icl.task_name(t) for t in args.tasks]
@@ -105,14 +110,24 @@ def main(argv=None):
                 raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is test")
     except ValueError as e:
         parser.error(str(e))
+    try:
+        tokenizer = Tokenizer(args.gpt2_bpe, args.sentencepiece_model, args.hf_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
     dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
+    if dict_path is None and args.hf_tokenizer:  # the model's ids, as hf_causal_lm's `dict` writes them
+        scratch = tempfile.TemporaryDirectory(prefix="longmem_icl_")  # removed when main returns
+        dict_path = os.path.join(scratch.name, "dict.txt")
+        with open(dict_path, "w", encoding="utf-8") as f:
+            f.writelines(f"{i} 1\n" for i in range(4, tokenizer.vocab_size))
     if not dict_path or not os.path.isfile(dict_path):
         parser.error(f"dictionary {dict_path!r} not found: pass --dict")
     dictionary = Dictionary.load(dict_path)
-    try:
-        codec = TextCodec(dictionary, args.gpt2_bpe, args.sentencepiece_model)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
+    codec = TextCodec(dictionary, tokenizer=tokenizer)
+    no_padding = dictionary.pad() in (codec.bos, codec.eos)
+    if no_padding and args.batch_size > 1:
+        parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts cannot be "
+                     f"padded into batches; use --batch-size 1")
     if args.dump_prompts:
         return dump_prompts(parser, args, tasks, dictionary, codec)
 
@@ -160,6 +175,13 @@ def main(argv=None):
             parser.error(f"memory at evaluation: {e}")
         models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
 
+    if no_padding:  # the pad index is a real token of every prompt (the model's bos): no position is padding
+        from longmem.models.hf_causal_lm import HFDecoder
+
+        for model in models.values():
+            for module in model.modules():
+                if isinstance(module, HFDecoder):
+                    module.mask_padding = False
     results = {}
     for name in tasks:
         spec, train, evaluation = data[name]

@@ -181,3 +181,24 @@ def test_retrieval_diagnostics_cover_every_query_head_of_a_group(llama):
 
     r = retrieval_hits(model, TokenStream(Split(), eos), eos, 8, context=4)
     assert r["positions"] >= 4 and r["hit_s"] == [1.0] * 4 and r["hit_s+1"] == [1.0] * 4 and len(r["gate"]) == 4
+
+
+def test_padding_can_be_switched_off_when_the_pad_index_is_a_token(llama):
+    """SmolLM2's bos is id 1, fairseq's <pad> index: with mask_padding off, a prompt holding it is scored
+    as the model scores it (no attention mask); with it on (the default), id 1 is treated as padding."""
+    from longmem.models.hf_causal_lm import HFCausalLM
+
+    path, d = llama
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    adapter = HFCausalLM.from_path(str(path), d, retrieval_layer_index=2)
+    tokens = torch.tensor([[d.pad(), 7, 8, 9, d.pad(), 10, 11]])
+    with torch.no_grad():
+        want = hf(input_ids=tokens).logits
+        masked = adapter(tokens)[0]
+        adapter.decoder.mask_padding = False
+        unmasked = adapter(tokens)[0]
+        states = adapter.frozen_states(tokens, retrieval_kv=False)
+        hidden = hf.model(input_ids=tokens, output_hidden_states=True).hidden_states
+    assert torch.allclose(unmasked, want, atol=1e-5)
+    assert not torch.allclose(masked[0, 5:], want[0, 5:], atol=1e-3)
+    assert torch.allclose(states.hidden[-1], hidden[-1], atol=1e-5)

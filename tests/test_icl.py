@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from longmem.evaluation import icl
@@ -213,3 +214,32 @@ def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
         assert [int(s) for s in re.findall(r"^Acc for random seed (\d): [\d.]+$", out, re.M)] == [1, 2, 3, 4, 5, 6]
         assert re.search(r"^Mean acc across 6 seeds: \d\.\d{4}, std: \d\.\d{4}", out, re.M)
         assert f"| task | {mode} |" in out and "| sst2 |" in out
+
+
+def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos(tmp_path):
+    """--hf-tokenizer: a word-level tokenizer written here (bos <|im_start|> = 1, eos <|im_end|> = 2, as
+    SmolLM2's); one demonstration and one query, their ids written by hand."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "Review:", "good", "film", "Sentiment:",
+             "positive.", "bad", "negative."]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                         unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    (tmp_path / "icl" / "SST-2").mkdir(parents=True)
+    (tmp_path / "icl" / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood film\t1\n")
+    (tmp_path / "icl" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nbad film\t0\n")
+    out = tmp_path / "prompts.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
+                           "--data-dir", str(tmp_path / "icl"), "--task", "SST-2", "--seeds", "1", "--k", "1",
+                           "--cache-k", "0", "--hf-tokenizer", str(tmp_path / "tok"), "--dump-prompts", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # [bos] Review: good film Sentiment: positive. [eos]  [bos] Review: bad film Sentiment:
+    assert json.loads(out.read_text())["prompts"] == [[1, 4, 5, 6, 7, 8, 2, 1, 4, 9, 6, 7]]
+    batched = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
+                              "--data-dir", str(tmp_path / "icl"), "--task", "SST-2", "--hf-tokenizer",
+                              str(tmp_path / "tok"), "--batch-size", "4", "--dump-prompts", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert batched.returncode == 2 and "--batch-size 1" in batched.stderr

@@ -1,13 +1,23 @@
-"""Text <-> a model's dictionary indices, through GPT-2 BPE or a sentencepiece model."""
+"""Text <-> a model's dictionary indices, through GPT-2 BPE, a sentencepiece model or a Hugging Face
+model's own tokenizer."""
 import os
 
 
 class Tokenizer:
     """Text -> the symbols a fairseq ``dict.txt`` lists: GPT-2 BPE ids as decimal strings (fairseq's GPT-2
-    dictionary) or sentencepiece pieces. A missing file is a ``FileNotFoundError`` naming it."""
+    dictionary), sentencepiece pieces, or a Hugging Face tokenizer's ids as the symbols of
+    ``python -m longmem.models.hf_causal_lm dict`` (ids 0-3 as fairseq's specials, the others as numbers).
+    ``specials``: the tokenizer's own (bos, eos) symbols where it has them (Hugging Face), else None.
+    A missing file is a ``FileNotFoundError`` naming it."""
 
-    def __init__(self, gpt2_bpe=None, sentencepiece_model=None):
-        if gpt2_bpe:
+    def __init__(self, gpt2_bpe=None, sentencepiece_model=None, hf_tokenizer=None):
+        self.specials = None
+        if sum(map(bool, (gpt2_bpe, sentencepiece_model, hf_tokenizer))) > 1:
+            raise ValueError("choose one tokenizer: GPT-2 BPE files (--gpt2-bpe), a sentencepiece model "
+                             "(--sentencepiece-model) or a Hugging Face model's (--hf-tokenizer)")
+        if hf_tokenizer:
+            self._hf(hf_tokenizer)
+        elif gpt2_bpe:
             from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
             files = [os.path.join(gpt2_bpe, name) for name in ("encoder.json", "vocab.bpe")]
@@ -27,14 +37,34 @@ class Tokenizer:
             self.pieces = lambda text: sp.encode(text, out_type=str)
             self.text_of = lambda sym: sym.replace("\u2581", " ")
         else:
-            raise ValueError("choose the tokenizer: GPT-2 BPE files (--gpt2-bpe DIR) or a sentencepiece model "
-                             "(--sentencepiece-model FILE)")
+            raise ValueError("choose the tokenizer: GPT-2 BPE files (--gpt2-bpe DIR), a sentencepiece model "
+                             "(--sentencepiece-model FILE) or a Hugging Face model's (--hf-tokenizer PATH)")
+
+    def _hf(self, path):
+        from longmem.models.hf_causal_lm import HFTokens, is_hf_path, load_hf_tokenizer
+
+        if not (os.path.isdir(path) or is_hf_path(path)):
+            raise FileNotFoundError(f"--hf-tokenizer {path!r} is neither a .gguf file nor a model folder")
+        tok = load_hf_tokenizer(path)
+        self.vocab_size = len(tok)
+        self.pieces = lambda text: HFTokens.symbols(tok.encode(text, add_special_tokens=False))
+        self.text_of = lambda sym: tok.decode([int(sym)]) if sym.isdigit() else sym
+        ids = (tok.bos_token_id, tok.eos_token_id)
+        if None in ids:
+            raise ValueError(f"the tokenizer of {path} names no bos/eos token: the ICL protocol needs both")
+        self.specials = tuple(HFTokens.symbols(list(ids)))
 
 
 class TextCodec:
-    def __init__(self, dictionary, gpt2_bpe=None, sentencepiece_model=None):
+    """Text <-> ``dictionary`` indices; ``bos``/``eos``: the indices that open and close a demonstration
+    (the dictionary's ``<s>``/``</s>``, or a Hugging Face tokenizer's own bos/eos)."""
+
+    def __init__(self, dictionary, gpt2_bpe=None, sentencepiece_model=None, hf_tokenizer=None, tokenizer=None):
         self.dictionary = dictionary
-        self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
+        self.tokenizer = tokenizer or Tokenizer(gpt2_bpe, sentencepiece_model, hf_tokenizer)
+        specials = self.tokenizer.specials
+        self.bos, self.eos = (dictionary.bos(), dictionary.eos()) if specials is None else \
+            (dictionary.index(specials[0]), dictionary.index(specials[1]))
 
     def encode(self, text):
         return [self.dictionary.index(p) for p in self.tokenizer.pieces(text)]

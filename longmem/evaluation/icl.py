@@ -173,7 +173,7 @@ def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, 
                      memory_block: int):
     """(memory blocks, query prompts) of one seed, as dictionary indices."""
     context, memory = sample_demonstrations(train, k, cache_k, seed)
-    bos, eos = dictionary.bos(), dictionary.eos()
+    bos, eos = getattr(codec, "bos", dictionary.bos()), getattr(codec, "eos", dictionary.eos())
     context_ids = encode_demonstrations(spec, context, codec.encode, bos, eos)
     blocks = memory_blocks(encode_demonstrations(spec, memory, codec.encode, bos, eos), memory_block)
     return blocks, [query_ids(spec, context_ids, text, codec.encode, bos) for text, _ in queries]

@@ -90,11 +90,20 @@ class HFDecoder(FairseqIncrementalDecoder):
     def __init__(self, dictionary, hf_model):
         super().__init__(dictionary)
         self.model = hf_model
+        # the dictionary's <pad> index is a model id too (SmolLM2: 1 = <|im_start|>, its bos): a caller whose
+        # inputs hold that id as a token and are never padded (ICL with the model's own bos) turns this off
+        self.mask_padding = True
+
+    def padding(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool, True where ``tokens`` is padding."""
+        if not self.mask_padding:
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return tokens.eq(self.dictionary.pad())
 
     def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False, **kwargs):
         if incremental_state is not None:
             raise NotImplementedError("hf_causal_lm scores whole segments")
-        pad = prev_output_tokens.eq(self.dictionary.pad())
+        pad = self.padding(prev_output_tokens)
         out = self.model.model(input_ids=prev_output_tokens, attention_mask=(~pad).long(),
                                position_ids=positions(pad), use_cache=False)
         x = out.last_hidden_state
@@ -188,7 +197,7 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
 
     @torch.no_grad()
     def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
-        pad = tokens.eq(self.decoder.dictionary.pad())
+        pad = self.decoder.padding(tokens)
         position_ids = positions(pad)
         captured = {}
         hooks = []
