@@ -506,3 +506,20 @@ def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, 
         assert len(groups) == 1 and groups[0]["weight_decay"] == decay
     # decoupled decay of a gate at 0 is 0; at 1.5 it is switched off: the step alone moves the gate
     assert torch.allclose((gate - start).abs(), torch.full_like(gate, scale * lr), rtol=1e-5), gate.tolist()
+
+
+def test_gate_groups_are_refused_by_an_optimizer_that_flattened_them():
+    """fairseq's --fp16/--bf16 optimizers copy every parameter into one flat fp32 group: a model whose gates
+    ask for a group of their own gets a one-line error there, not the default silently."""
+    from types import SimpleNamespace
+
+    from longmem import optim_groups
+    from longmem.errors import ConfigError
+
+    model = torch.nn.Linear(2, 2)
+    optim_groups.request(model.bias, lr_scale=10.0)
+    flat = SimpleNamespace(param_groups=[{"params": [torch.nn.Parameter(torch.zeros(6))]}])
+    with pytest.raises(ConfigError, match="fp16"):
+        optim_groups.check_reached(model, flat)
+    grouped = SimpleNamespace(param_groups=[{"params": [model.weight]}, {"params": [model.bias]}])
+    optim_groups.check_reached(model, grouped)  # two groups: accepted
