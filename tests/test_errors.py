@@ -187,3 +187,22 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     assert report["undecodable_lines"] == 1 and report["kept"] == {"Pile-CC": 6}
     assert report["weights_for_unseen_subsets"] == ["Githubb"] and "Githubb" in err
     assert "1 with bytes that are not UTF-8" in err
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--tokens-per-sample", "30", "--chunk-size", "4", "--k", "8"],
+     "--tokens-per-sample 30 is not a multiple of --chunk-size 4"),
+    (["--tokens-per-sample", "32", "--memory-mode", "shared", "--memory-reset-at-document-boundary"],
+     "needs --memory-mode stream"),
+])
+def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle):
+    """A segment the chunk size does not divide (its last tokens would never reach memory) and a per-row reset
+    asked of a memory the rows share (it would do nothing): one line, before training."""
+    code, _, err = run_script("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                              "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
+                              "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+                              "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
+                              "--use-external-memory", "--batch-size", "2", "--optimizer", "adam", "--lr", "1e-3",
+                              "--max-update", "2", "--cpu", "--save-dir", tiny / "never", *flags)
+    assert_one_line_error(code, err, needle)
+    assert not (tiny / "never" / "crash.pt").exists()

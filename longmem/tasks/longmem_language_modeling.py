@@ -67,11 +67,24 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
         memory = model_memory(model)
         if memory is not None:  # also reached by fairseq-eval-lm, which runs no train/valid step
             memory.configure(reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
-            settings = memory.settings
-            if memory.enabled and settings.mode == "release" and self.args.batch_size:
-                ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
-                                                         self.args.batch_size * self.args.tokens_per_sample)
+            self._refuse_memory_settings_that_cannot_act(memory)
         return model
+
+    def _refuse_memory_settings_that_cannot_act(self, memory) -> None:
+        """Settings that would be ignored or fail later, refused in one line before any work."""
+        settings, T = memory.settings, self.args.tokens_per_sample
+        if T % settings.chunk_size:
+            raise ConfigError(f"--tokens-per-sample {T} is not a multiple of --chunk-size {settings.chunk_size}: memory "
+                              f"takes whole chunks, so the last {T % settings.chunk_size} tokens of every segment would "
+                              f"never reach it; choose a segment length that the chunk size divides")
+        if self.args.memory_reset_at_document_boundary and settings.mode != "stream":
+            raise ConfigError(f"--memory-reset-at-document-boundary empties one batch row's memory where its document "
+                              f"ends, which needs --memory-mode stream (a memory per row); with --memory-mode "
+                              f"{settings.mode} the rows share one memory and the flag would do nothing: drop it or use "
+                              f"--memory-mode stream")
+        if memory.enabled and settings.mode == "release" and self.args.batch_size:
+            ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
+                                                     self.args.batch_size * T)
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         if self.args.data_no_shuffle and self.args.sample_break_mode != "none":
