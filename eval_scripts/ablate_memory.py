@@ -19,7 +19,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longmem.utils.cli import positive_int  # noqa: E402
+from longmem.utils.cli import output_file, positive_int  # noqa: E402
 
 GRID = {"memory_size": [256, 512, 1024, 2048, 8192], "chunk_size": [1, 2, 4, 8], "k": [4, 8, 16, 32, 64]}
 
@@ -32,7 +32,7 @@ def main(argv=None):
     p.add_argument("--token-mask", required=True, help="the split's .mask from preprocess/make_longrange.py")
     p.add_argument("--tokens-per-sample", type=positive_int, default=256)
     p.add_argument("--knobs", nargs="+", default=list(GRID), choices=list(GRID))
-    p.add_argument("--output", help="Markdown file for the table (a .json beside it)")
+    p.add_argument("--output", type=output_file, help="Markdown file for the table (a .json beside it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -70,8 +70,12 @@ def main(argv=None):
     for r in results:
         mark = " (trained)" if r["settings"] is not None and r["value"] == trained[r["knob"]] else ""
         lines.append(f"| {r['knob']} | {'' if r['value'] is None else r['value']}{mark} | {r['ppl']:.1f} | "
-                     f"{r['recurring']:.1f} | {r['queried']:.1f} | {r['seconds']:.0f} |")
+                     f"{fmt(r['recurring'])} | {fmt(r['queried'])} | {r['seconds']:.0f} |")
     table = "\n".join(lines) + "\n"
+    missing = [name for name, key in (("recurring (1)", "recurring"), ("queried (2)", "queried"))
+               if results[0][key] is None]
+    if missing:
+        table += f"\n(The mask marks no {' and no '.join(missing)} tokens: those columns are empty.)\n"
     print(table)
     if args.output:
         with atomic_open(args.output, "w", encoding="utf-8") as f:
@@ -79,6 +83,11 @@ def main(argv=None):
         with atomic_open(os.path.splitext(args.output)[0] + ".json", "w", encoding="utf-8") as f:
             json.dump({"trained": trained, "rows": results}, f, indent=2)
     return results
+
+
+def fmt(ppl) -> str:
+    """A perplexity, or a dash where the mask marks no such token."""
+    return "—" if ppl is None else f"{ppl:.1f}"
 
 
 if __name__ == "__main__":

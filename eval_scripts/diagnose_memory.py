@@ -26,7 +26,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longmem.utils.cli import positive_int  # noqa: E402
+from longmem.utils.cli import output_file, positive_int  # noqa: E402
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
                    "tokens marked in this .mask) into retrieval, gate and read-out")
     p.add_argument("--finding-hit-rate", type=float, default=0.2,
                    help="--split: a head 'finds the source' when its hit rate of s + 1 is at least this")
-    p.add_argument("--results-path")
+    p.add_argument("--results-path", type=output_file)
     args = p.parse_args(argv)
     if not 0.0 < args.finding_hit_rate <= 1.0:
         p.error(f"--finding-hit-rate must be in (0, 1], got {args.finding_hit_rate}")

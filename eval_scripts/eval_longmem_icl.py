@@ -32,7 +32,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longmem import paths  # noqa: E402
-from longmem.utils.cli import non_negative_int, positive_int  # noqa: E402
+from longmem.utils.cli import non_negative_int, output_file, positive_int  # noqa: E402
 
 MODES = ["backbone", "memory-off", "memory-on"]
 
@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
     p.add_argument("--max-queries", type=positive_int, help="evaluate only the first N queries (quick runs)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="queries per forward pass (released: 1)")
-    p.add_argument("--results-path", help="JSON, rewritten after every finished task")
-    p.add_argument("--dump-prompts", metavar="FILE",
+    p.add_argument("--results-path", type=output_file, help="JSON, rewritten after every finished task")
+    p.add_argument("--dump-prompts", type=output_file, metavar="FILE",
                    help="write one task and seed's memory blocks and first 5 query prompts (dictionary indices) "
                         "as JSON and exit, without a model")
     p.add_argument("--cpu", action="store_true")

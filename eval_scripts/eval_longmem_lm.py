@@ -18,7 +18,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longmem.utils.cli import positive_int  # noqa: E402
+from longmem.utils.cli import output_file, positive_int  # noqa: E402
 
 
 def plot(results, path):
@@ -49,8 +49,8 @@ def main(argv=None):
     p.add_argument("--backbone", help="newgpt checkpoint: scored alone")
     p.add_argument("--longmem", help="LongMem checkpoint: scored with memory off and on")
     p.add_argument("--tokens-per-sample", type=positive_int, default=1024)
-    p.add_argument("--results-path", help="JSON output")
-    p.add_argument("--plot", help="PNG of loss against position in the document")
+    p.add_argument("--results-path", type=output_file, help="JSON output")
+    p.add_argument("--plot", type=output_file, help="PNG of loss against position in the document")
     p.add_argument("--token-mask", help="a .mask file of preprocess/make_longrange.py for this split: "
                    "also report perplexity on the marked (recurring/queried) tokens")
     p.add_argument("--memory-size", type=positive_int, help="LongMem: memory capacity at evaluation (default: trained)")

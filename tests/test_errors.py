@@ -206,3 +206,37 @@ def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, need
                               "--max-update", "2", "--cpu", "--save-dir", tiny / "never", *flags)
     assert_one_line_error(code, err, needle)
     assert not (tiny / "never" / "crash.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["lm", "icl", "diagnose", "ablate"])
+def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script):
+    """An output under a file (a folder that can never be made) or naming a folder: refused by argparse in one
+    line, before a model is loaded (an unwritable folder takes the same path: os.access, not testable as root)."""
+    under_a_file, a_folder = tiny / "docs.txt" / "out.json", tiny
+    scripts = {"lm": (LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--results-path"),
+               "icl": (ICL, "--longmem", tiny / "longmem_gpt2.pt", "--results-path"),
+               "diagnose": (os.path.join(REPO, "eval_scripts", "diagnose_memory.py"), tiny / "bin", "--longmem",
+                            tiny / "longmem.pt", "--results-path"),
+               "ablate": (os.path.join(REPO, "eval_scripts", "ablate_memory.py"), tiny / "bin", "--longmem",
+                          tiny / "longmem.pt", "--token-mask", tiny / "none.mask", "--output")}
+    code, _, err = run_script(*scripts[script], under_a_file)
+    assert_one_line_error(code, err, "docs.txt", "is a file, not a folder")
+    code, _, err = run_script(*scripts[script], a_folder)
+    assert_one_line_error(code, err, "is a folder: give a file name")
+
+
+def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table(tiny, tmp_path):
+    """Marks only 'queried' (2) tokens: the recurring column is a dash, said under the table, and the table is
+    written (it used to end in a TypeError after every row was evaluated)."""
+    lines = (tiny / "docs.txt").read_text().splitlines()
+    (tmp_path / "q.mask").write_text("".join(" ".join(["2"] * len(line.split())) + "\n" for line in lines))
+    out = tmp_path / "abl.md"
+    code, stdout, err = run_script(os.path.join(REPO, "eval_scripts", "ablate_memory.py"), tiny / "bin", "--longmem",
+                                   tiny / "longmem.pt", "--token-mask", tmp_path / "q.mask", "--tokens-per-sample",
+                                   "32", "--knobs", "k", "--output", out)
+    assert code == 0, err[-2000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| memory off") or line.startswith("| k |")]
+    assert rows and all(line.split("|")[4].strip() == "—" for line in rows), table
+    assert all(float(line.split("|")[5]) > 1 for line in rows), table
+    assert "marks no recurring (1) tokens" in table
