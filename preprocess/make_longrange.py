@@ -267,6 +267,29 @@ def summarize(stats, split, docs):
     logger.info("%s: %s", split, per_kind)
 
 
+def check_ranges(p, args) -> None:
+    """Every number where it enters; a request the generator cannot meet is an error, not a hang or a set
+    with next to nothing marked."""
+    for name, low in (("train_docs", 1), ("eval_docs", 2), ("doc_tokens", 1), ("min_gap", 1), ("pairs", 1),
+                      ("pool_size", 2), ("pool_skip", 0), ("pretrain_docs", 0)):
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name in ("fresh_block", "passage", "pretrain_gap"):
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            p.error(f"--{name.replace('_', '-')} MIN MAX needs 1 <= MIN <= MAX, got {low} {high}")
+    if not 0.0 <= args.text_fraction < 1.0:
+        p.error(f"--text-fraction must be in [0, 1), got {args.text_fraction}")
+    room = args.min_gap + args.fresh_block[0] + args.passage[0]
+    if args.doc_tokens < room:
+        p.error(f"--doc-tokens {args.doc_tokens} leaves no room for a recurrence: a passage recurs only after --min-gap "
+                f"{args.min_gap} tokens and a fresh block, so documents need at least {room} tokens (4 x --min-gap is "
+                f"a good size)")
+    if args.pairs > args.pool_size * (args.pool_size - 1):
+        p.error(f"--pairs {args.pairs} distinct two-word keys cannot be drawn from a pool of {args.pool_size} words "
+                f"({args.pool_size * (args.pool_size - 1)} at most): raise --pool-size or lower --pairs")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spm-model", help="the sentencepiece model that encodes the corpus")
@@ -296,6 +319,7 @@ def main(argv=None):
                    help="tokens between a passage and its recurrence in pretrain.bpe")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    check_ranges(p, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     os.makedirs(args.out, exist_ok=True)
     build(args)

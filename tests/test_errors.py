@@ -240,3 +240,21 @@ def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table
     assert rows and all(line.split("|")[4].strip() == "—" for line in rows), table
     assert all(float(line.split("|")[5]) > 1 for line in rows), table
     assert "marks no recurring (1) tokens" in table
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--min-gap", "4000", "--doc-tokens", "512"], "leaves no room for a recurrence"),
+    (["--pool-size", "2", "--pairs", "5"], "cannot be drawn from a pool of 2 words"),
+    (["--passage", "96", "32"], "--passage MIN MAX needs 1 <= MIN <= MAX"),
+    (["--text-fraction", "1.5"], "--text-fraction must be in [0, 1)"),
+])
+def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle):
+    """Used to: exit 0 with 20 marked tokens in 52,797 (a gap longer than the document), loop forever (more
+    distinct keys than a pool of 2 words has), or generate nonsense; now one line, nothing written."""
+    text = tmp_path / "t.txt"
+    text.write_text("a b c\n")
+    code, _, err = run_script(os.path.join(REPO, "preprocess", "make_longrange.py"), "--spm-model", text,
+                              "--train-text", text, "--valid-text", text, "--test-text", text,
+                              "--out", tmp_path / "out", *flags, timeout=60)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()
