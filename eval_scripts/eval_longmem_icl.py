@@ -128,8 +128,14 @@ def main(argv=None):
     if no_padding and args.batch_size > 1:
         parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts cannot be "
                      f"padded into batches; use --batch-size 1")
+    try:  # every task's files are read, and its text checked against the dictionary, before any model is loaded
+        data = {name: icl.load_task(args.data_dir, name) for name in tasks}
+        for spec, train, _ in data.values():
+            icl.check_known_tokens(spec, train, codec, dictionary)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e))
     if args.dump_prompts:
-        return dump_prompts(parser, args, tasks, dictionary, codec)
+        return dump_prompts(parser, args, tasks, data, dictionary, codec)
 
     import longmem  # noqa: F401  (registers the models)
     from longmem.utils.atomic import atomic_open
@@ -154,10 +160,6 @@ def main(argv=None):
         parser.error("mode backbone needs --backbone")
     if {"memory-off", "memory-on"} & set(modes) and not args.longmem:
         parser.error("modes memory-off/memory-on need --longmem")
-    try:  # every task's files are read before any model is loaded or scored
-        data = {name: icl.load_task(args.data_dir, name) for name in tasks}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     models = {}
     if "backbone" in modes:
@@ -213,16 +215,13 @@ def main(argv=None):
     return results
 
 
-def dump_prompts(parser, args, tasks, dictionary, codec):
+def dump_prompts(parser, args, tasks, data, dictionary, codec):
     from longmem.evaluation import icl
     from longmem.utils.atomic import atomic_open
 
     if len(tasks) != 1 or len(args.seeds) != 1:
         parser.error("--dump-prompts takes one task (--tasks T or --task T) and one seed (--seeds S)")
-    try:
-        spec, train, evaluation = icl.load_task(args.data_dir, tasks[0])
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+    spec, train, evaluation = data[tasks[0]]
     blocks, prompts = icl.prompts_for_seed(spec, train, evaluation[:5], codec, dictionary, args.k, args.cache_k,
                                            args.seeds[0], args.memory_block)
     with atomic_open(args.dump_prompts, "w", encoding="utf-8") as f:

@@ -258,3 +258,29 @@ def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle)
                               "--out", tmp_path / "out", *flags, timeout=60)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_icl_refuses_a_tokenizer_that_does_not_match_the_dictionary(tiny):
+    """The models' own small dict.txt with the default GPT-2 BPE: nearly every token <unk>; refused before any
+    model is loaded (it used to report accuracies)."""
+    code, _, err = run_script(ICL, "--longmem", tiny / "longmem.pt", "--dict", tiny / "bin" / "dict.txt",
+                              "--tasks", "sst2", "--seeds", "1", "--max-queries", "2")
+    assert_one_line_error(code, err, "sst2", "are <unk> in this dictionary", "tokenizer does not match")
+
+
+def test_icl_files_name_the_line_of_a_bad_byte_and_count_lines_without_text(tmp_path, caplog):
+    from longmem.evaluation import icl
+
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"1,fine text\n0,caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"bad.csv:2: not UTF-8 \(byte 0xe9 at column 6\)"):
+        icl.read_examples(str(bad), "digit", 2)
+    few = tmp_path / "few.csv"  # 1 empty text in 40 lines: kept and counted, as the release keeps them
+    few.write_text("".join(f"{i % 2},text {i}\n" for i in range(39)) + "1,\n")
+    rows = icl.read_examples(str(few), "digit", 2)
+    assert len(rows) == 40 and rows[-1] == ("", 1)
+    assert "few.csv: 1 of 40 lines hold a label and no text" in caplog.text
+    many = tmp_path / "many.csv"  # half of the lines without text: not the released layout
+    many.write_text("".join(f"{i % 2},\n" if i % 2 else f"{i % 2},text\n" for i in range(20)))
+    with pytest.raises(ValueError, match="10 of 20 lines hold a label and no text"):
+        icl.read_examples(str(many), "digit", 2)

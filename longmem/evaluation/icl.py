@@ -14,12 +14,15 @@ The files are read as the release reads them: SST-2 ``sentence<TAB>label`` after
 MPQA and Subj take the text as ``line[2:]`` after a one-digit label and a separator (CSV quotes kept,
 Subj's outer ``"`` stripped).
 """
+import logging
 import os
 import random
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES = {"sentiment": "Review: {text} Sentiment: {label}. ", "subj": "Input: {text} Type: {label}. "}
 
@@ -63,26 +66,50 @@ def task_name(name: str) -> str:
 
 
 def read_examples(path: str, reader: str, num_labels: int) -> List[Tuple[str, int]]:
-    """(text, label index) pairs, read as the release reads them; a malformed line is an error naming
-    the file and the line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if reader == "sst2":
-                fields = line.strip("\n").split("\t")
-                if len(fields) == 2 and fields[1] == "label":
-                    continue  # the header
-                ok = len(fields) == 2 and fields[1].isdigit()
-                text, label = (fields[0], fields[1]) if ok else ("", "")
-            else:
-                label, text = line[:1], line[2:].strip("\n")
-                if reader == "digit_unquote":
-                    text = text.strip('"')
-                ok = label.isdigit()
-            if not ok or int(label) >= num_labels:
+    """(text, label index) pairs, read as the release reads them; a malformed line or a byte that is not
+    UTF-8 is an error naming the file and the line. Lines with a label and no text are kept, as the release
+    keeps them (its random draws depend on every line), counted in a warning, and an error when they are
+    more than ``MAX_EMPTY_SHARE`` of the file."""
+    rows, empty = [], 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}): "
+                                 f"re-encode the file as UTF-8") from None
+            example = _parse_example(line, reader)
+            if example is None:
+                continue  # the header
+            text, label = example
+            if label is None or label >= num_labels:
                 raise ValueError(f"{path}:{n}: expected a label in 0..{num_labels - 1} and a text, got {line[:60]!r}")
-            rows.append((text, int(label)))
+            empty += not text.strip()
+            rows.append((text, label))
+    if empty > MAX_EMPTY_SHARE * max(1, len(rows)):
+        raise ValueError(f"{path}: {empty} of {len(rows)} lines hold a label and no text: is it in the released "
+                         f"layout for this task (a tab-separated text and label, or a label digit, a comma, a text)?")
+    if empty:
+        logger.warning("%s: %d of %d lines hold a label and no text (kept, as the release keeps them)",
+                       path, empty, len(rows))
     return rows
+
+
+MAX_EMPTY_SHARE = 0.05
+
+
+def _parse_example(line: str, reader: str):
+    """(text, label or None when malformed), or None for the SST-2 header."""
+    if reader == "sst2":
+        fields = line.strip("\n").split("\t")
+        if len(fields) == 2 and fields[1] == "label":
+            return None
+        ok = len(fields) == 2 and fields[1].isdigit()
+        return (fields[0], int(fields[1])) if ok else ("", None)
+    label, text = line[:1], line[2:].strip("\n")
+    if reader == "digit_unquote":
+        text = text.strip('"')
+    return text, (int(label) if label.isdigit() else None)
 
 
 def load_task(data_dir: str, task: str):
@@ -94,6 +121,24 @@ def load_task(data_dir: str, task: str):
         raise FileNotFoundError(f"{data_dir} is not in the released layout for {spec.name}: missing {missing} "
                                 f"(expected {', '.join(spec.files)})")
     return (spec, *(read_examples(p, spec.reader, len(spec.labels)) for p in paths))
+
+
+MAX_UNKNOWN_SHARE = 0.05
+
+
+def check_known_tokens(spec: TaskSpec, train, codec, dictionary, sample: int = 200) -> int:
+    """The ``<unk>`` count of the first ``sample`` demonstrations as encoded; a ValueError past
+    ``MAX_UNKNOWN_SHARE`` of their tokens (a tokenizer that does not match the dictionary: every prompt
+    would be mostly ``<unk>`` and the accuracies meaningless)."""
+    ids = [i for text, label in train[:sample] for i in codec.encode(demonstration(spec, text, label))]
+    unknown = sum(i == dictionary.unk() for i in ids)
+    if unknown > MAX_UNKNOWN_SHARE * max(1, len(ids)):
+        raise ValueError(f"{spec.name}: {unknown} of {len(ids)} tokens of its first {min(sample, len(train))} "
+                         f"demonstrations are <unk> in this dictionary: the tokenizer does not match the dictionary "
+                         f"(a model's own dict.txt needs its own tokenizer: --hf-tokenizer, --sentencepiece-model)")
+    if unknown:
+        logger.warning("%s: %d of %d demonstration tokens are <unk>", spec.name, unknown, len(ids))
+    return unknown
 
 
 def demonstration(spec: TaskSpec, text: str, label: int) -> str:
