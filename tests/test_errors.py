@@ -284,3 +284,17 @@ def test_icl_files_name_the_line_of_a_bad_byte_and_count_lines_without_text(tmp_
     many.write_text("".join(f"{i % 2},\n" if i % 2 else f"{i % 2},text\n" for i in range(20)))
     with pytest.raises(ValueError, match="10 of 20 lines hold a label and no text"):
         icl.read_examples(str(many), "digit", 2)
+
+
+def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scoring(tiny):
+    """A release-memory checkpoint with --memory-size 64 and 32-token segments: the release's eviction would fail
+    at the third segment of the first long document; refused before any model is scored (it used to fail in the
+    middle of scoring, with a traceback)."""
+    state = torch.load(tiny / "longmem.pt", weights_only=False)
+    config = state["args"] if state.get("args") is not None else state["cfg"]["model"]
+    setattr(config, "memory_mode", "release") if not isinstance(config, dict) else config.update(memory_mode="release")
+    torch.save(state, tiny / "longmem_release_memory.pt")
+    code, stdout, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem_release_memory.pt", "--memory-size",
+                                   "64", "--tokens-per-sample", "32")
+    assert_one_line_error(code, err, "the release's memory eviction drops")
+    assert "documents of" not in stdout
