@@ -13,10 +13,14 @@
 
 On a CPU run, every rank's output goes to the terminal, the non-zero ranks' with a ``[rank R]`` prefix
 (fairseq keeps them quiet but for warnings and errors); the launcher waits for all ranks and, if one
-fails, stops the others and exits with its code.
+fails, stops the others and exits with its code. The ranks die with the launcher: SIGTERM, SIGINT or SIGHUP
+to it stops them (then it exits 128 + the signal), and on Linux each rank also gets SIGTERM from the kernel
+when the launcher dies any other way (``kill -9``). A master port already taken on this machine is refused
+before any rank starts.
 """
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +54,36 @@ def commands(args, train_args, cuda: bool):
                      "-m", "fairseq_cli.train", *train_args, "--distributed-world-size", str(world)])]
 
 
+def port_is_free(addr: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gloo's listener binds it
+        try:
+            s.bind((addr, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the signal handlers below still stop the ranks
+        pass
+
+
+class _Stopped(Exception):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
 def _relay(proc, rank, sink):
     for line in proc.stdout:
         sink.write(f"[rank {rank}] {line}" if rank else line)
@@ -75,6 +109,10 @@ def main(argv=None):
         p.error(f"--node-rank {args.node_rank} must be in [0, {args.nnodes - 1}]")
     if args.nnodes > 1 and not args.master_port:
         p.error("several nodes need --master-port (the same free port of node 0 on every node)")
+    local = args.node_rank == 0 and args.master_addr in ("127.0.0.1", "localhost", "0.0.0.0")
+    if args.master_port and local and not args.dry_run and not port_is_free(args.master_addr, args.master_port):
+        p.error(f"--master-port {args.master_port} is already in use on {args.master_addr}: choose another, or leave "
+                f"it out and a free one is found")
     args.master_port = args.master_port or free_port()
     import torch
 
@@ -86,14 +124,37 @@ def main(argv=None):
         return 0
     if len(procs) == 1 and procs[0][0] is None:
         os.execv(sys.executable, procs[0][1])
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _raise_stopped)
     running = []
-    for rank, cmd in procs:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        thread = threading.Thread(target=_relay, args=(proc, rank, sys.stdout), daemon=True)
-        thread.start()
-        running.append((rank, proc, thread))
-    failed = None
-    while running and failed is None:
+    try:
+        for rank, cmd in procs:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    preexec_fn=_die_with_parent)
+            thread = threading.Thread(target=_relay, args=(proc, rank, sys.stdout), daemon=True)
+            thread.start()
+            running.append((rank, proc, thread))
+        failed = _wait(running)
+    except _Stopped as stop:
+        print(f"longmem.launch: stopped by signal {stop.signum}; stopping the ranks", file=sys.stderr)
+        failed = (None, 128 + stop.signum)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # the ranks are stopped below whatever arrives now
+        for rank, proc, thread in running:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait()
+            thread.join(timeout=10)
+    if failed and failed[0] is not None:
+        print(f"longmem.launch: rank {failed[0]} failed with exit code {failed[1]}; the other ranks were stopped",
+              file=sys.stderr)
+    return failed[1] if failed else 0
+
+
+def _wait(running):
+    """Until every rank ended (None) or one failed ((rank, code)); ended ranks leave ``running``."""
+    while running:
         for item in list(running):
             rank, proc, thread = item
             code = proc.poll()
@@ -102,19 +163,9 @@ def main(argv=None):
             thread.join()
             running.remove(item)
             if code != 0:
-                failed = (rank, code)
-                break
-        else:
-            time.sleep(0.2)
-    for rank, proc, thread in running:
-        proc.terminate()
-        proc.wait()
-        thread.join()
-    if failed:
-        print(f"longmem.launch: rank {failed[0]} failed with exit code {failed[1]}; the other ranks were stopped",
-              file=sys.stderr)
-        return failed[1]
-    return 0
+                return rank, code
+        time.sleep(0.2)
+    return None
 
 
 if __name__ == "__main__":

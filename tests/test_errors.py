@@ -298,3 +298,55 @@ def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scor
                                    "64", "--tokens-per-sample", "32")
     assert_one_line_error(code, err, "the release's memory eviction drops")
     assert "documents of" not in stdout
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left to a container's init counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [15, 9])
+def test_the_launchers_ranks_die_with_it(tmp_path, signum):
+    """SIGTERM to the launcher (what `kill` of train_longmem.sh NPROC=2 sends: it execs the launcher) stops both
+    ranks and exits 128 + 15; kill -9 of the launcher leaves no rank running either (the kernel's parent-death
+    signal). The ranks here are stand-ins that sleep, started by the launcher's own code."""
+    import signal
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import sys\nimport longmem.launch as L\n"
+        f"L.commands = lambda args, train_args, cuda: [(r, [sys.executable, '-c', 'import os, time; "
+        f"open(r\"{tmp_path}/rank%d.pid\" % ' + str(r) + ', \"w\").write(str(os.getpid())); time.sleep(300)']) "
+        "for r in (0, 1)]\n"
+        "sys.exit(L.main(['--nproc', '2', '--', '--cpu']))\n")
+    launcher = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    pid_files = [tmp_path / f"rank{r}.pid" for r in (0, 1)]
+    deadline = time.time() + 60
+    while not all(f.exists() and f.read_text() for f in pid_files) and time.time() < deadline:
+        time.sleep(0.1)
+    ranks = [int(f.read_text()) for f in pid_files]
+    assert all(_alive(pid) for pid in ranks)
+    launcher.send_signal(signum)
+    code = launcher.wait(timeout=30)
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in ranks) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in ranks)
+    if signum == signal.SIGTERM:
+        assert code == 128 + 15 and "stopped by signal 15" in launcher.stderr.read()
+
+
+def test_the_launcher_refuses_a_master_port_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_script("-m", "longmem.launch", "--nproc", "2", "--master-port", port, "--", "DATA", "--cpu")
+    assert_one_line_error(code, err, f"--master-port {port} is already in use")
