@@ -523,3 +523,25 @@ def test_gate_groups_are_refused_by_an_optimizer_that_flattened_them():
         optim_groups.check_reached(model, flat)
     grouped = SimpleNamespace(param_groups=[{"params": [model.weight]}, {"params": [model.bias]}])
     optim_groups.check_reached(model, grouped)  # two groups: accepted
+
+
+def test_a_resume_with_another_row_layout_is_refused_or_restarts_the_streams(sidenet_trained, tmp_path):
+    """Stopped mid-epoch with 8 rows, resumed with 4: "batch 3" of 4 rows is other tokens than 3 batches of 8 read;
+    refused in one line naming the difference. With --reset-dataloader the streams restart at the epoch's start
+    and training goes on."""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 3)]
+    args[args.index("language_modeling")] = "longmem_language_modeling"
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    run("fairseq_cli.train", *args, "--disable-validation")
+    args[args.index("--batch-size") + 1] = "4"
+    args[args.index("--max-update") + 1] = "5"
+    args += ["--required-batch-size-multiple", "1", "--disable-validation"]
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "another row layout (rows 8 -> 4)" in last and "--reset-dataloader" in last, last
+    log = run("fairseq_cli.train", *args, "--reset-dataloader")
+    assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", log), log[-3000:]
+    assert re.search(r'"num_updates": "5"', log), log[-2000:]

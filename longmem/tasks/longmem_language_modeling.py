@@ -38,9 +38,24 @@ class LongMemLanguageModelingConfig(LanguageModelingConfig):
 
 
 class StreamEpochBatchIterator(iterators.EpochBatchIterator):
-    """fairseq's iterator over the streams' batches; on resume it says what continues and what does not."""
+    """fairseq's iterator over the streams' batches; on resume it says what continues and what does not.
+    Its state records the row layout (``layout``: rows, segment length, ranks, order, stream length): a
+    resume whose layout differs would continue "batch N" of other rows, skipping or rereading tokens, so it is
+    refused naming each difference (``--reset-dataloader`` restarts the streams at the epoch's start instead)."""
+
+    layout: dict = {}
+
+    def state_dict(self):
+        return {**super().state_dict(), "longmem_layout": dict(self.layout)}
 
     def load_state_dict(self, state_dict):
+        recorded = state_dict.get("longmem_layout")
+        if recorded and state_dict.get("iterations_in_epoch", 0):
+            differ = [f"{k} {recorded[k]} -> {self.layout.get(k)}" for k in recorded if recorded[k] != self.layout.get(k)]
+            if differ:
+                raise ConfigError(f"resume: the checkpoint stopped mid-epoch with another row layout ({', '.join(differ)}): "
+                                  f"continuing would skip or reread tokens; resume with the settings it was trained "
+                                  f"with, or add --reset-dataloader to restart the streams at the epoch's start")
         super().load_state_dict(state_dict)
         done = state_dict.get("iterations_in_epoch", 0)
         if done:
@@ -126,11 +141,14 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
         if batches.layout == "release" and len(batches) > 1:
             logger.info("release order, rank %d: batch 0 = samples %s, batch 1 = samples %s", shard_id,
                         batches.sample_ids(0).tolist(), batches.sample_ids(1).tolist())
-        return StreamEpochBatchIterator(
+        iterator = StreamEpochBatchIterator(
             dataset=batches, collate_fn=batches.collater, batch_sampler=[[i] for i in range(len(batches))],
             seed=seed, num_shards=1, shard_id=0, num_workers=num_workers, epoch=epoch,
             buffer_size=data_buffer_size, disable_shuffling=True,  # the order is the point
         )
+        iterator.layout = {"rows": max_sentences, "tokens_per_sample": self.args.tokens_per_sample, "ranks": num_shards,
+                           "order": batches.layout, "stream_tokens": len(dataset)}
+        return iterator
 
     # ------------------------------------------------------------ memory bookkeeping
     def begin_epoch(self, epoch, model):
