@@ -25,6 +25,37 @@ def apply() -> None:
     _trusted_broadcasts()
     _one_line_config_errors()
     _parameter_groups()
+    _resume_from_an_intact_checkpoint()
+
+
+def _resume_from_an_intact_checkpoint() -> None:
+    """fairseq copies checkpoint_last.pt non-atomically: a run killed during the copy leaves it truncated, and
+    the next resume ended in a traceback while an intact checkpoint_*.pt sat beside it. Resume from the newest
+    intact one instead, said in one line, or refuse in one line when there is none."""
+    import importlib.util
+
+    if importlib.util.find_spec("fairseq") is None:
+        return
+    from fairseq import checkpoint_utils
+
+    if getattr(checkpoint_utils.load_checkpoint, "_longmem", False):
+        return
+    load = checkpoint_utils.load_checkpoint
+
+    def load_checkpoint(cfg, trainer, **kwargs):
+        from omegaconf import open_dict
+
+        from longmem.utils.checkpoints import intact_fallback
+
+        if cfg.restore_file == "checkpoint_last.pt":
+            fallback = intact_fallback(os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt"))
+            if fallback is not None:
+                with open_dict(cfg):
+                    cfg.restore_file = fallback
+        return load(cfg, trainer, **kwargs)
+
+    load_checkpoint._longmem = True
+    checkpoint_utils.load_checkpoint = load_checkpoint
 
 
 def _parameter_groups() -> None:

@@ -545,3 +545,27 @@ def test_a_resume_with_another_row_layout_is_refused_or_restarts_the_streams(sid
     log = run("fairseq_cli.train", *args, "--reset-dataloader")
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", log), log[-3000:]
     assert re.search(r'"num_updates": "5"', log), log[-2000:]
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(sidenet_trained, tmp_path):
+    """checkpoint_last.pt cut in half (what a kill during fairseq's copy leaves) beside an intact
+    checkpoint_1_4.pt: the resume says so in one line and continues from update 4; with no intact file beside
+    it, a one-line error naming it."""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 4)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    run("fairseq_cli.train", *args, "--save-interval-updates", "4", "--disable-validation")
+    last, kept = tmp_path / "ckpt" / "checkpoint_last.pt", tmp_path / "ckpt" / "checkpoint_1_4.pt"
+    assert kept.exists()
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    args[args.index("--max-update") + 1] = "6"
+    log = run("fairseq_cli.train", *args, "--disable-validation")
+    assert "checkpoint_last.pt is truncated" in log and "resuming from" in log and "checkpoint_1_4.pt" in log
+    assert re.search(r"(?i)loaded checkpoint .*checkpoint_1_4\.pt \(epoch \d+ @ 4 updates\)", log), log[-3000:]
+    last.write_bytes(last.read_bytes()[:1000])
+    kept.unlink()
+    args[args.index("--max-update") + 1] = "8"
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--disable-validation"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "checkpoint_last.pt is truncated and no intact checkpoint*.pt is beside it" in proc.stderr

@@ -1,4 +1,5 @@
 """Reading and writing fairseq checkpoints: what a checkpoint is, one-line errors, atomic writes."""
+import logging
 import os
 from typing import Optional
 
@@ -6,6 +7,8 @@ import torch
 
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
+
+logger = logging.getLogger(__name__)
 
 
 def save_fairseq_checkpoint(path, model_state: dict, cfg: dict = None, args=None) -> None:
@@ -91,3 +94,38 @@ def load_model_for_dictionary(path, dictionary, data_dir: str, device="cpu", exp
                          f"--srcdict) or pass the model's dict.txt")
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([path], state=state)
     return models[0].eval().to(device)
+
+
+def is_intact(path: str) -> bool:
+    """False for a torch zip checkpoint whose end is missing (a truncated copy: its central directory is
+    gone), or a file that is not one; a legacy (pickle) checkpoint is taken as it is."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if not zipped:
+            return os.path.getsize(path) > 0
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def intact_fallback(last: str) -> Optional[str]:
+    """None when ``last`` is missing or intact; else the newest intact ``checkpoint*.pt`` beside it (said in a
+    warning), or a ConfigError naming both when there is none."""
+    import glob
+
+    if not os.path.exists(last) or is_intact(last):
+        return None
+    folder = os.path.dirname(last) or "."
+    others = sorted((p for p in glob.glob(os.path.join(folder, "checkpoint*.pt"))
+                     if os.path.abspath(p) != os.path.abspath(last)), key=os.path.getmtime, reverse=True)
+    for path in others:
+        if is_intact(path):
+            logger.warning("%s is truncated (a run stopped while fairseq copied it?): resuming from %s, the newest "
+                           "intact checkpoint beside it", last, path)
+            return path
+    raise ConfigError(f"{last} is truncated and no intact checkpoint*.pt is beside it: remove it to start afresh, or "
+                      f"name another with --restore-file")
