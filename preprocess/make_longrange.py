@@ -29,6 +29,10 @@ import json
 import logging
 import os
 import random
+import shutil
+import signal
+import sys
+import tempfile
 from collections import Counter
 
 from longmem.utils.atomic import atomic_open
@@ -320,9 +324,27 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
     check_ranges(p, args)
+    for name in ("train_text", "valid_text", "test_text"):
+        if not os.path.isfile(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
-    os.makedirs(args.out, exist_ok=True)
-    build(args)
+    out = os.path.abspath(args.out)
+    # built in a staging folder beside --out, which replaces --out only when everything is written: a failed
+    # run leaves the previous output whole, never a mix of two runs
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    args.out = tempfile.mkdtemp(prefix=os.path.basename(out) + ".staging-", dir=os.path.dirname(out))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the staging folder goes too
+    try:
+        build(args)
+        old = out + ".old" if os.path.exists(out) else None
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(args.out, out)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(args.out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -315,3 +315,25 @@ def test_shortfall_split_against_direct_scoring(make_sidenet):
         assert rows["oracle read"][key] == pytest.approx(ppl(on, value), rel=1e-5)
         assert rows["oracle read, gates open"][key] == pytest.approx(ppl(forced, value), rel=1e-5)
     assert rows["gates of finding heads open"]["all"] != pytest.approx(rows["memory on"]["all"], rel=1e-6)
+
+
+def test_a_failed_rerun_leaves_the_previous_output_whole(benchmark, tmp_path):
+    """Rerun into a good --out: with a --test-text that does not exist, refused before anything is written; with a
+    build that fails midway (an empty --test-text), the previous files are all still there,
+    unchanged, and no staging folder is left beside them."""
+    import shutil
+
+    tmp, out = benchmark
+    good = tmp_path / "out"
+    shutil.copytree(out, good)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    common = ["--spm-model", str(tmp / "spm.model"), "--out", str(good), "--train-text", str(tmp / "train.txt"),
+              "--valid-text", str(tmp / "valid.txt"), "--doc-tokens", "700", "--min-gap", "200", "--pairs", "6",
+              "--seed", "7"]  # another seed: a rerun that wrote anything would change the files
+    with pytest.raises(SystemExit):
+        make_longrange.main(common + ["--test-text", str(tmp / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(BaseException):  # the test split fails after train and valid were written (staged)
+        make_longrange.main(common + ["--test-text", str(tmp_path / "empty.txt"), "--pool-size", "8", "--pool-skip", "0"])
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "out"]
