@@ -28,6 +28,7 @@ import threading
 import time
 
 from longmem.utils.cli import positive_int
+from longmem.utils.processes import die_with_parent
 
 
 def free_port() -> int:
@@ -62,16 +63,6 @@ def port_is_free(addr: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the signal handlers below still stop the ranks
-        pass
 
 
 class _Stopped(Exception):
@@ -130,7 +121,7 @@ def main(argv=None):
     try:
         for rank, cmd in procs:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
             thread = threading.Thread(target=_relay, args=(proc, rank, sys.stdout), daemon=True)
             thread.start()
             running.append((rank, proc, thread))

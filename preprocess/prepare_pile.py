@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from longmem import paths  # noqa: E402
 from longmem.utils.atomic import atomic_open  # noqa: E402
 from longmem.utils.cli import positive_int  # noqa: E402
+from longmem.utils.processes import die_with_parent  # noqa: E402
 
 logger = logging.getLogger("prepare_pile")
 SPLITS = ("train", "valid", "test")
@@ -190,6 +191,7 @@ def main(argv=None):
         for shard in getattr(args, split):
             if not os.path.isfile(shard):
                 raise SystemExit(f"{split} shard {shard!r} does not exist")
+    check_split_paths(args)
     weights = read_weights(args.weights) if args.weights else {}
     Encoder(args.gpt2_bpe, args.sentencepiece_model)  # fail early on missing files
     srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
@@ -214,6 +216,37 @@ def main(argv=None):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
+
+
+def check_split_paths(args) -> None:
+    """A shard in two splits (the same file, or a copy: same size, same first and last MiB) would make a test
+    split of training data; a --workdir inside --destdir would write into the previous output before the run
+    has succeeded. Both refused before any work."""
+    seen = {}
+    for split in SPLITS:
+        for shard in getattr(args, split):
+            key = _shard_identity(shard)
+            if key in seen and seen[key][0] != split:
+                raise SystemExit(f"{shard} ({split}) is the same data as {seen[key][1]} ({seen[key][0]}): the splits "
+                                 f"must not overlap; give each split its own shards")
+            seen.setdefault(key, (split, shard))
+    if args.workdir:
+        destdir, workdir = os.path.abspath(args.destdir), os.path.abspath(args.workdir)
+        if workdir == destdir or workdir.startswith(destdir + os.sep):
+            raise SystemExit(f"--workdir {args.workdir} is inside --destdir {args.destdir}, which is replaced only "
+                             f"when the run succeeds: leave --workdir out (the encoded text is then staged with the "
+                             f"rest) or put it elsewhere")
+
+
+def _shard_identity(path: str) -> tuple:
+    size = os.path.getsize(path)
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+        digest.update(f.read(1 << 20))
+    return size, digest.hexdigest()
 
 
 def read_weights(path: str) -> dict:
@@ -243,7 +276,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                          args.seed, args.gpt2_bpe, args.sentencepiece_model))
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
               "undecodable_lines": 0, "kept_per_split": Counter()}
-    with Pool(max(1, min(args.workers, len(jobs)))) as pool:
+    with Pool(max(1, min(args.workers, len(jobs))), initializer=die_with_parent) as pool:
         try:
             for job, (_, stats) in zip(jobs, tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards",
                                              unit="shard")):

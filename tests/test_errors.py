@@ -350,3 +350,46 @@ def test_the_launcher_refuses_a_master_port_in_use(tmp_path):
         port = taken.getsockname()[1]
         code, _, err = run_script("-m", "longmem.launch", "--nproc", "2", "--master-port", port, "--", "DATA", "--cpu")
     assert_one_line_error(code, err, f"--master-port {port} is already in use")
+
+
+def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tmp_path):
+    """The same shard (or a copy of it) as train and test would make a test split of training data; a --workdir
+    inside --destdir would be written before the run succeeds. Both: one line, nothing written."""
+    import shutil
+
+    script = os.path.join(REPO, "preprocess", "prepare_pile.py")
+    shard = tmp_path / "a.jsonl"
+    shard.write_text("".join(json.dumps({"text": f"doc {i}", "meta": {"pile_set_name": "Pile-CC"}}) + "\n"
+                             for i in range(50)))
+    shutil.copy(shard, tmp_path / "copy.jsonl")
+    dest = tmp_path / "bin"
+    code, _, err = run_script(script, "--train", shard, "--test", tmp_path / "copy.jsonl", "--destdir", dest)
+    assert_one_line_error(code, err, "copy.jsonl (test) is the same data as", "a.jsonl (train)")
+    code, _, err = run_script(script, "--train", shard, "--destdir", dest, "--workdir", dest / "encoded")
+    assert_one_line_error(code, err, "--workdir", "is inside --destdir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "copy.jsonl"]
+
+
+def test_prepare_pile_pool_workers_die_with_it(tmp_path):
+    """The pool's initializer asks for the parent-death signal: a worker started under a parent that is then
+    killed with -9 ends (it used to keep encoding into a staging folder nobody cleans)."""
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, sys, time\nfrom multiprocessing import Pool\nfrom longmem.utils.processes import die_with_parent\n"
+        "def work(_):\n    open(sys.argv[1], 'w').write(str(os.getpid()))\n    time.sleep(300)\n"
+        "if __name__ == '__main__':\n    with Pool(1, initializer=die_with_parent) as pool:\n        pool.map(work, [0])\n")
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path / "worker.pid")], cwd=REPO)
+    pid_file = tmp_path / "worker.pid"
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    assert _alive(worker)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
