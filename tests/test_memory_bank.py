@@ -291,3 +291,20 @@ def test_release_eviction_too_small_a_memory_is_a_clear_error():
     bank.add(torch.randn(1, 10, H * D), torch.randn(1, 10, H * D))
     with pytest.raises(ValueError, match="would drop 10 chunks from a memory holding 5"):
         bank.add(torch.randn(1, 10, H * D), torch.randn(1, 10, H * D))
+
+
+def test_a_loaded_bank_is_never_swapped_for_an_empty_one():
+    """load_bank(a 1-stream bank), then a batch of 2 rows: a one-line error (it used to be replaced by an empty
+    2-stream memory, with an INFO line); a shared bank into a per-row model is refused at load_bank."""
+    from longmem.errors import ConfigError
+    from longmem.modules.memory_controller import MemoryController, MemorySettings
+
+    controller = MemoryController(2, 4, MemorySettings(memory_size=16, k=4, chunk_size=2, backend="torch"))
+    bank = ChunkedMemoryBank(2, 4, 16, 2, 4, num_streams=1, backend="torch")
+    bank.add(torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    controller.load_bank(bank)
+    assert controller.step(1, torch.device("cpu")).bank is bank  # one row: the loaded bank is read
+    with pytest.raises(ConfigError, match="holds 1 row stream.* but this batch has 2 rows"):
+        controller.step(2, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="one shared memory but this model's --memory-mode stream"):
+        controller.load_bank(ChunkedMemoryBank(2, 4, 16, 2, 4, shared=True, backend="torch"))

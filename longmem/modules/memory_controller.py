@@ -83,6 +83,7 @@ class MemoryController:
         self.slot = "train"
         self._banks: Dict[str, ChunkedMemoryBank] = {}
         self._hooks: List[Callable] = []
+        self._loaded: set = set()  # slots holding a bank given by load_bank: never swapped for an empty one
 
     # ------------------------------------------------------------------ configuration
     def configure(self, **changes) -> "MemoryController":
@@ -100,6 +101,7 @@ class MemoryController:
                 if self._banks:
                     logger.info("memory: settings changed %s, starting empty", changes)
                 self._banks.clear()
+                self._loaded.clear()
             elif "k" in changes or "backend" in changes:
                 for bank in self._banks.values():
                     bank.set_search(k=new.k, backend=new.backend)
@@ -140,7 +142,13 @@ class MemoryController:
         if (bank.num_heads, bank.head_dim) != (self.num_heads, self.head_dim):
             raise ConfigError(f"memory: the bank holds {bank.num_heads} heads of {bank.head_dim}, this model caches "
                              f"{self.num_heads} heads of {self.head_dim}")
+        shared = self.settings.mode in ("shared", "release")
+        if bank.shared != shared:
+            raise ConfigError(f"memory: the bank is {'one shared memory' if bank.shared else 'a memory per row'} but "
+                              f"this model's --memory-mode {self.settings.mode} reads "
+                              f"{'one shared memory' if shared else 'a memory per row'}: configure(mode=...) to match")
         self._banks[self.slot if slot is None else slot] = bank
+        self._loaded.add(self.slot if slot is None else slot)
 
     def reset(self, slot: Optional[str] = None, stream: Optional[int] = None) -> None:
         """Empty a slot's memory (the active one by default): every stream, or one."""
@@ -151,6 +159,7 @@ class MemoryController:
     def clear(self) -> None:
         """Forget every slot's bank."""
         self._banks.clear()
+        self._loaded.clear()
 
     @contextlib.contextmanager
     def retrieval_hook(self, fn: Callable[[torch.Tensor, Retrieved], None]):
@@ -183,6 +192,10 @@ class MemoryController:
         bank = self.bank
         if bank is not None and (shared or bank.num_streams == batch_size):
             return bank
+        if bank is not None and self.slot in self._loaded:
+            raise ConfigError(f"memory {self.slot!r}: the bank given to load_bank holds {bank.num_streams} row "
+                              f"stream(s) but this batch has {batch_size} rows: read it with batches of "
+                              f"{bank.num_streams} rows, or load a bank of {batch_size} streams")
         if bank is not None:
             logger.info("memory %r: batch size changed %d -> %d, starting empty per-stream memory",
                         self.slot, bank.num_streams, batch_size)
