@@ -45,6 +45,8 @@ def _resume_from_an_intact_checkpoint() -> None:
     def load_checkpoint(cfg, trainer, **kwargs):
         from omegaconf import open_dict
 
+        from longmem.errors import ConfigError
+
         from longmem.utils.checkpoints import intact_fallback
 
         if cfg.restore_file == "checkpoint_last.pt":
@@ -52,7 +54,17 @@ def _resume_from_an_intact_checkpoint() -> None:
             if fallback is not None:
                 with open_dict(cfg):
                     cfg.restore_file = fallback
-        return load(cfg, trainer, **kwargs)
+        try:
+            return load(cfg, trainer, **kwargs)
+        except Exception as e:  # fairseq's own words for a model that does not fit the checkpoint's weights
+            if "Cannot load model parameters from checkpoint" not in str(e):
+                raise
+            from longmem.utils.checkpoints import model_settings_that_differ
+
+            path = str(e).split("checkpoint ", 1)[1].split(";", 1)[0]
+            raise ConfigError(f"resume: {path} holds another model than this run builds "
+                              f"({model_settings_that_differ(path, trainer.cfg.model)}): resume with the model flags it "
+                              f"was trained with, or use a new --save-dir") from None
 
     load_checkpoint._longmem = True
     checkpoint_utils.load_checkpoint = load_checkpoint

@@ -569,3 +569,25 @@ def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(sidenet
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "checkpoint_last.pt is truncated and no intact checkpoint*.pt is beside it" in proc.stderr
+
+
+def test_a_resume_with_other_model_flags_names_them_in_one_line(sidenet_trained, tmp_path):
+    """A checkpoint written with memory, resumed without --use-external-memory: fairseq's traceback became one
+    line naming the setting. (A SideNet wider than the backbone it copies is refused before that.)"""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 2)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    run("fairseq_cli.train", *args, "--disable-validation")
+    wider = list(args)
+    wider[wider.index("--decoder-ffn-embed-dim") + 1] = "256"
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *wider, "--disable-validation"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "--reload-ptm-layer: backbone block 1 does not fit SideNet layer 0" in proc.stderr.strip().splitlines()[-1]
+    args.remove("--use-external-memory")
+    args[args.index("--max-update") + 1] = "4"
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--disable-validation"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "holds another model than this run builds" in last and "use_external_memory: True -> False" in last, last

@@ -191,7 +191,13 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         """SideNet layer i <- backbone block r*i + 1 (the release; the paper's text says r*i);
         layer_norm <- the backbone's final norm."""
         for i, layer in enumerate(self.layers):
-            self.pretrained_model.copy_block_into(self.layer_map.reload_source(i), layer)
+            try:
+                self.pretrained_model.copy_block_into(self.layer_map.reload_source(i), layer)
+            except RuntimeError as e:  # torch's size mismatch, many lines
+                detail = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+                raise ConfigError(f"--reload-ptm-layer: backbone block {self.layer_map.reload_source(i)} does not fit "
+                                  f"SideNet layer {i} ({detail}): --decoder-embed-dim, --decoder-ffn-embed-dim and "
+                                  f"--decoder-attention-heads must be the backbone's") from None
         self.layer_norm.load_state_dict(self.pretrained_model.final_norm.state_dict())
 
     def train(self, mode: bool = True):

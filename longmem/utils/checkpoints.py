@@ -129,3 +129,16 @@ def intact_fallback(last: str) -> Optional[str]:
             return path
     raise ConfigError(f"{last} is truncated and no intact checkpoint*.pt is beside it: remove it to start afresh, or "
                       f"name another with --restore-file")
+
+
+def model_settings_that_differ(path: str, model_cfg, limit: int = 6) -> str:
+    """``name: checkpoint -> this run`` for the model settings of checkpoint ``path`` that differ from
+    ``model_cfg`` (a fairseq model config), for an error message."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    recorded = (state.get("cfg") or {}).get("model") or vars(state.get("args") or {})
+    ours = dict(model_cfg) if model_cfg is not None else {}
+    differ = [f"{k}: {recorded[k]} -> {ours[k]}" for k in sorted(set(recorded) & set(ours))
+              if recorded[k] != ours[k] and not k.endswith("_path") and k not in ("data", "_name")]
+    if not differ:
+        return "the same settings, other weight shapes"
+    return ", ".join(differ[:limit]) + (f", and {len(differ) - limit} more" if len(differ) > limit else "")
