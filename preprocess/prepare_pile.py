@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -203,6 +204,7 @@ def main(argv=None):
     destdir = os.path.abspath(args.destdir)
     os.makedirs(os.path.dirname(destdir), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".tmp-", dir=os.path.dirname(destdir))
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that the staging goes too
     try:
         report = build(args, weights, srcdict, staging)
         if os.path.exists(destdir):

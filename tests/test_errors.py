@@ -393,3 +393,22 @@ def test_prepare_pile_pool_workers_die_with_it(tmp_path):
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(worker)
+
+
+def test_prepare_pile_stopped_with_sigterm_leaves_no_staging_folder(tmp_path):
+    import signal
+    import time
+
+    shard = tmp_path / "big.jsonl"
+    shard.write_text("".join(json.dumps({"text": f"document {i} " + "some words " * 40, "meta": {"pile_set_name": "x"}})
+                             + "\n" for i in range(60000)))
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "preprocess", "prepare_pile.py"), "--train", str(shard),
+                             "--destdir", str(tmp_path / "bin"), "--workers", "1"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("bin.tmp-*/encoded")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob("bin.tmp-*")), "the run never started staging"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
