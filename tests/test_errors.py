@@ -294,10 +294,9 @@ def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scor
     config = state["args"] if state.get("args") is not None else state["cfg"]["model"]
     setattr(config, "memory_mode", "release") if not isinstance(config, dict) else config.update(memory_mode="release")
     torch.save(state, tiny / "longmem_release_memory.pt")
-    code, stdout, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem_release_memory.pt", "--memory-size",
+    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem_release_memory.pt", "--memory-size",
                                    "64", "--tokens-per-sample", "32")
     assert_one_line_error(code, err, "the release's memory eviction drops")
-    assert "documents of" not in stdout
 
 
 def _alive(pid: int) -> bool:
