@@ -46,8 +46,7 @@ def _resume_from_an_intact_checkpoint() -> None:
         from omegaconf import open_dict
 
         from longmem.errors import ConfigError
-
-        from longmem.utils.checkpoints import intact_fallback
+        from longmem.utils.checkpoints import intact_fallback, model_settings_that_differ
 
         if cfg.restore_file == "checkpoint_last.pt":
             fallback = intact_fallback(os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt"))
@@ -59,8 +58,6 @@ def _resume_from_an_intact_checkpoint() -> None:
         except Exception as e:  # fairseq's own words for a model that does not fit the checkpoint's weights
             if "Cannot load model parameters from checkpoint" not in str(e):
                 raise
-            from longmem.utils.checkpoints import model_settings_that_differ
-
             path = str(e).split("checkpoint ", 1)[1].split(";", 1)[0]
             raise ConfigError(f"resume: {path} holds another model than this run builds "
                               f"({model_settings_that_differ(path, trainer.cfg.model)}): resume with the model flags it "

@@ -114,7 +114,7 @@ def is_intact(path: str) -> bool:
 
 def intact_fallback(last: str) -> Optional[str]:
     """None when ``last`` is missing or intact; else the newest intact ``checkpoint*.pt`` beside it (said in a
-    warning), or a ConfigError naming both when there is none."""
+    warning), or a ConfigError naming ``last`` when there is none."""
     import glob
 
     if not os.path.exists(last) or is_intact(last):
