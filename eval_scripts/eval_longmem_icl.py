@@ -66,7 +66,10 @@ def parse_args(argv=None):
                    help="memory search at evaluation (default: the checkpoint's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
-    p.add_argument("--max-queries", type=positive_int, help="evaluate only the first N queries (quick runs)")
+    p.add_argument("--max-queries", type=positive_int, help="evaluate only N queries (quick runs; see --query-subset)")
+    p.add_argument("--query-subset", choices=["first", "spread"], default="first",
+                   help="with --max-queries: the first N queries, or N spread evenly over the evaluation file (MR, "
+                        "MPQA and Subj list one label first: their first 1,000 queries are all label 0)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="queries per forward pass (released: 1)")
     p.add_argument("--results-path", type=output_file, help="JSON, rewritten after every finished task")
     p.add_argument("--dump-prompts", type=output_file, metavar="FILE",
@@ -187,7 +190,11 @@ def main(argv=None):
     results = {}
     for name in tasks:
         spec, train, evaluation = data[name]
-        evaluation = evaluation[: args.max_queries] if args.max_queries else evaluation
+        evaluation = icl.query_subset(evaluation, args.max_queries, args.query_subset)
+        if len({label for _, label in evaluation}) == 1 and len(spec.labels) > 1:
+            print(f"warning: {name}: the {len(evaluation)} queries evaluated all hold label "
+                  f"{spec.labels[evaluation[0][1]]!r}: the accuracy measures a bias, not the task "
+                  f"(--query-subset spread)", file=sys.stderr, flush=True)
         head = spec.query_template.split("{text}")[1].strip()  # e.g. "Sentiment:"
         label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
         results[name] = {}

@@ -107,6 +107,8 @@ def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_
                               "--cache-k", "7000", "--results-path", out)  # subj has 8,000 examples, SST-2 6,920
     assert_one_line_error(code, err, "sst2 memory-off", "cache_k = 7000")
     assert set(json.loads(out.read_text())["results"]) == {"subj"}  # the finished task was kept
+    # Subj's first queries are all of one label: said, with the way out
+    assert "warning: subj: the 2 queries evaluated all hold label 'subjective'" in err and "spread" in err
 
 
 def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny):

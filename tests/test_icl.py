@@ -243,3 +243,15 @@ def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos
                               str(tmp_path / "tok"), "--batch-size", "4", "--dump-prompts", str(out)],
                              capture_output=True, text=True, timeout=300)
     assert batched.returncode == 2 and "--batch-size 1" in batched.stderr
+
+
+def test_query_subset_first_or_spread_over_a_file_sorted_by_label():
+    """MR, MPQA and Subj list all label-0 queries first: 'first' takes only those, 'spread' takes every
+    len/n-th query, both labels in their proportions."""
+    evaluation = [(f"t{i}", 0 if i < 1000 else 1) for i in range(2000)]
+    assert icl.query_subset(evaluation, 100, "first") == evaluation[:100]
+    spread = icl.query_subset(evaluation, 100, "spread")
+    assert spread == [evaluation[20 * i] for i in range(100)]
+    assert sum(label for _, label in spread) == 50
+    assert icl.query_subset(evaluation, None, "spread") is evaluation
+    assert icl.query_subset(evaluation[:7], 10, "spread") == evaluation[:7]

@@ -141,6 +141,16 @@ def check_known_tokens(spec: TaskSpec, train, codec, dictionary, sample: int = 2
     return unknown
 
 
+def query_subset(evaluation, n: Optional[int], how: str = "first"):
+    """All queries (``n`` None), the first ``n``, or ``n`` spread evenly over the list (``how="spread"``:
+    indices ``floor(i * len / n)``, in order)."""
+    if n is None or n >= len(evaluation):
+        return evaluation
+    if how == "first":
+        return evaluation[:n]
+    return [evaluation[i * len(evaluation) // n] for i in range(n)]
+
+
 def demonstration(spec: TaskSpec, text: str, label: int) -> str:
     return spec.template.format(text=text, label=spec.labels[label])
 
