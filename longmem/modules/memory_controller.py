@@ -72,6 +72,11 @@ class MemorySettings:
     # settings a live bank cannot change without being rebuilt (empty)
     STRUCTURAL = ("memory_size", "chunk_size", "mode", "on_device", "cpu_dtype")
 
+    @property
+    def shared(self) -> bool:
+        """One memory for every row (modes shared and release), not one per row."""
+        return self.mode in ("shared", "release")
+
 
 class MemoryController:
     def __init__(self, num_heads: int, head_dim: int, settings: MemorySettings, enabled: bool = True):
@@ -142,7 +147,7 @@ class MemoryController:
         if (bank.num_heads, bank.head_dim) != (self.num_heads, self.head_dim):
             raise ConfigError(f"memory: the bank holds {bank.num_heads} heads of {bank.head_dim}, this model caches "
                              f"{self.num_heads} heads of {self.head_dim}")
-        shared = self.settings.mode in ("shared", "release")
+        shared = self.settings.shared
         if bank.shared != shared:
             raise ConfigError(f"memory: the bank is {'one shared memory' if bank.shared else 'a memory per row'} but "
                               f"this model's --memory-mode {self.settings.mode} reads "
@@ -188,7 +193,7 @@ class MemoryController:
 
     def _bank_for(self, batch_size: int, device: torch.device) -> ChunkedMemoryBank:
         s = self.settings
-        shared = s.mode in ("shared", "release")
+        shared = s.shared
         bank = self.bank
         if bank is not None and (shared or bank.num_streams == batch_size):
             return bank
