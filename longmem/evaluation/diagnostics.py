@@ -142,14 +142,15 @@ def shortfall_split(model, stream, eos: int, tokens_per_sample: int, marks: torc
                 "oracle read": (True, nothing, True),
                 "oracle read, gates open": (True, lambda: gates_forced(model, open_heads), True)}
     spans = document_spans(stream.doc_start)[:max_documents]
+    sources = [unique_sources(stream.tokens[start:end], eos, tokens_per_sample, context) for start, end in spans]
     result = {}
     for name, (memory, gates, use_oracle) in variants.items():
         tally = Tally()
         hook = model.memory.retrieval_hook(oracle) if use_oracle else nothing()
         with gates(), hook:
-            for start, end in (spans if progress is None else progress(spans, desc=name, unit="doc")):
+            for n, (start, end) in enumerate(spans if progress is None else progress(spans, desc=name, unit="doc")):
                 tokens, doc_marks = stream.tokens[start:end], marks[start:end]
-                oracle.document(unique_sources(tokens, eos, tokens_per_sample, context))
+                oracle.document(sources[n])  # computed once per document, read by the oracle variants
                 nll = score_document(model, tokens, tokens_per_sample, eos, memory=memory)
                 tally.add("all", nll)
                 for value in doc_marks.unique().tolist():
