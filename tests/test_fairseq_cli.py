@@ -211,6 +211,22 @@ def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_train
     assert len(train_losses(log)) >= 2
 
 
+def test_release_memory_with_a_token_budget_is_checked_before_any_update(sidenet_trained, tmp_path):
+    """--memory-mode release with --max-tokens (no --batch-size): 256 tokens = 8 rows of 32 per add, and a
+    256-token memory cannot evict 2 adds' chunks; refused in one line before training, no crash.pt."""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 4)]
+    at = args.index("--batch-size")
+    args[at:at + 2] = ["--max-tokens", "256"]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--memory-mode", "release",
+                           "--disable-validation"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the release's memory eviction drops 256 chunks" in last and "adds of 256 tokens" in last, last
+    assert sorted(p.name for p in tmp_path.rglob("*.pt")) == [], "no checkpoint and no crash.pt"
+
+
 @pytest.mark.parametrize("preset", ["longmem_paper.sh", "longmem_tiny.sh"])
 def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_data, tmp_path):
     """The script's command, parsed by fairseq-train's own parser (no training)."""

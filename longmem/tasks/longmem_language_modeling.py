@@ -14,6 +14,9 @@ and batches data as fairseq's does; with it, in the release's order as above.
 """
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import II
 
 from fairseq.data import data_utils, iterators
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY, register_task
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LongMemLanguageModelingConfig(LanguageModelingConfig):
+    max_tokens: Optional[int] = II("dataset.max_tokens")  # bounds a batch's rows when --batch-size is unset
     memory_reset_at_document_boundary: bool = field(
         default=False, metadata={"help": "empty a row's memory where a new document starts in that row"})
     data_no_shuffle: bool = field(
@@ -97,9 +101,17 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
                               f"ends, which needs --memory-mode stream (a memory per row); with --memory-mode "
                               f"{settings.mode} the rows share one memory and the flag would do nothing: drop it or use "
                               f"--memory-mode stream")
-        if memory.enabled and settings.mode == "release" and self.args.batch_size:
-            ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
-                                                     self.args.batch_size * T)
+        rows = self._most_rows_per_batch()
+        if memory.enabled and settings.mode == "release" and rows:
+            ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size, rows * T)
+
+    def _most_rows_per_batch(self):
+        """The most rows a batch can hold: --batch-size, or --max-tokens // --tokens-per-sample when only the
+        token budget bounds it (a batch of whole segments), the smaller of the two when both are set."""
+        T = self.args.tokens_per_sample
+        max_tokens = getattr(self.args, "max_tokens", None)
+        bounds = [b for b in (getattr(self.args, "batch_size", None), max_tokens and max_tokens // T) if b]
+        return min(bounds) if bounds else None
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         if self.args.data_no_shuffle and self.args.sample_break_mode != "none":
