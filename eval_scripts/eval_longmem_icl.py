@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "would fill memory); shared: a FIFO ring (default: release)")
     p.add_argument("--memory-backend", choices=["auto", "faiss", "torch"],
                    help="memory search at evaluation (default: the checkpoint's)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
+    p.add_argument("--seeds", type=non_negative_int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     p.add_argument("--scoring", choices=["vocab", "labels"], default="vocab")
     p.add_argument("--max-queries", type=positive_int, help="evaluate only N queries (quick runs; see --query-subset)")
     p.add_argument("--query-subset", choices=["first", "spread"], default="first",

@@ -33,7 +33,7 @@ from multiprocessing import Pool
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from longmem import paths  # noqa: E402
 from longmem.utils.atomic import atomic_open  # noqa: E402
-from longmem.utils.cli import positive_int  # noqa: E402
+from longmem.utils.cli import non_negative_float, positive_int  # noqa: E402
 from longmem.utils.processes import die_with_parent  # noqa: E402
 
 logger = logging.getLogger("prepare_pile")
@@ -172,7 +172,7 @@ def main(argv=None):
     for split in SPLITS:
         p.add_argument(f"--{split}", nargs="*", default=[], help=f"{split} shards (.jsonl or .jsonl.zst)")
     p.add_argument("--weights", help="JSON {subset: weight}; subsets not listed get --default-weight")
-    p.add_argument("--default-weight", type=float, default=1.0)
+    p.add_argument("--default-weight", type=non_negative_float, default=1.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gpt2-bpe", help="folder with encoder.json and vocab.bpe (default: data/gpt2_bpe of this "
                                       "repository, unless --sentencepiece-model is given)")

