@@ -14,7 +14,8 @@ import os
 import torch
 
 from longmem import paths
-from longmem.utils.checkpoints import checkpoint_kind, load_checkpoint_state, save_fairseq_checkpoint
+from longmem.models.loading import checkpoint_kind
+from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from longmem.errors import ConfigError
+
 # PG-22's length buckets (tokens), with one more for short documents
 LENGTH_BUCKETS = [(0, 5_000, "<5k"), (5_000, 10_000, "5k-10k"), (10_000, 100_000, "10k-100k"),
                   (100_000, 500_000, "100k-500k"), (500_000, 1_000_000, "500k-1M"), (1_000_000, math.inf, ">1M")]
@@ -29,13 +31,13 @@ def load_split(data_dir: str, split: str):
 
     dict_path = os.path.join(data_dir, "dict.txt")
     if not os.path.isfile(dict_path):
-        raise SystemExit(f"{data_dir} holds no dict.txt: pass a fairseq-preprocess output folder")
+        raise ConfigError(f"{data_dir} holds no dict.txt: pass a fairseq-preprocess output folder")
     dictionary = Dictionary.load(dict_path)
     dataset = data_utils.load_indexed_dataset(os.path.join(data_dir, split), dictionary)
     if dataset is None:
-        raise SystemExit(f"split {split!r} not found in {data_dir}")
+        raise ConfigError(f"split {split!r} not found in {data_dir}")
     if len(dataset) == 0:
-        raise SystemExit(f"split {split!r} of {data_dir} is empty")
+        raise ConfigError(f"split {split!r} of {data_dir} is empty")
     return dictionary, TokenStream(dataset, dictionary.eos())
 
 
@@ -45,14 +47,14 @@ def load_token_marks(path: str, stream, split: str) -> torch.Tensor:
     import os
 
     if not os.path.isfile(path):
-        raise SystemExit(f"--token-mask {path} does not exist: pass the .mask file that "
+        raise ConfigError(f"--token-mask {path} does not exist: pass the .mask file that "
                          f"preprocess/make_longrange.py wrote beside the split's .bpe")
     try:
         marks = read_token_marks(path)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise ConfigError(str(e)) from None
     if len(marks) != len(stream.tokens):
-        raise SystemExit(f"{path} marks {len(marks)} tokens but split {split!r} has {len(stream.tokens)}: pass "
+        raise ConfigError(f"{path} marks {len(marks)} tokens but split {split!r} has {len(stream.tokens)}: pass "
                          f"the .mask written with the .bpe file that was binarized")
     return marks
 

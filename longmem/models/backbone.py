@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from longmem.errors import ConfigError
+from longmem.utils.checkpoints import load_checkpoint_state
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +128,6 @@ def family_of(name: str) -> Optional[type]:
 def load_backbone(path: str, dictionary, retrieval_layer_index: int):
     """The frozen backbone of ``--pretrained-model-path``: (model, True), or (a model of the SideNet's
     sizes to be filled by a LongMem checkpoint, False) when the file does not exist."""
-    from longmem.utils.checkpoints import load_checkpoint_state
-
     if not (path and os.path.exists(path)):
         return None, False
     for family in FAMILIES.values():  # families read from their own files (a Hugging Face folder, a .gguf)
