@@ -80,19 +80,38 @@ def _parameter_groups() -> None:
 
 
 def _one_line_config_errors() -> None:
-    """Under a fairseq command line, a ``ConfigError`` (a setting that cannot work) that nothing caught ends
-    the process with ``program: error: message`` and exit code 2, like argparse, not a traceback."""
+    """Under a fairseq command line, a ``ConfigError`` (a setting that cannot work) ends the process with
+    ``program: error: message`` and exit code 2, like argparse, not a traceback: fairseq's ``call_main`` (every
+    ``fairseq_cli`` program runs its main through it) turns it into ``sys.exit(2)``, a normal exit (``finally``
+    blocks, atexit, logs flushed). One raised before ``call_main`` (while fairseq reads the command line) gets the
+    same line from ``sys.excepthook``, with Python's exit code for an uncaught exception (1)."""
     if not _fairseq_cli():
         return
+    from fairseq.distributed import utils as dist_utils
+
     from longmem.errors import ConfigError
 
+    def say(error) -> None:
+        sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {error}\n")
+        sys.stderr.flush()
+
+    if not getattr(dist_utils.call_main, "_longmem", False):
+        call_main = dist_utils.call_main
+
+        def call_main_one_line(cfg, main, **kwargs):
+            try:
+                return call_main(cfg, main, **kwargs)
+            except ConfigError as e:
+                say(e)
+                sys.exit(2)
+
+        call_main_one_line._longmem = True
+        dist_utils.call_main = call_main_one_line
     previous = sys.excepthook
 
     def hook(kind, value, tb):
         if issubclass(kind, ConfigError):
-            sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {value}\n")
-            sys.stderr.flush()
-            os._exit(2)
+            return say(value)
         previous(kind, value, tb)
 
     sys.excepthook = hook
