@@ -64,13 +64,13 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   if [[ ! -f $OUT/tokens/done ]]; then
     say "tokens"
     mkdir -p "$OUT/tokens"
-    "$PYTHON" -m longmem.models.hf_causal_lm dict --model "$MODEL" --out "$OUT/tokens/dict.txt"
+    "$PYTHON" -m longmem.commands.hf_tokens dict --model "$MODEL" --out "$OUT/tokens/dict.txt"
     "$PYTHON" "$ROOT/preprocess/make_longrange.py" --hf-tokenizer "$MODEL" --out "$OUT/tokens/longrange" \
         --train-text "$OUT/corpus/train.txt" --valid-text "$OUT/corpus/valid.txt" --test-text "$OUT/corpus/test.txt" \
         --train-docs "$TRAIN_DOCS" --eval-docs "$EVAL_DOCS" --doc-tokens "$DOC_TOKENS" --min-gap "$MIN_GAP" \
         --text-fraction 0.1 --fresh-block 32 96 --passage 64 192 --pretrain-docs "$COPY_DOCS" --pretrain-gap 64 200 \
         --seed "$SEED"
-    "$PYTHON" -m longmem.models.hf_causal_lm encode --model "$MODEL" --inputs "$OUT/corpus/test.txt" \
+    "$PYTHON" -m longmem.commands.hf_tokens encode --model "$MODEL" --inputs "$OUT/corpus/test.txt" \
         --outputs "$OUT/tokens/real_test.ids" --max-tokens "$REAL_TEXT_TOKENS"
     touch "$OUT/tokens/done"
   fi

@@ -38,7 +38,9 @@ import warnings
 from collections import Counter
 
 from longmem import paths
+from longmem.errors import CommandFailed, ConfigError
 from longmem.utils.atomic import atomic_open
+from longmem.utils.cli import exit_on_config_error
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +70,7 @@ def run(cmd, env=None, capture=False):
     if proc.returncode != 0:
         if capture:
             sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise SystemExit(f"stage command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}")
+        raise CommandFailed(f"stage command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}")
     return (proc.stdout + proc.stderr) if capture else None
 
 
@@ -95,7 +97,7 @@ def build_corpus(out):
     corpus = os.path.join(out, "corpus")
     with Stage("corpus", os.path.join(corpus, "test.txt")) as st:
         if not st.cached:
-            run([sys.executable, os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py"), "--out", corpus])
+            run([sys.executable, "-m", "longmem.commands.build_shakespeare_corpus", "--out", corpus])
     return corpus
 
 
@@ -104,11 +106,11 @@ def build_bpe(out, corpus, vocab_size):
     splits = ("train", "valid", "test")
     with Stage("bpe", os.path.join(bpe, "test.bpe")) as st:
         if not st.cached:
-            script = os.path.join(REPO, "preprocess", "spm_bpe.py")
+            spm = [sys.executable, "-m", "longmem.commands.spm_bpe"]
             if not os.path.exists(os.path.join(bpe, "spm.model")):
-                run([sys.executable, script, "train", "--input", os.path.join(corpus, "train.txt"),
+                run([*spm, "train", "--input", os.path.join(corpus, "train.txt"),
                      "--model-prefix", os.path.join(bpe, "spm"), "--vocab-size", vocab_size])
-            run([sys.executable, script, "encode", "--model", os.path.join(bpe, "spm.model"),
+            run([*spm, "encode", "--model", os.path.join(bpe, "spm.model"),
                  "--inputs", *[os.path.join(corpus, f"{s}.txt") for s in splits],
                  "--outputs", *[os.path.join(bpe, f"{s}.bpe") for s in splits]])
     return bpe
@@ -119,7 +121,7 @@ def build_longrange(out, corpus, bpe, preset):
     longrange = os.path.join(out, "longrange")
     with Stage("longrange", os.path.join(longrange, "stats.json")) as st:
         if not st.cached:
-            run([sys.executable, os.path.join(REPO, "preprocess", "make_longrange.py"),
+            run([sys.executable, "-m", "longmem.commands.make_longrange",
                  "--spm-model", os.path.join(bpe, "spm.model"), "--out", longrange,
                  *[x for split in ("train", "valid", "test")
                    for x in (f"--{split}-text", os.path.join(corpus, f"{split}.txt"))],
@@ -201,7 +203,7 @@ def unigram_perplexity(data_bin, split="test"):
 def eval_lm(out, data, split, backbone, longmem_ckpt, tokens_per_sample, name, token_mask=None):
     """``eval_scripts/eval_longmem_lm.py``: backbone alone, LongMem memory off and on, one run."""
     path = os.path.join(out, "eval", f"lm_{name}.json")
-    cmd = [sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), data, "--gen-subset", split,
+    cmd = [sys.executable, "-m", "longmem.commands.eval_lm", data, "--gen-subset", split,
            "--backbone", backbone, "--longmem", longmem_ckpt, "--tokens-per-sample", tokens_per_sample,
            "--results-path", path, "--cpu"]
     if token_mask:
@@ -215,7 +217,7 @@ def eval_lm(out, data, split, backbone, longmem_ckpt, tokens_per_sample, name, t
 def eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, preset, icl_data):
     """``eval_scripts/eval_longmem_icl.py`` on SST-2: demonstrations in context, and more in memory."""
     path = os.path.join(out, "eval", "icl_sst2.json")
-    cmd = [sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--data-dir", icl_data,
+    cmd = [sys.executable, "-m", "longmem.commands.eval_icl", "--data-dir", icl_data,
            "--tasks", "sst2", "--backbone", backbone, "--longmem", longmem_ckpt,
            "--dict", os.path.join(data_bin, "dict.txt"), "--sentencepiece-model", os.path.join(bpe, "spm.model"),
            "--k", preset["ICL_K"], "--cache-k", preset["ICL_CACHE_K"], "--memory-size", preset["ICL_MEMORY_SIZE"],
@@ -334,6 +336,10 @@ def seeded_sample(hub, prompt, seed=1, **kwargs):
 
 
 def main(argv=None):
+    return exit_on_config_error(run_demo, argv)
+
+
+def run_demo(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for every stage's output (cached)")
     p.add_argument("--workers", type=int, default=2, help="processes for fairseq-preprocess")
@@ -354,7 +360,7 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     preset, lr_preset = read_preset(args.preset), read_preset(args.longrange_preset)
     if args.until is None and not os.path.isfile(os.path.join(args.icl_data, "SST-2", "dev.tsv")):
-        raise SystemExit(f"SST-2 not found under --icl-data {args.icl_data} (expected SST-2/train.tsv and dev.tsv)")
+        raise ConfigError(f"SST-2 not found under --icl-data {args.icl_data} (expected SST-2/train.tsv and dev.tsv)")
     start = time.time()
 
     corpus = build_corpus(out)

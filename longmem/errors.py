@@ -8,3 +8,7 @@ alone, without a traceback (``longmem.compat``).
 
 class ConfigError(ValueError):
     pass
+
+
+class CommandFailed(RuntimeError):
+    """A program this one started (a stage of ``make demo``) failed; its own message is above."""

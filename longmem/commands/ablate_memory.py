@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Memory ablations at evaluation time: one LongMem checkpoint, the held-out long-range set, one knob
 changed at a time (memory size, chunk size, k), perplexity overall and on the recurring/queried tokens.
 
@@ -13,18 +12,19 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longmem.utils.cli import output_file, positive_int  # noqa: E402
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int
 
 GRID = {"memory_size": [256, 512, 1024, 2048, 8192], "chunk_size": [1, 2, 4, 8], "k": [4, 8, 16, 32, 64]}
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin of the long-range set")
     p.add_argument("--gen-subset", default="test")
@@ -36,12 +36,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    import longmem  # noqa: F401
     from tqdm import tqdm
 
     from longmem.evaluation.lm import evaluate, load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
-    from longmem.utils.checkpoints import load_model_for_dictionary
+    from longmem.models.loading import load_model_for_dictionary
 
     dictionary, stream = load_split(args.data, args.gen_subset)
     marks = load_token_marks(args.token_mask, stream, args.gen_subset)

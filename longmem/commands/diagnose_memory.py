@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Is the memory finding what it should? Retrieval hit rates of a LongMem checkpoint on recurring text
 (logic: longmem/evaluation/diagnostics.py).
 
@@ -20,16 +19,17 @@ and with both. Retrieval is what the oracle fixes, the gate what forcing fixes, 
 import argparse
 import json
 import logging
-import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longmem.utils.cli import output_file, positive_int  # noqa: E402
+from longmem.errors import ConfigError
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin")
     p.add_argument("--gen-subset", default="test")
@@ -47,11 +47,10 @@ def main(argv=None):
         p.error(f"--finding-hit-rate must be in (0, 1], got {args.finding_hit_rate}")
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    import longmem  # noqa: F401
     from longmem.evaluation.diagnostics import retrieval_hits
     from longmem.evaluation.lm import load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
-    from longmem.utils.checkpoints import load_model_for_dictionary
+    from longmem.models.loading import load_model_for_dictionary
 
     d, stream = load_split(args.data, args.gen_subset)
     marks = load_token_marks(args.split, stream, args.gen_subset) if args.split else None
@@ -59,7 +58,7 @@ def main(argv=None):
     try:
         result = retrieval_hits(model, stream, d.eos(), args.tokens_per_sample, args.context, args.max_documents)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise ConfigError(str(e)) from None
     n_ctx, c = args.context, result["chunk_size"]
     print(f"{result['positions']:,} positions with a unique earlier {n_ctx}-token context in memory "
           f"({result['documents']} documents); k = {result['k']}, chunk {c}")
@@ -83,7 +82,7 @@ def split(model, stream, eos, args, marks, hits):
 
     heads = [h for h, rate in enumerate(hits["hit_s+1"]) if rate >= args.finding_hit_rate]
     if not heads:
-        raise SystemExit(f"no head retrieves the source for {100 * args.finding_hit_rate:.0f}% of positions: lower "
+        raise ConfigError(f"no head retrieves the source for {100 * args.finding_hit_rate:.0f}% of positions: lower "
                          f"--finding-hit-rate (best head: {100 * max(hits['hit_s+1']):.1f}%)")
     rows = shortfall_split(model, stream, eos, args.tokens_per_sample, marks, heads, args.context,
                            args.max_documents, progress=tqdm)

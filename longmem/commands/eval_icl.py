@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """In-context learning with memory, the release's protocol (logic: longmem/evaluation/icl.py).
 
 This project's form, several tasks and modes in one run:
@@ -29,10 +28,9 @@ import sys
 import tempfile
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longmem import paths  # noqa: E402
-from longmem.utils.cli import non_negative_int, output_file, positive_int  # noqa: E402
+from longmem import paths
+from longmem.errors import ConfigError
+from longmem.utils.cli import exit_on_config_error, non_negative_int, output_file, positive_int
 
 MODES = ["backbone", "memory-off", "memory-on"]
 
@@ -52,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--hf-tokenizer", metavar="PATH",
                    help="a Hugging Face model's own tokenizer (its .gguf file or folder), instead of GPT-2 BPE, for "
                         "hf_causal_lm backbones and their LongMem checkpoints: the model's ids, its bos/eos in place of "
-                        "<s>/</s> (default --dict: the model's ids, as `python -m longmem.models.hf_causal_lm dict`)")
+                        "<s>/</s> (default --dict: the model's ids, as `longmem-hf-tokens dict`)")
     p.add_argument("--k", type=non_negative_int, default=20, help="demonstrations in context")
     p.add_argument("--cache-k", type=non_negative_int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=positive_int, default=1024, help="tokens per block written to memory")
@@ -97,6 +95,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -136,13 +138,12 @@ def main(argv=None):
         for spec, train, _ in data.values():
             icl.check_known_tokens(spec, train, codec, dictionary)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e))
+        raise ConfigError(str(e)) from None
     if args.dump_prompts:
         return dump_prompts(parser, args, tasks, data, dictionary, codec)
 
-    import longmem  # noqa: F401  (registers the models)
     from longmem.utils.atomic import atomic_open
-    from longmem.utils.checkpoints import checkpoint_kind, load_model_for_dictionary, read_checkpoint
+    from longmem.models.loading import checkpoint_kind, load_model_for_dictionary, read_checkpoint
 
     dict_dir = os.path.dirname(os.path.abspath(dict_path))
     lm_overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
@@ -204,7 +205,7 @@ def main(argv=None):
                                     args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
                                     on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True))
             except ValueError as e:
-                raise SystemExit(f"{name} {mode}: {e}")
+                raise ConfigError(f"{name} {mode}: {e}")
             results[name][mode] = {"accuracies": accs, "mean": statistics.mean(accs),
                                    "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0}
             print(f"Mean acc across {len(accs)} seeds: {results[name][mode]['mean']:.4f}, "

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Long-document perplexity by length bucket and position in the document (logic: longmem/evaluation/lm.py).
 
 Each document of the split is read in order in --tokens-per-sample segments; LongMem's memory is emptied
@@ -13,12 +12,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longmem.utils.cli import output_file, positive_int  # noqa: E402
+from longmem.errors import ConfigError
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int
 
 
 def plot(results, path):
@@ -43,6 +40,10 @@ def plot(results, path):
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin folder (dict.txt and the split)")
     p.add_argument("--gen-subset", default="test")
@@ -63,14 +64,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     if not (args.backbone or args.longmem):
-        raise SystemExit("nothing to evaluate: pass --backbone and/or --longmem")
-    import longmem  # noqa: F401  (registers the models)
+        raise ConfigError("nothing to evaluate: pass --backbone and/or --longmem")
     from tqdm import tqdm
 
     from longmem.evaluation.lm import evaluate, load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
     from longmem.modules.memory_bank import ChunkedMemoryBank
-    from longmem.utils.checkpoints import load_model_for_dictionary
+    from longmem.models.loading import load_model_for_dictionary
 
     dictionary, stream = load_split(args.data, args.gen_subset)
     marks = load_token_marks(args.token_mask, stream, args.gen_subset) if args.token_mask else None
@@ -91,7 +91,7 @@ def main(argv=None):
                 ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
                                                          args.tokens_per_sample)
         except ValueError as e:
-            raise SystemExit(f"--memory-size/--k/--chunk-size: {e}")
+            raise ConfigError(f"--memory-size/--k/--chunk-size: {e}")
         if args.precision:
             lm.decoder.set_precision(args.precision)
     if args.backbone:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """A long-range benchmark: documents whose later tokens can only be predicted from text more than one
 segment back, with the positions of those tokens marked.
 
@@ -35,7 +34,9 @@ import sys
 import tempfile
 from collections import Counter
 
+from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
+from longmem.utils.cli import exit_on_config_error
 
 logger = logging.getLogger("make_longrange")
 KINDS = ("text", "recurring", "recall")
@@ -50,7 +51,7 @@ class Encoder:
         import sentencepiece as spm
 
         if not os.path.isfile(model_file):
-            raise SystemExit(f"sentencepiece model {model_file!r} does not exist (train it: preprocess/spm_bpe.py)")
+            raise ConfigError(f"sentencepiece model {model_file!r} does not exist (train it: preprocess/spm_bpe.py)")
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.cache = {}
 
@@ -66,12 +67,12 @@ class Encoder:
 def read_lines(path, encoder):
     """Non-empty lines of a text file as piece lists (document boundaries dropped: fill text only)."""
     if not os.path.isfile(path):
-        raise SystemExit(f"text file {path!r} does not exist")
+        raise ConfigError(f"text file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         lines = [encoder.line(line) for line in f if line.strip()]
     lines = [x for x in lines if x]
     if len(lines) < 100:
-        raise SystemExit(f"{path} has only {len(lines)} non-empty lines: too little text to build documents")
+        raise ConfigError(f"{path} has only {len(lines)} non-empty lines: too little text to build documents")
     return lines
 
 
@@ -83,7 +84,7 @@ def word_pools(path, encoder, size, skip):
             counts.update(w for w in line.split() if w.isalpha() and w.islower() and len(w) >= 3)
     words = [w for w, _ in counts.most_common() if len(encoder.word(w)) == 1][skip: skip + 2 * size]
     if len(words) < 2 * size:
-        raise SystemExit(f"{path} has only {len(words)} usable words for key/value pools of {size} each; "
+        raise ConfigError(f"{path} has only {len(words)} usable words for key/value pools of {size} each; "
                          f"lower --pool-size")
     return words[0::2], words[1::2]
 
@@ -217,7 +218,7 @@ def write_split(out, split, docs, newline=None):
 
 def build(args):
     if bool(args.spm_model) == bool(args.hf_tokenizer):
-        raise SystemExit("choose one tokenizer: --spm-model FILE or --hf-tokenizer PATH")
+        raise ConfigError("choose one tokenizer: --spm-model FILE or --hf-tokenizer PATH")
     if args.hf_tokenizer:
         from longmem.models.hf_causal_lm import HFTokens
 
@@ -295,6 +296,10 @@ def check_ranges(p, args) -> None:
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spm-model", help="the sentencepiece model that encodes the corpus")
     p.add_argument("--hf-tokenizer", help="instead: a Hugging Face model folder or .gguf file whose tokenizer "

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Pile-format JSON-lines shards -> sampled documents -> BPE -> ``fairseq-preprocess`` (docs/design.md §6).
 
 Each input line is ``{"text": ..., "meta": {"pile_set_name": ...}}``; shards may be ``.jsonl`` or
@@ -30,11 +29,11 @@ import tempfile
 from collections import Counter
 from multiprocessing import Pool
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from longmem import paths  # noqa: E402
-from longmem.utils.atomic import atomic_open  # noqa: E402
-from longmem.utils.cli import non_negative_float, positive_int  # noqa: E402
-from longmem.utils.processes import die_with_parent  # noqa: E402
+from longmem import paths
+from longmem.errors import ConfigError
+from longmem.utils.atomic import atomic_open
+from longmem.utils.cli import exit_on_config_error, non_negative_float, positive_int
+from longmem.utils.processes import die_with_parent
 
 logger = logging.getLogger("prepare_pile")
 SPLITS = ("train", "valid", "test")
@@ -54,7 +53,7 @@ def shard_lines(path: str):
     try:
         import zstandard
     except ImportError as e:
-        raise SystemExit(f"{path} is zstd-compressed: pip install zstandard") from e
+        raise ConfigError(f"{path} is zstd-compressed: pip install zstandard") from e
     pending = b""
     with open(path, "rb") as f:
         dobj, frame_done = zstandard.ZstdDecompressor().decompressobj(), True
@@ -142,7 +141,7 @@ class Encoder:
         try:
             self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(str(e)) from None
+            raise ConfigError(str(e)) from None
 
     def encode(self, text: str) -> str:
         return " ".join(self.tokenizer.pieces(text))
@@ -168,6 +167,10 @@ def process_shard(job):
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for split in SPLITS:
         p.add_argument(f"--{split}", nargs="*", default=[], help=f"{split} shards (.jsonl or .jsonl.zst)")
@@ -187,17 +190,17 @@ def main(argv=None):
         args.gpt2_bpe = paths.GPT2_BPE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     if not args.train:
-        raise SystemExit("--train needs at least one shard")
+        raise ConfigError("--train needs at least one shard")
     for split in SPLITS:
         for shard in getattr(args, split):
             if not os.path.isfile(shard):
-                raise SystemExit(f"{split} shard {shard!r} does not exist")
+                raise ConfigError(f"{split} shard {shard!r} does not exist")
     check_split_paths(args)
     weights = read_weights(args.weights) if args.weights else {}
     Encoder(args.gpt2_bpe, args.sentencepiece_model)  # fail early on missing files
     srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
     if not args.no_binarize and (not srcdict or not os.path.isfile(srcdict)):
-        raise SystemExit(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
+        raise ConfigError(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
 
     # everything is written into a fresh folder beside --destdir, which replaces it only at the end: a
     # failed run leaves the previous output as it was
@@ -229,13 +232,13 @@ def check_split_paths(args) -> None:
         for shard in getattr(args, split):
             key = _shard_identity(shard)
             if key in seen and seen[key][0] != split:
-                raise SystemExit(f"{shard} ({split}) is the same data as {seen[key][1]} ({seen[key][0]}): the splits "
+                raise ConfigError(f"{shard} ({split}) is the same data as {seen[key][1]} ({seen[key][0]}): the splits "
                                  f"must not overlap; give each split its own shards")
             seen.setdefault(key, (split, shard))
     if args.workdir:
         destdir, workdir = os.path.abspath(args.destdir), os.path.abspath(args.workdir)
         if workdir == destdir or workdir.startswith(destdir + os.sep):
-            raise SystemExit(f"--workdir {args.workdir} is inside --destdir {args.destdir}, which is replaced only "
+            raise ConfigError(f"--workdir {args.workdir} is inside --destdir {args.destdir}, which is replaced only "
                              f"when the run succeeds: leave --workdir out (the encoded text is then staged with the "
                              f"rest) or put it elsewhere")
 
@@ -256,12 +259,12 @@ def read_weights(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             weights = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--weights {path}: not a readable JSON object of subset weights ({e})") from None
+        raise ConfigError(f"--weights {path}: not a readable JSON object of subset weights ({e})") from None
     if not isinstance(weights, dict):
-        raise SystemExit(f"--weights {path}: expected a JSON object {{subset: weight}}, got {type(weights).__name__}")
+        raise ConfigError(f"--weights {path}: expected a JSON object {{subset: weight}}, got {type(weights).__name__}")
     bad = {k: v for k, v in weights.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
     if bad:
-        raise SystemExit(f"{path}: weights must be non-negative numbers, got {bad}")
+        raise ConfigError(f"{path}: weights must be non-negative numbers, got {bad}")
     return weights
 
 
@@ -289,7 +292,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                 report["kept"].update(stats["kept"])
                 report["kept_per_split"][os.path.basename(job[1]).split(".")[0]] += sum(stats["kept"].values())
         except ShardError as e:
-            raise SystemExit(str(e)) from None
+            raise ConfigError(str(e)) from None
     report["weights_for_unseen_subsets"] = sorted(set(weights) - set(report["seen"]))
     with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
         json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
@@ -303,7 +306,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                        len(report["weights_for_unseen_subsets"]), ", ".join(report["weights_for_unseen_subsets"]))
     empty = [split for split in SPLITS if getattr(args, split) and not report["kept_per_split"][split]]
     if empty:
-        raise SystemExit(f"split(s) {', '.join(empty)} kept no document (see the subsets seen and kept above): "
+        raise ConfigError(f"split(s) {', '.join(empty)} kept no document (see the subsets seen and kept above): "
                          f"check the shards and --weights / --default-weight; nothing was written to --destdir")
 
     for split in SPLITS:  # one text file per split, shards in the order given
@@ -323,7 +326,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
             cmd += [flag, os.path.join(workdir, f"{split}.bpe")]
     logger.info("$ %s", " ".join(cmd))
     if subprocess.run(cmd).returncode != 0:
-        raise SystemExit("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
+        raise ConfigError("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
     return report
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Train a sentencepiece BPE model and encode text files into space-separated pieces.
 
     python preprocess/spm_bpe.py train --input train.txt --model-prefix spm --vocab-size 8000
@@ -11,7 +10,7 @@ import logging
 import os
 
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import input_file, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int
 
 logger = logging.getLogger("spm_bpe")
 
@@ -47,6 +46,10 @@ def encode(args):
 
 
 def main(argv=None):
+    return exit_on_config_error(run, argv)
+
+
+def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")

@@ -6,7 +6,7 @@ import os
 class Tokenizer:
     """Text -> the symbols a fairseq ``dict.txt`` lists: GPT-2 BPE ids as decimal strings (fairseq's GPT-2
     dictionary), sentencepiece pieces, or a Hugging Face tokenizer's ids as the symbols of
-    ``python -m longmem.models.hf_causal_lm dict`` (ids 0-3 as fairseq's specials, the others as numbers).
+    ``longmem-hf-tokens dict`` (ids 0-3 as fairseq's specials, the others as numbers).
     ``specials``: the tokenizer's own (bos, eos) symbols where it has them (Hugging Face), else None.
     A missing file is a ``FileNotFoundError`` naming it."""
 

@@ -8,17 +8,13 @@ as newgpt's), the key and value projections of layer ``retrieval_layer_index`` t
 ``v_proj``, *before* the rotary embedding (``modules/llama_sidenet_layer.py`` says why), and the rotary
 ``cos``/``sin`` and attention mask of the segment. SideNet layers are of its own block type.
 
-Token ids: the fairseq dictionary this module writes (``python -m longmem.models.hf_causal_lm dict``)
+Token ids: the fairseq dictionary of ``longmem-hf-tokens dict`` (``longmem/commands/hf_tokens.py``)
 gives every token its model id as its fairseq index: ids 0-3 are fairseq's ``<s> <pad> </s> <unk>``
 (for SmolLM2: ``<|endoftext|> <|im_start|> <|im_end|> <repo_name>``; the model's end of text ``</s>``
 is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings. ``HFTokens`` encodes text
 into those symbols, so ``fairseq-preprocess --srcdict`` and every script of this project read the
 model's own ids.
-
-    python -m longmem.models.hf_causal_lm dict --model SmolLM2-135M-Instruct.Q4_1.gguf --out dict.txt
-    python -m longmem.models.hf_causal_lm encode --model M.gguf --inputs a.txt --outputs a.ids
 """
-import argparse
 import json
 import logging
 import os
@@ -34,7 +30,6 @@ from longmem.errors import ConfigError
 from longmem.models.backbone import BackboneStates, FrozenBackbone, register_family
 from longmem.models.layer_map import check_retrieval_layer_index
 from longmem.modules.llama_sidenet_layer import LlamaSideNetLayer
-from longmem.utils.cli import existing_path, input_file, output_file, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +157,7 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
         if vocab != len(dictionary):
             raise ConfigError(f"backbone {where} has a vocabulary of {vocab} but this task's dictionary has "
                               f"{len(dictionary)}: binarize the data with the dict.txt written by "
-                              f"`python -m longmem.models.hf_causal_lm dict --model {where}`")
+                              f"`longmem-hf-tokens dict --model {where}`")
         return cls(HFDecoder(dictionary, hf_model.eval()), retrieval_layer_index)  # fp32: loaded so
 
     def config_json(self) -> str:
@@ -286,45 +281,3 @@ class HFTokens:
         with atomic_open(out, "w", encoding="utf-8") as f:
             for i in range(4, self.vocab_size):
                 f.write(f"{i} 1\n")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("dict", help="write the fairseq dict.txt of the model's ids")
-    d.add_argument("--model", required=True, type=existing_path)
-    d.add_argument("--out", required=True, type=output_file)
-    e = sub.add_parser("encode", help="text files -> one line of symbols per document (documents separated by "
-                                      "an empty line in the input; newlines kept as the model's tokens)")
-    e.add_argument("--model", required=True, type=existing_path)
-    e.add_argument("--inputs", nargs="+", required=True, type=input_file)
-    e.add_argument("--outputs", nargs="+", required=True, type=output_file)
-    e.add_argument("--max-tokens", type=positive_int, help="stop a file after this many tokens")
-    args = p.parse_args(argv)
-    if args.command == "encode" and len(args.inputs) != len(args.outputs):
-        p.error(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}: they pair up")
-    tokens = HFTokens(args.model)
-    if args.command == "dict":
-        tokens.write_dictionary(args.out)
-        print(f"wrote {args.out}: {tokens.vocab_size - 4} entries (+ fairseq's 4 specials = {tokens.vocab_size})")
-        return
-    from longmem.utils.atomic import atomic_open
-
-    for src, dst in zip(args.inputs, args.outputs):
-        with open(src, encoding="utf-8") as f:
-            documents = [doc.strip("\n") for doc in f.read().split("\n\n") if doc.strip()]
-        written = 0
-        with atomic_open(dst, "w", encoding="utf-8") as out:
-            for n, doc in enumerate(documents):
-                ids = tokens.text(doc)
-                if args.max_tokens:
-                    ids = ids[: max(0, args.max_tokens - written)]
-                if not ids:
-                    break
-                out.write(("\n" if n else "") + " ".join(ids) + "\n")
-                written += len(ids)
-        print(f"{src} -> {dst}: {written:,} tokens")
-
-
-if __name__ == "__main__":
-    main()
