@@ -1,4 +1,3 @@
-import os
 import random
 
 import pytest
@@ -7,7 +6,7 @@ from fairseq.data import Dictionary
 
 import longmem  # noqa: F401  (registers the plugin)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Helpers reach the tests as session fixtures of the same name (a test module imports nothing from here).
 
 
 @pytest.fixture
@@ -18,14 +17,14 @@ def repo_data():
     return paths.DATA
 
 
-class FakeTask:
+class _FakeTask:
     """What a model's build_model reads of a fairseq task."""
 
     def __init__(self, dictionary):
         self.target_dictionary = self.source_dictionary = dictionary
 
 
-def synthetic_text(n_lines, seed):
+def _synthetic_text(n_lines, seed):
     """Lines from a deterministic cycle over 40 words with some noise: easy to learn, hard to guess."""
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(40)]
@@ -37,7 +36,7 @@ def synthetic_text(n_lines, seed):
     return "\n".join(lines) + "\n"
 
 
-def make_dictionary(num_symbols: int) -> Dictionary:
+def _make_dictionary(num_symbols: int) -> Dictionary:
     d = Dictionary()
     for i in range(num_symbols):
         d.add_symbol(f"w{i}", n=num_symbols - i)
@@ -46,7 +45,7 @@ def make_dictionary(num_symbols: int) -> Dictionary:
 
 @pytest.fixture
 def small_dict():
-    return make_dictionary(60)
+    return _make_dictionary(60)
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +53,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4):
+def _tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4):
     """A random newgpt backbone saved as a fairseq checkpoint: (path, model)."""
     from longmem.models.newgpt import build_newgpt
     from longmem.utils.checkpoints import save_fairseq_checkpoint
@@ -75,13 +74,36 @@ def make_sidenet(tmp_path):
     from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
 
     def build(dictionary, **kw):
-        path, backbone = tiny_backbone_file(tmp_path, dictionary)
+        path, backbone = _tiny_backbone_file(tmp_path, dictionary)
         cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4,
                             decoder_ffn_embed_dim=128, retrieval_layer_index=2, pretrained_model_path=str(path),
                             dropout=0.0, attention_dropout=0.0, memory_size=64, k=8, chunk_size=2,
                             memory_backend="torch")
         for key, value in kw.items():
             setattr(cfg, key, value)
-        return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(dictionary)), backbone
+        return TransformerLanguageModelSideNet.build_model(cfg, _FakeTask(dictionary)), backbone
 
     return build
+
+
+@pytest.fixture(scope="session")
+def FakeTask():  # noqa: N802  (a class, named as one)
+    return _FakeTask
+
+
+@pytest.fixture(scope="session")
+def make_dictionary():
+    """``make_dictionary(n)``: a fairseq Dictionary of w0 .. w{n-1} (after the 4 specials)."""
+    return _make_dictionary
+
+
+@pytest.fixture(scope="session")
+def synthetic_text():
+    """``synthetic_text(n_lines, seed)``: lines cycling over 40 words with some noise."""
+    return _synthetic_text
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_file():
+    """``tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4) -> (path, model)``."""
+    return _tiny_backbone_file

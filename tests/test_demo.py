@@ -2,7 +2,7 @@
 import json
 
 from longmem.demo import ICL_MODES, MODELS, plot_results, read_preset, results_table
-from conftest import REPO
+from longmem.paths import REPO
 
 
 def hand_made():

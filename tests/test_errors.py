@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
+from longmem.paths import REPO
 
-sys.path.insert(0, os.path.join(REPO, "preprocess"))
 
 
 def run_script(*args, timeout=300):
@@ -496,7 +495,7 @@ def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path,
     txt = tmp_path / "a.txt"
     txt.write_text("hello\n")
     fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
-    code, _, err = run_script("-m", "longmem.models.hf_causal_lm", *map(fill, args))
+    code, _, err = run_script("-m", "longmem.commands.hf_tokens", *map(fill, args))
     assert code == 2
     assert_one_line_error(code, err, fill(needle))
 

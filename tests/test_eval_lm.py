@@ -6,10 +6,9 @@ from longmem.evaluation.lm import (document_spans, length_bucket, position_bin, 
                                   score_document)
 from longmem.modules.memory_bank import ChunkedMemoryBank
 
-from conftest import make_dictionary
 
 
-def test_per_token_losses_equal_a_recomputation_with_memory_rebuilt_from_scratch(make_sidenet):
+def test_per_token_losses_equal_a_recomputation_with_memory_rebuilt_from_scratch(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
     model.eval()

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from conftest import synthetic_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "newgpt-tiny", "--embed-dim", "64", "--num-layers", "2", "--num-attention-heads", "4",
@@ -26,7 +25,7 @@ def run(module, *args, cwd=REPO):
 
 
 @pytest.fixture(scope="module")
-def data_bin(tmp_path_factory):
+def data_bin(tmp_path_factory, synthetic_text):
     root = tmp_path_factory.mktemp("cli")
     (root / "train.txt").write_text(synthetic_text(600, 1))
     (root / "valid.txt").write_text(synthetic_text(60, 2))
@@ -290,7 +289,7 @@ def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_pa
     assert json.loads(first.group(2)) == [row * passage + 1 for row in range(8)]
 
 
-def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path):
+def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path, synthetic_text):
     root, backbone, _ = sidenet_trained
     docs = [synthetic_text(n, seed).strip() for n, seed in ((30, 5), (12, 6), (50, 7))]
     (tmp_path / "multi.txt").write_text("\n\n".join(docs) + "\n")
@@ -347,7 +346,7 @@ def rank_memory_keys(probe, rank):
                   for s in range(bank.num_banks)]  # per stream: (tokens, H*d), oldest first
 
 
-def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path):
+def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path, synthetic_text):
     """2 ranks x 2 rows, 32-token segments, gloo. The split's tokens are cut here, by hand, into the rows
     each rank should read; the ranks' records, memories and weights are checked against that."""
     from fairseq.data import Dictionary, data_utils

@@ -4,17 +4,19 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, FakeTask, make_dictionary
+from longmem.paths import REPO
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra, which `make test` installs
 
 
 @pytest.fixture
-def llama(tmp_path):
+def llama(tmp_path, make_dictionary):
     """(folder of a saved tiny Llama, its fairseq dictionary): 4 layers, 4 query heads sharing 2 key/value
     heads, rotary positions, tied embeddings."""
     d = make_dictionary(60)
@@ -35,7 +37,7 @@ def longmem_over(path, d, **kw):
                     retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0, attention_dropout=0.0,
                     memory_size=64, k=4, chunk_size=2, memory_backend="torch")
     cfg = SideNetConfig(**{**settings, **kw})
-    return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d)), cfg
+    return TransformerLanguageModelSideNet.build_model(cfg, SimpleNamespace(target_dictionary=d, source_dictionary=d)), cfg
 
 
 def test_adapter_returns_the_models_own_hidden_states_and_pre_rotary_keys(llama):

@@ -66,9 +66,7 @@ def test_memory_is_cut_into_whole_blocks():
     assert icl.memory_blocks(list(range(3)), 4) == []
 
 
-def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sidenet):
-    from conftest import make_dictionary
-
+def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sidenet, make_dictionary):
     model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
     model.memory.configure(mode="shared")

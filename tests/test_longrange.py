@@ -1,20 +1,14 @@
 """The long-range benchmark: every marked token really recurs beyond the window, and marked perplexity."""
 import contextlib
 import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
+from longmem.commands import make_longrange
 from longmem.evaluation.lm import evaluate, read_token_marks, score_document
 from longmem.tasks.stream_dataset import TokenStream
-
-from conftest import REPO, make_dictionary
-
-sys.path.insert(0, os.path.join(REPO, "preprocess"))
-import make_longrange  # noqa: E402
 
 WORDS = ("king queen lord lady sword crown night day love death heart blood honour grace noble gentle "
          "father mother brother sister house field storm sea fire earth heaven hell speak hear see know "
@@ -153,7 +147,7 @@ def test_marks_align_with_the_binarized_stream_and_error_on_bad_input(benchmark,
         read_token_marks(str(bad))
 
 
-def test_marked_perplexity_equals_mean_loss_over_marked_tokens(make_sidenet):
+def test_marked_perplexity_equals_mean_loss_over_marked_tokens(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2)
     model.eval()
@@ -183,7 +177,7 @@ def test_marked_perplexity_equals_mean_loss_over_marked_tokens(make_sidenet):
         evaluate({"m": (model, True)}, stream, 4, eos, marks=marks[:-1])
 
 
-def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(make_sidenet):
+def test_retrieval_hits_are_certain_when_k_covers_the_whole_memory(make_sidenet, make_dictionary):
     from longmem.evaluation.diagnostics import retrieval_hits
 
     d = make_dictionary(40)
@@ -227,7 +221,7 @@ def test_unique_sources_on_a_hand_made_document():
     assert int(unique_sources(twice, eos, 4, 2)[10]) == -1 and int(unique_sources(twice, eos, 4, 2)[9]) == 4
 
 
-def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retrieval(make_sidenet):
+def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retrieval(make_sidenet, make_dictionary):
     """k = the whole memory: the oracle only reorders the retrieved chunks, and attention over a set does
     not depend on its order (same losses). k = 2 chunks: the chunks holding s and s + 1 come first, with the
     very keys the full retrieval found for them."""
@@ -271,7 +265,7 @@ def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retri
                 assert torch.equal(keys[h, t, :c], full_keys[h, t, j * c:(j + 1) * c])
 
 
-def test_shortfall_split_against_direct_scoring(make_sidenet):
+def test_shortfall_split_against_direct_scoring(make_sidenet, make_dictionary):
     """Each variant's perplexity is the one scored directly: memory off/on by score_document, the forced
     gates by setting them by hand; the oracle equals memory on when k covers the whole memory; the gates
     are restored afterwards."""

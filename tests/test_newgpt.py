@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from longmem.models.newgpt import build_newgpt, newgpt_config
 
-from conftest import make_dictionary
 
 
 def tiny(dictionary, **kw):
@@ -189,7 +188,7 @@ def test_registered_arch_sizes():
     assert 4 <= tiny_cfg.num_layers <= 6 and tiny_cfg.embed_dim == 256 and 4 <= tiny_cfg.num_attention_heads <= 8
 
 
-def test_a_short_training_run_lowers_the_loss():
+def test_a_short_training_run_lowers_the_loss(make_dictionary):
     dictionary = make_dictionary(30)
     model = tiny(dictionary).train()
     # a fixed random sequence repeated: learnable only by attending back

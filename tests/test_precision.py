@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_dictionary
 from longmem import precision
 from longmem.errors import ConfigError
 
@@ -44,7 +43,7 @@ def _step(model, tokens):
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX)")
-def test_bf16_training_steps_match_fp32_and_the_weights_stay_fp32(make_sidenet):
+def test_bf16_training_steps_match_fp32_and_the_weights_stay_fp32(make_sidenet, make_dictionary):
     """Same weights, same 4 segments with memory: the summed NLL within 0.2%, every parameter's gradient at
     cosine > 0.98 to fp32's and all of them together within 5% (norm of the difference). (A tensor's
     largest entry is no yardstick: the gate's gradient sums (memory - local)·dL/dout over tokens and
@@ -77,7 +76,7 @@ def test_bf16_training_steps_match_fp32_and_the_weights_stay_fp32(make_sidenet):
 
 
 @pytest.mark.skipif(not NATIVE, reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX)")
-def test_the_bf16_copy_follows_weights_loaded_later(make_sidenet):
+def test_the_bf16_copy_follows_weights_loaded_later(make_sidenet, make_dictionary):
     """A checkpoint loaded after a bf16 forward replaces the backbone's weights: the next forward uses them."""
     d = make_dictionary(60)
     model, _ = make_sidenet(d, precision="bf16")
@@ -93,7 +92,7 @@ def test_the_bf16_copy_follows_weights_loaded_later(make_sidenet):
         torch.testing.assert_close(model(tokens)[0], other(tokens)[0], rtol=0, atol=0)
 
 
-def test_fp32_after_bf16_is_plain_fp32(make_sidenet):
+def test_fp32_after_bf16_is_plain_fp32(make_sidenet, make_dictionary):
     """``set_precision('fp32')`` (what a bf16 checkpoint evaluated in fp32 gets) computes what an fp32 model
     computes, bit for bit."""
     d = make_dictionary(60)

@@ -6,10 +6,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "preprocess"))
-
-import prepare_pile  # noqa: E402
+from longmem.commands import prepare_pile
+from longmem.paths import REPO
 
 WEIGHTS = {"Pile-CC": 1.0, "Github": 0.0, "ArXiv": 2.0}
 LINES = [

@@ -22,11 +22,12 @@ import types
 from argparse import Namespace
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FakeTask, make_dictionary
 
 SRC = os.environ.get("LONGMEM_RELEASE_SRC")
 pytestmark = pytest.mark.skipif(not SRC, reason="opt-in: set LONGMEM_RELEASE_SRC to the release's checkout "
@@ -204,7 +205,7 @@ def _release_backbone(release, dictionary, retrieval_layer_index):
     args = Namespace(embed_dim=EMBED, num_attention_heads=HEADS, num_layers=BACKBONE_LAYERS, dropout=0.0,
                      attention_dropout=0.0, newgpt_mode="alibi", tokens_per_sample=TOKENS,
                      retrieval_layer_index=retrieval_layer_index, use_external_memory=False, gpt_model_path="")
-    lm = release.newgpt.NewGPTLanguageModel.build_model(args, FakeTask(dictionary))
+    lm = release.newgpt.NewGPTLanguageModel.build_model(args, SimpleNamespace(target_dictionary=dictionary, source_dictionary=dictionary))
     return lm.eval()
 
 
@@ -243,11 +244,11 @@ def _ours(tmp_path, dictionary, use_external_memory=True):
                         retrieval_layer_index=RETRIEVAL_LAYER, pretrained_model_path=str(path), dropout=0.0,
                         attention_dropout=0.0, memory_size=MEMORY, k=K, chunk_size=CHUNK, memory_backend="faiss",
                         memory_mode="release", use_external_memory=use_external_memory)
-    return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(dictionary))
+    return TransformerLanguageModelSideNet.build_model(cfg, SimpleNamespace(target_dictionary=dictionary, source_dictionary=dictionary))
 
 
 @pytest.fixture
-def pair(release, tmp_path):
+def pair(release, tmp_path, make_dictionary):
     """(ours, the release's decoder, dictionary), one set of weights: random SideNet and backbone weights
     (every bias non-zero, the gate at ±0.5) loaded into the release's decoder strictly, and back."""
     torch.manual_seed(0)
@@ -376,7 +377,7 @@ def test_a_training_step_equals_the_releases(pair):
         assert (p.grad - want).abs().max() <= 1e-4 * want.abs().max(), name  # measured: <= 2.1e-5 of the largest
 
 
-def test_the_releases_memory_off_model_fails(release):
+def test_the_releases_memory_off_model_fails(release, make_dictionary):
     """The release's SideNet without ``--use-external-memory`` fails at its first forward (``knn_index`` is
     only assigned in the memory layer's branch): memory off has no release twin to compare with."""
     dictionary = make_dictionary(VOCAB - 4)

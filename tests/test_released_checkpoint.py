@@ -46,11 +46,10 @@ def test_loaded_released_model_runs_with_memory(released):
     assert model.memory.bank.num_tokens(0) == 32
 
 
-def test_a_backbone_checkpoint_is_not_a_longmem_one(tmp_path):
+def test_a_backbone_checkpoint_is_not_a_longmem_one(tmp_path, make_dictionary):
     from longmem.models.newgpt import build_newgpt
     from longmem.utils.checkpoints import save_fairseq_checkpoint
 
-    from conftest import make_dictionary
 
     model = build_newgpt("newgpt-tiny", make_dictionary(20), embed_dim=32, num_layers=2, num_attention_heads=4,
                          retrieval_layer_index=1)

@@ -11,10 +11,9 @@ from longmem.modules.joint_attention import JointMemoryAttention
 from longmem.modules.memory_bank import Retrieved
 from longmem.utils.checkpoints import save_fairseq_checkpoint
 
-from conftest import FakeTask, make_dictionary, tiny_backbone_file
 
 
-def test_released_arch_has_the_released_trainable_and_frozen_counts(repo_data):
+def test_released_arch_has_the_released_trainable_and_frozen_counts(repo_data, FakeTask):
     from fairseq.data import Dictionary
     from longmem.models.transformer_lm_sidenet import SideNetConfig
 
@@ -140,7 +139,7 @@ def test_gate_at_zero_ignores_memory_and_at_one_uses_only_memory(gate):
 
 
 # ---------------------------------------------------------------- SideNet wiring
-def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet):
+def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, backbone = make_sidenet(d, reload_ptm_layer=True)
     for i, layer in enumerate(model.decoder.layers):
@@ -152,7 +151,7 @@ def test_reload_ptm_layer_copies_backbone_layer_2i_plus_1(make_sidenet):
     assert torch.equal(model.decoder.layer_norm.weight, backbone.decoder.model.transformer.ln_f.weight)
 
 
-def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
+def test_sidenet_forward_matches_spec_recurrence(make_sidenet, make_dictionary):
     """x_{i+1} = x_i + (H[2i+2] - H[2i]) + Attn(LN1(x_i)) + FC2(GELU(FC1(LN1(x_i)))), LayerNorms with
     fairseq's eps 1e-5, then layer_norm and the backbone's lm_head, weight and bias (the release's forward
     calls ``pretrained_model.decoder.model.lm_head``)."""
@@ -177,7 +176,7 @@ def test_sidenet_forward_matches_spec_recurrence(make_sidenet):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_memory_is_searched_with_the_memory_layers_unscaled_query(make_sidenet):
+def test_memory_is_searched_with_the_memory_layers_unscaled_query(make_sidenet, make_dictionary):
     """The query is q_proj(LN1(x)) of the memory layer's input, before any scaling; a model built without
     memory has no gate (the release builds the joint attention only with --use-external-memory)."""
     d = make_dictionary(40)
@@ -227,7 +226,7 @@ def test_dropout_hits_the_mlp_branch_and_local_attention_only_as_released():
     torch.testing.assert_close(got, per_head @ attn.out_proj.weight.T, rtol=1e-5, atol=1e-5)
 
 
-def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(make_sidenet):
+def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True)
     model.train()
@@ -247,7 +246,7 @@ def test_one_optimizer_step_changes_sidenet_but_no_backbone_parameter(make_siden
     assert set(changed) == set(before_side), set(before_side) - set(changed)
 
 
-def test_a_segment_never_finds_its_own_tokens_in_memory(make_sidenet):
+def test_a_segment_never_finds_its_own_tokens_in_memory(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
@@ -270,7 +269,7 @@ def test_a_segment_never_finds_its_own_tokens_in_memory(make_sidenet):
     assert model.memory.bank.num_tokens(0) == 20
 
 
-def test_memory_writes_can_be_switched_off_and_memory_reset(make_sidenet):
+def test_memory_writes_can_be_switched_off_and_memory_reset(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True)
     model.eval()
@@ -284,7 +283,7 @@ def test_memory_writes_can_be_switched_off_and_memory_reset(make_sidenet):
 
 
 # ---------------------------------------------------------------- errors
-def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path, make_sidenet):
+def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path, make_sidenet, FakeTask, make_dictionary, tiny_backbone_file):
     d = make_dictionary(40)
     with pytest.raises(ValueError, match="retrieval-layer-index 4 is beyond the backbone's 4 layers"):
         make_sidenet(d, retrieval_layer_index=4)

@@ -107,9 +107,7 @@ def test_release_order_batches_hold_the_blocks_their_ids_name():
             assert torch.equal(sample["net_input"]["src_tokens"][row, : len(want)], before)
 
 
-def test_memory_resets_exactly_at_the_document_boundary(make_sidenet):
-    from conftest import make_dictionary
-
+def test_memory_resets_exactly_at_the_document_boundary(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
@@ -129,11 +127,10 @@ def test_memory_resets_exactly_at_the_document_boundary(make_sidenet):
     assert memory.num_tokens(1) == 20
 
 
-def test_task_resets_memory_each_epoch_and_keeps_validation_apart(make_sidenet):
+def test_task_resets_memory_each_epoch_and_keeps_validation_apart(make_sidenet, make_dictionary):
     from types import SimpleNamespace
 
     from longmem.tasks.longmem_language_modeling import LongMemLanguageModelingTask as Task
-    from conftest import make_dictionary
 
     model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()

@@ -21,19 +21,16 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
-from longmem.modules.memory_bank import ChunkedMemoryBank, _faiss  # noqa: E402
-from longmem import precision  # noqa: E402
-from report import interleaved, publish  # noqa: E402
+from longmem.modules.memory_bank import ChunkedMemoryBank, _faiss
+from longmem import precision
+from report import interleaved, publish
 
 H, D, K, CSZ, T = 16, 64, 64, 4, 1024
 # (label, heads, memory tokens per row, k, rows, segment): the paper's retrieval; the SmolLM2 recipe's

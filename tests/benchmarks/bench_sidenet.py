@@ -12,7 +12,6 @@ throughput for both. Writes its table into docs/benchmarks.md.
 import argparse
 import os
 import platform
-import sys
 import tempfile
 
 import torch
@@ -20,16 +19,14 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
 import longmem  # noqa: E402,F401
-from longmem import precision  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-from longmem.models.newgpt import build_newgpt  # noqa: E402
-from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet  # noqa: E402
-from longmem.utils.checkpoints import save_fairseq_checkpoint  # noqa: E402
-from report import interleaved, publish  # noqa: E402
+from longmem import precision
+from fairseq.data import Dictionary
+from longmem.models.newgpt import build_newgpt
+from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
+from longmem.utils.checkpoints import save_fairseq_checkpoint
+from report import interleaved, publish
 
 B, T, VOCAB = 8, 256, 8000
 MEMORY, K, CSZ = 4096, 32, 4

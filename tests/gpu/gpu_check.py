@@ -17,9 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEVICE = torch.device(os.environ.get("LONGMEM_CHECK_DEVICE", "cuda"))
 if DEVICE.type == "cuda" and not torch.cuda.is_available():
@@ -50,17 +48,22 @@ def test_bank_on_the_device_returns_what_the_cpu_bank_returns(eviction):
     assert b.keys.dtype == torch.float16 and b.keys.device.type == DEVICE.type
 
 
-def tiny_longmem(tmp_path, **kw):
-    from conftest import FakeTask, make_dictionary, tiny_backbone_file
+@pytest.fixture
+def tiny_longmem(tmp_path, FakeTask, make_dictionary, tiny_backbone_file):  # noqa: N803
+    """``tiny_longmem(**cfg) -> (model, dictionary)``: a 2-layer SideNet of width 64 over a 4-layer backbone."""
     from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
 
-    d = make_dictionary(200)
-    path, _ = tiny_backbone_file(tmp_path, d, layers=4, embed=64, heads=4)
-    cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=4, decoder_ffn_embed_dim=256,
-                        retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0, attention_dropout=0.0,
-                        use_external_memory=True, memory_size=512, k=16, chunk_size=4, memory_backend="torch", **kw)
-    torch.manual_seed(1)
-    return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d)), d
+    def build(**kw):
+        d = make_dictionary(200)
+        path, _ = tiny_backbone_file(tmp_path, d, layers=4, embed=64, heads=4)
+        cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=64, decoder_attention_heads=4, decoder_ffn_embed_dim=256,
+                            retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0,
+                            attention_dropout=0.0, use_external_memory=True, memory_size=512, k=16, chunk_size=4,
+                            memory_backend="torch", **kw)
+        torch.manual_seed(1)
+        return TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d)), d
+
+    return build
 
 
 def run_segments(model, segments, targets):
@@ -78,14 +81,14 @@ def run_segments(model, segments, targets):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 3e-2)])
-def test_longmem_forward_backward_on_the_device_matches_the_cpu(tmp_path, dtype, tol):
+def test_longmem_forward_backward_on_the_device_matches_the_cpu(tiny_longmem, dtype, tol):
     """fp32: logits and gradients within 1e-4 (absolute and relative) of the CPU's; fp16 (model and
     memory in half precision, attention in fp32 as released): within 3e-2."""
     torch.manual_seed(2)
     segments = [torch.randint(4, 200, (2, 32)) for _ in range(3)]
     targets = [torch.randint(4, 200, (2, 32)) for _ in range(3)]
-    ref, _ = tiny_longmem(tmp_path, use_gpu_to_search=True)
-    model, _ = tiny_longmem(tmp_path, use_gpu_to_search=True)
+    ref, _ = tiny_longmem(use_gpu_to_search=True)
+    model, _ = tiny_longmem(use_gpu_to_search=True)
     model.load_state_dict(ref.state_dict())
     ref.train(), model.train()
     want, want_grads = run_segments(ref, segments, targets)
@@ -100,9 +103,7 @@ def test_longmem_forward_backward_on_the_device_matches_the_cpu(tmp_path, dtype,
         torch.testing.assert_close(got_grads[name], g, rtol=tol * 10, atol=tol * 10, msg=name)
 
 
-def test_fairseq_train_with_external_memory_and_gpu_search(tmp_path):
-    from conftest import synthetic_text
-
+def test_fairseq_train_with_external_memory_and_gpu_search(tmp_path, synthetic_text):
     (tmp_path / "train.txt").write_text(synthetic_text(300, 1))
     subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref",
                     str(tmp_path / "train.txt"), "--validpref", str(tmp_path / "train.txt"), "--destdir",
