@@ -27,7 +27,7 @@ setup(
         "longmem-make-longrange = longmem.commands.make_longrange:main",
         "longmem-build-shakespeare = longmem.commands.build_shakespeare_corpus:main",
         "longmem-spm-bpe = longmem.commands.spm_bpe:main",
-        "longmem-hf-tokens = longmem.models.hf_causal_lm:main",
+        "longmem-hf-tokens = longmem.commands.hf_tokens:main",
         "longmem-demo = longmem.demo:main",
         "longmem-launch = longmem.launch:main",
     ]},

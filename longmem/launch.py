@@ -83,10 +83,8 @@ def _relay(proc, rank, sink):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        raise SystemExit("usage: python -m longmem.launch [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes on this node (one per GPU on GPUs)")
     p.add_argument("--nnodes", type=positive_int, default=1)
     p.add_argument("--node-rank", type=int, default=0)
@@ -94,6 +92,10 @@ def main(argv=None):
     p.add_argument("--master-port", type=int, default=0, help="a free port on node 0 (default: one found here; "
                                                              "give one explicitly with several nodes)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
+    if "--" not in argv:
+        p.parse_args(argv)  # --help answers; anything else lacks the fairseq-train arguments
+        p.error("give fairseq-train's arguments after --")
+    cut = argv.index("--")
     args = p.parse_args(argv[:cut])
     train_args = argv[cut + 1:]
     if not 0 <= args.node_rank < args.nnodes:

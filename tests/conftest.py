@@ -107,3 +107,7 @@ def synthetic_text():
 def tiny_backbone_file():
     """``tiny_backbone_file(tmp_path, dictionary, layers=4, embed=32, heads=4) -> (path, model)``."""
     return _tiny_backbone_file
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or trains (`pytest -m 'not slow'` skips them)")
