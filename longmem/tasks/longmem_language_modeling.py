@@ -101,16 +101,22 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
                               f"ends, which needs --memory-mode stream (a memory per row); with --memory-mode "
                               f"{settings.mode} the rows share one memory and the flag would do nothing: drop it or use "
                               f"--memory-mode stream")
-        rows = self._most_rows_per_batch()
-        if memory.enabled and settings.mode == "release" and rows:
+        rows = self._most_rows_per_batch() if memory.enabled and settings.mode == "release" else None
+        if rows:
             ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size, rows * T)
 
     def _most_rows_per_batch(self):
         """The most rows a batch can hold: --batch-size, or --max-tokens // --tokens-per-sample when only the
         token budget bounds it (a batch of whole segments), the smaller of the two when both are set."""
+        from omegaconf import OmegaConf
+
         T = self.args.tokens_per_sample
-        max_tokens = getattr(self.args, "max_tokens", None)
-        bounds = [b for b in (getattr(self.args, "batch_size", None), max_tokens and max_tokens // T) if b]
+        if OmegaConf.is_config(self.args):  # a task config built alone has no dataset section to interpolate
+            read = lambda name: OmegaConf.select(self.args, name, throw_on_resolution_failure=False)  # noqa: E731
+        else:
+            read = lambda name: getattr(self.args, name, None)  # noqa: E731
+        max_tokens = read("max_tokens")
+        bounds = [b for b in (read("batch_size"), max_tokens and max_tokens // T) if b]
         return min(bounds) if bounds else None
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
