@@ -10,6 +10,8 @@ import torch
 
 from longmem.paths import REPO
 
+pytestmark = pytest.mark.slow  # every test here starts processes (fairseq-train, the scripts)
+
 
 
 def run_script(*args, timeout=300):

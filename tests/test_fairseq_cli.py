@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts processes (fairseq-train, the scripts)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--arch", "newgpt-tiny", "--embed-dim", "64", "--num-layers", "2", "--num-attention-heads", "4",

@@ -137,6 +137,7 @@ def test_checkpoint_saves_and_reloads_without_the_model_folder(llama, tmp_path):
         torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path):
     path, d = llama
     words = " ".join(f"w{i}" for i in range(60))

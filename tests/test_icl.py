@@ -97,6 +97,7 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
                for k in before)
 
 
+@pytest.mark.slow
 def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data):
     from longmem.models.newgpt import build_newgpt
     from longmem.released import write_released_style_checkpoint
@@ -148,6 +149,7 @@ def test_released_scoring_and_label_restricted_scoring():
     assert icl.score(lp, golds, spec, vocab.__getitem__, [1, 0], "labels") == 0.75
 
 
+@pytest.mark.slow
 def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_path, repo_data):
     """Rebuilt here from the raw GPT-2 BPE: demonstrations each [<s>] + BPE + [</s>], the query's
     template cut before the label, memory in whole blocks of the memory demonstrations' encoding."""
@@ -179,6 +181,7 @@ def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_
     assert dump["task"] == "sst2" and dump["seed"] == 2 and len(dump["memory_blocks"]) >= 2
 
 
+@pytest.mark.slow
 def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
     """The release's README commands, `--path CKPT` and `--path LONGMEM --pretrained-model-path CKPT`, on
     tiny checkpoints whose file names say nothing; --max-queries is the one flag added, for time."""
@@ -214,6 +217,7 @@ def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
         assert f"| task | {mode} |" in out and "| sst2 |" in out
 
 
+@pytest.mark.slow
 def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos(tmp_path):
     """--hf-tokenizer: a word-level tokenizer written here (bos <|im_start|> = 1, eos <|im_end|> = 2, as
     SmolLM2's); one demonstration and one query, their ids written by hand."""

@@ -138,6 +138,7 @@ def released_backbone_shapes(L, C, F_, V):
     return shapes
 
 
+@pytest.mark.slow
 def test_medium_has_the_released_size_and_key_names_and_loads_them_strictly(repo_data):
     model = build_newgpt("newgpt-medium", os.path.join(repo_data, "gpt2_bpe", "dict.txt"))
     assert len(model.decoder.dictionary) == 51200
@@ -188,6 +189,7 @@ def test_registered_arch_sizes():
     assert 4 <= tiny_cfg.num_layers <= 6 and tiny_cfg.embed_dim == 256 and 4 <= tiny_cfg.num_attention_heads <= 8
 
 
+@pytest.mark.slow
 def test_a_short_training_run_lowers_the_loss(make_dictionary):
     dictionary = make_dictionary(30)
     model = tiny(dictionary).train()

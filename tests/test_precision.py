@@ -119,6 +119,7 @@ print(kept, (before_free - rss()) / 2 ** 20)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
 def test_building_a_model_keeps_freed_memory_for_reuse_unless_told_not_to():
     """What mallopt changes, seen from outside: a freed 256 MiB block stays in the process (reused by the

@@ -72,6 +72,7 @@ def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(repo_data):
     assert [d.index(t) for t in encoded.split()] == [4 + rows.index("15496"), 4 + rows.index("995")]
 
 
+@pytest.mark.slow
 def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data):
     from fairseq.data import Dictionary, data_utils
     from fairseq.data.encoders.gpt2_bpe_utils import get_encoder

@@ -13,6 +13,7 @@ from longmem.utils.checkpoints import save_fairseq_checkpoint
 
 
 
+@pytest.mark.slow
 def test_released_arch_has_the_released_trainable_and_frozen_counts(repo_data, FakeTask):
     from fairseq.data import Dictionary
     from longmem.models.transformer_lm_sidenet import SideNetConfig
