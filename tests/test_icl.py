@@ -1,8 +1,6 @@
 """ICL protocol: templates, sampling, memory blocks, read-only queries, the script end to end."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -98,7 +96,7 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
 
 
 @pytest.mark.slow
-def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data):
+def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data, run_cli):
     from longmem.models.newgpt import build_newgpt
     from longmem.released import write_released_style_checkpoint
     from longmem.utils.checkpoints import save_fairseq_checkpoint
@@ -116,9 +114,8 @@ def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_d
     common = ["--data-dir", os.path.join(repo_data, "icl"), "--gpt2-bpe", bpe, "--cpu", "--k", "2",
               "--cache-k", "20", "--memory-block", "64", "--max-queries", "6", "--seeds", "1", "2"]
     out = tmp_path / "icl.json"
-    proc = subprocess.run([sys.executable, script, *common, "--tasks", "sst2", "subj", "--backbone",
-                           str(tmp_path / "backbone.pt"), "--longmem", str(longmem_ckpt), "--results-path", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli(script, *common, "--tasks", "sst2", "subj", "--backbone", str(tmp_path / "backbone.pt"), "--longmem",
+                   str(longmem_ckpt), "--results-path", str(out), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     for task in ("sst2", "subj"):
@@ -127,13 +124,11 @@ def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_d
             assert len(accs) == 2 and all(a * 6 == round(a * 6) for a in accs)  # k/6 correct
     assert "| sst2 |" in proc.stdout
     assert proc.stdout.count("Acc for random seed 1: ") == 6 and "Mean acc across 2 seeds: " in proc.stdout
-    bad = subprocess.run([sys.executable, script, *common, "--tasks", "sst3", "--longmem", str(longmem_ckpt)],
-                         capture_output=True, text=True, timeout=120)
+    bad = run_cli(script, *common, "--tasks", "sst3", "--longmem", str(longmem_ckpt), timeout=120)
     assert bad.returncode != 0 and "unknown ICL task 'sst3'" in bad.stderr
     (tmp_path / "flat").mkdir()
-    bad = subprocess.run([sys.executable, script, *common[2:], "--data-dir", str(tmp_path / "flat"), "--tasks", "mr",
-                          "--modes", "memory-off", "--longmem", str(longmem_ckpt)], capture_output=True, text=True,
-                         timeout=120)
+    bad = run_cli(script, *common[2:], "--data-dir", str(tmp_path / "flat"), "--tasks", "mr", "--modes", "memory-off",
+                  "--longmem", str(longmem_ckpt), timeout=120)
     assert bad.returncode != 0 and "not in the released layout for mr" in bad.stderr
 
 
@@ -150,7 +145,7 @@ def test_released_scoring_and_label_restricted_scoring():
 
 
 @pytest.mark.slow
-def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_path, repo_data):
+def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_path, repo_data, run_cli):
     """Rebuilt here from the raw GPT-2 BPE: demonstrations each [<s>] + BPE + [</s>], the query's
     template cut before the label, memory in whole blocks of the memory demonstrations' encoding."""
     import random
@@ -160,9 +155,8 @@ def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_
 
     bpe_dir = os.path.join(repo_data, "gpt2_bpe")
     out = tmp_path / "prompts.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
-                           "--task", "SST-2", "--seeds", "2", "--k", "3", "--cache-k", "40", "--memory-block", "256",
-                           "--dump-prompts", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--task", "SST-2", "--seeds", "2", "--k",
+                   "3", "--cache-k", "40", "--memory-block", "256", "--dump-prompts", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dump = json.loads(out.read_text())
     d = Dictionary.load(os.path.join(bpe_dir, "dict.txt"))
@@ -182,7 +176,7 @@ def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_
 
 
 @pytest.mark.slow
-def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
+def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data, run_cli):
     """The release's README commands, `--path CKPT` and `--path LONGMEM --pretrained-model-path CKPT`, on
     tiny checkpoints whose file names say nothing; --max-queries is the one flag added, for time."""
     import re
@@ -205,11 +199,11 @@ def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
     for name, release_args in (("backbone", ["--path", str(tmp_path / "a" / "checkpoint_last.pt")]),
                                ("longmem", ["--path", str(tmp_path / "b" / "checkpoint_last.pt"),
                                             "--pretrained-model-path", str(tmp_path / "a" / "checkpoint_last.pt")])):
-        proc = subprocess.run([sys.executable, script, *release_args, "--max-queries", "4"], cwd=REPO,
-                              capture_output=True, text=True, timeout=900)
+        proc = run_cli(script, *release_args, "--max-queries", "4", timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[name] = proc.stdout
-        assert "not found: building its shape" not in proc.stderr  # the override was used (build_backbone's warning)
+        if name == "longmem":  # the override was used
+            assert f"backbone built from {tmp_path / 'a' / 'checkpoint_last.pt'}, then" in proc.stdout
     for name, mode in (("backbone", "backbone"), ("longmem", "memory-on")):
         out = outputs[name]
         assert [int(s) for s in re.findall(r"^Acc for random seed (\d): [\d.]+$", out, re.M)] == [1, 2, 3, 4, 5, 6]
@@ -218,7 +212,7 @@ def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data):
 
 
 @pytest.mark.slow
-def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos(tmp_path):
+def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos(tmp_path, run_cli):
     """--hf-tokenizer: a word-level tokenizer written here (bos <|im_start|> = 1, eos <|im_end|> = 2, as
     SmolLM2's); one demonstration and one query, their ids written by hand."""
     tokenizers = pytest.importorskip("tokenizers")
@@ -233,17 +227,15 @@ def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos
     (tmp_path / "icl" / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood film\t1\n")
     (tmp_path / "icl" / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nbad film\t0\n")
     out = tmp_path / "prompts.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
-                           "--data-dir", str(tmp_path / "icl"), "--task", "SST-2", "--seeds", "1", "--k", "1",
-                           "--cache-k", "0", "--hf-tokenizer", str(tmp_path / "tok"), "--dump-prompts", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--data-dir", str(tmp_path / "icl"),
+                   "--task", "SST-2", "--seeds", "1", "--k", "1", "--cache-k", "0", "--hf-tokenizer",
+                   str(tmp_path / "tok"), "--dump-prompts", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # [bos] Review: good film Sentiment: positive. [eos]  [bos] Review: bad film Sentiment:
     assert json.loads(out.read_text())["prompts"] == [[1, 4, 5, 6, 7, 8, 2, 1, 4, 9, 6, 7]]
-    batched = subprocess.run([sys.executable, os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"),
-                              "--data-dir", str(tmp_path / "icl"), "--task", "SST-2", "--hf-tokenizer",
-                              str(tmp_path / "tok"), "--batch-size", "4", "--dump-prompts", str(out)],
-                             capture_output=True, text=True, timeout=300)
+    batched = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--data-dir", str(tmp_path / "icl"),
+                      "--task", "SST-2", "--hf-tokenizer", str(tmp_path / "tok"), "--batch-size", "4", "--dump-prompts",
+                      str(out), timeout=300)
     assert batched.returncode == 2 and "--batch-size 1" in batched.stderr
 
 

@@ -226,3 +226,24 @@ def test_clear_errors_at_build_time(small_dict, tmp_path):
     missing = str(tmp_path / "nowhere" / "dict.txt")
     with pytest.raises(FileNotFoundError, match="dictionary file .*nowhere/dict.txt.* does not exist"):
         build_newgpt("newgpt-tiny", missing)
+
+
+def test_a_backbone_checkpoint_without_a_head_count_takes_its_archs_or_is_refused(small_dict, tmp_path):
+    """No head count recorded: a registered arch (newgpt-tiny: 4 heads) gives its default, and the loaded model
+    computes what the saved one did; an unregistered name is refused in one line (was: width // 64, silently)."""
+    from longmem.errors import ConfigError
+    from longmem.models.newgpt import NewGPTLanguageModel
+    from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+
+    saved = build_newgpt("newgpt-tiny", small_dict, embed_dim=64, num_layers=2, ffn_embed_dim=128,
+                         retrieval_layer_index=1).eval()  # 4 heads of 16: width // 64 would say 1
+    for name in ("newgpt-tiny", "newgpt-custom"):
+        save_fairseq_checkpoint(tmp_path / f"{name}.pt", saved.state_dict(), cfg={"model": {"_name": name}})
+    state = load_checkpoint_state(str(tmp_path / "newgpt-tiny.pt"))
+    loaded = NewGPTLanguageModel.from_checkpoint_state(state, "newgpt-tiny.pt", small_dict, 1).eval()
+    assert loaded.decoder.cfg.num_attention_heads == 4
+    tokens = torch.randint(4, len(small_dict), (2, 12))
+    torch.testing.assert_close(loaded(tokens)[0], saved(tokens)[0])
+    state = load_checkpoint_state(str(tmp_path / "newgpt-custom.pt"))
+    with pytest.raises(ConfigError, match="records no usable attention head count"):
+        NewGPTLanguageModel.from_checkpoint_state(state, "newgpt-custom.pt", small_dict, 1)

@@ -115,10 +115,9 @@ def test_each_entry_point_is_installed_and_answers_help(name):
 @pytest.mark.parametrize("wrapper, command", [("eval_scripts/eval_longmem_lm.py", "eval_lm"),
                                               ("eval_scripts/eval_longmem_icl.py", "eval_icl"),
                                               ("preprocess/prepare_pile.py", "prepare_pile")])
-def test_the_releases_script_paths_run_the_same_commands(wrapper, command):
+def test_the_releases_script_paths_run_the_same_commands(wrapper, command, run_cli):
     """``python eval_scripts/eval_longmem_icl.py`` prints the help of ``longmem.commands.eval_icl``."""
-    run = lambda *a: subprocess.run([sys.executable, *a, "--help"], capture_output=True, text=True,  # noqa: E731
-                                    timeout=120, cwd=REPO).stdout
+    run = lambda *a: run_cli(*a, "--help", timeout=120).stdout
     by_path, by_module = run(os.path.join(REPO, wrapper)), run("-m", f"longmem.commands.{command}")
     after_usage = lambda text: text.split("\n\n", 1)[1]  # noqa: E731  (usage wraps after the program's name)
     assert after_usage(by_path) == after_usage(by_module)

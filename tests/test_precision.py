@@ -1,7 +1,6 @@
 """--precision: bf16 on a CPU that has it natively, fp32 elsewhere; the checkpoint stays fp32."""
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
@@ -121,14 +120,13 @@ print(kept, (before_free - rss()) / 2 ** 20)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
-def test_building_a_model_keeps_freed_memory_for_reuse_unless_told_not_to():
+def test_building_a_model_keeps_freed_memory_for_reuse_unless_told_not_to(run_cli):
     """What mallopt changes, seen from outside: a freed 256 MiB block stays in the process (reused by the
     next step) instead of going back to the kernel; LONGMEM_KEEP_FREED_MEMORY=0 leaves malloc as it is."""
     returned = {}
     for setting in ("1", "0"):
         env = dict(os.environ, LONGMEM_KEEP_FREED_MEMORY=setting)
-        out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], env=env, capture_output=True, text=True,
-                             check=True, cwd=REPO).stdout.split()
+        out = run_cli("-c", _RSS_AFTER_FREE, env=env, ok=True).stdout.split()
         returned[setting] = (out[0], float(out[1]))
     assert returned["1"][0] == "True" and returned["1"][1] < 16  # MiB given back: none of the block
     assert returned["0"][0] == "False" and returned["0"][1] > 240  # the whole block given back

@@ -1,8 +1,6 @@
 """Pile preprocessing: sampling, cleaning, malformed lines, zstd, GPT-2 BPE, binarization."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -73,7 +71,7 @@ def test_gpt2_bpe_hello_world_gives_gpt2_ids_and_dict_indices(repo_data):
 
 
 @pytest.mark.slow
-def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data):
+def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data, run_cli):
     from fairseq.data import Dictionary, data_utils
     from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
@@ -81,10 +79,9 @@ def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data):
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps(WEIGHTS))
     bpe = os.path.join(repo_data, "gpt2_bpe")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "preprocess", "prepare_pile.py"),
-                           "--train", str(plain), "--valid", str(packed), "--weights", str(weights),
-                           "--default-weight", "0", "--gpt2-bpe", bpe, "--destdir", str(tmp_path / "bin"),
-                           "--workers", "2"], capture_output=True, text=True, timeout=300)
+    proc = run_cli(os.path.join(REPO, "preprocess", "prepare_pile.py"), "--train", str(plain), "--valid", str(packed),
+                   "--weights", str(weights), "--default-weight", "0", "--gpt2-bpe", bpe, "--destdir",
+                   str(tmp_path / "bin"), "--workers", "2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "malformed" in proc.stderr and "8 malformed" in proc.stderr  # 4 per shard, reported
     d = Dictionary.load(str(tmp_path / "bin" / "dict.txt"))

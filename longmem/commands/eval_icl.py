@@ -180,6 +180,8 @@ def run(argv=None):
         except ValueError as e:
             parser.error(f"memory at evaluation: {e}")
         models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
+        built = lm.decoder.backbone_file or "the checkpoint's config (no backbone file)"
+        print(f"LongMem {args.longmem}: backbone built from {built}, then the weights the checkpoint holds", flush=True)
 
     if no_padding:  # the pad index is a real token of every prompt (the model's bos): no position is padding
         from longmem.models.hf_causal_lm import HFDecoder

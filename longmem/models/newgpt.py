@@ -311,7 +311,15 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
         model_cfg = checkpoint_model_config(state)
         embed_dim = weights[prefix + "wte.weight"].shape[1]
         heads = next((model_cfg.get(k) for k in ("num_attention_heads", "decoder_attention_heads", "n_head")
-                      if model_cfg.get(k) is not None), embed_dim // 64)
+                      if model_cfg.get(k) is not None), None)
+        name = checkpoint_model_name(state)
+        if heads is None and name in NEWGPT_ARCHS:  # a config without the head count: its arch's default
+            heads = newgpt_config(name).num_attention_heads
+            logger.info("backbone %s records no head count: %d, the default of %s", path, heads, name)
+        if heads is None or embed_dim % int(heads):
+            raise ConfigError(f"backbone {path} records no usable attention head count (got {heads} for width "
+                              f"{embed_dim}) and its model {name or 'unknown'!r} is no registered newgpt arch: "
+                              f"save it with its config (num_attention_heads)")
         cfg = NewGPTConfig(
             embed_dim=embed_dim, num_layers=sum(1 for k in weights if k.startswith(prefix + "h.") and k.endswith(".ln_1.weight")),
             num_attention_heads=int(heads), ffn_embed_dim=weights[prefix + "h.0.mlp.fc_in.weight"].shape[0],

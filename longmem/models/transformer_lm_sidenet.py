@@ -133,6 +133,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             mode=str(cfg.memory_mode), on_device=cfg.use_gpu_to_search,
         ), enabled=cfg.use_external_memory)
         self.backbone_loaded = False
+        self.backbone_file = None  # the file the frozen backbone was built from (build_model sets it)
         precision.keep_freed_memory()
         self.set_precision(str(getattr(cfg, "precision", "fp32")))
 
@@ -282,6 +283,7 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
         backbone, loaded = build_backbone(cfg, task.target_dictionary)
         decoder = SideNetDecoder(cfg, task.target_dictionary, backbone)
         decoder.backbone_loaded = loaded
+        decoder.backbone_file = cfg.pretrained_model_path if loaded else None  # None: built from the config
         return cls(decoder)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
