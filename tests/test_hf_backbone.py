@@ -97,13 +97,15 @@ def test_a_segment_never_finds_its_own_tokens_and_each_query_head_reads_its_key_
     backbone = model.decoder.pretrained_model
     seen = []
     seg1, seg2 = torch.randint(4, len(d), (1, 10)), torch.randint(4, len(d), (1, 10))
-    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
+    reported = []
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out, heads: (seen.append(out), reported.append(heads))):
         k1 = backbone.frozen_states(seg1, True).retrieval_kv[0].view(10, 2, 8)  # (T, H_kv, d)
         k2 = backbone.frozen_states(seg2, True).retrieval_kv[0].view(10, 2, 8)
         model(seg1)
         assert seen == []
         model(seg2)
     assert len(seen) == 2  # one search per query head of a group (2 query heads per key/value head)
+    assert reported == [[0, 2], [1, 3]]  # search j answers query head j of each key/value head's group
     for out in seen:
         for h in range(2):
             real = out.keys[0, h][out.mask[0, h]]

@@ -240,7 +240,7 @@ def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retri
     def read(with_oracle):
         seen = []
         oracle.document(sources)
-        capture = lambda q, out: seen.append((out.chunk_ids[0].clone(), out.keys[0].clone()))  # noqa: E731
+        capture = lambda q, out, heads: seen.append((out.chunk_ids[0].clone(), out.keys[0].clone()))  # noqa: E731
         with contextlib.ExitStack() as stack:
             if with_oracle:
                 stack.enter_context(model.memory.retrieval_hook(oracle))
@@ -331,3 +331,18 @@ def test_a_failed_rerun_leaves_the_previous_output_whole(benchmark, tmp_path):
         make_longrange.main(common + ["--test-text", str(tmp_path / "empty.txt"), "--pool-size", "8", "--pool-skip", "0"])
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "out"]
+
+
+def test_by_query_head_orders_grouped_retrievals_by_the_heads_they_report():
+    """Two segments, each searched twice (query heads [0, 2] then [1, 3]): the ids land under their heads, the
+    segments side by side; a segment that misses a head is refused."""
+    from longmem.evaluation.diagnostics import by_query_head
+
+    ids = lambda v: torch.full((2, 3, 1), v)  # noqa: E731  (2 heads, 3 positions, 1 chunk)
+    captured = [([0, 2], ids(1)), ([1, 3], ids(2)), ([0, 2], ids(3)), ([1, 3], ids(4))]
+    out = by_query_head(captured, 4)
+    assert out.shape == (4, 6, 1)
+    assert out[:, :3, 0].tolist() == [[1] * 3, [2] * 3, [1] * 3, [2] * 3]
+    assert out[:, 3:, 0].tolist() == [[3] * 3, [4] * 3, [3] * 3, [4] * 3]
+    with pytest.raises(ValueError, match="do not cover the 4 query heads"):
+        by_query_head(captured[:1], 4)

@@ -309,7 +309,7 @@ def _read_segments(ours, theirs, seed):
             with ours.decoder.memory.configured(reads=False, writes=False):
                 blind = F.log_softmax(ours(tokens)[0], dim=-1)
             with ours.decoder.memory.retrieval_hook(
-                    lambda q, got: seen.append(_our_positions(ours.decoder.memory.bank, got.chunk_ids))):
+                    lambda q, got, heads: seen.append(_our_positions(ours.decoder.memory.bank, got.chunk_ids))):
                 got = F.log_softmax(ours(tokens)[0], dim=-1)
             logits, extra = theirs(tokens)
         if extra["knn_index"] is None:

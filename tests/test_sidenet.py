@@ -185,7 +185,7 @@ def test_memory_is_searched_with_the_memory_layers_unscaled_query(make_sidenet, 
     model.eval()
     seen = []
     seg1, seg2 = torch.randint(4, 40, (1, 6)), torch.randint(4, 40, (1, 6))
-    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(q)):
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out, heads: seen.append(q)):
         model(seg1)
         model(seg2)
         bb = model.decoder.pretrained_model
@@ -254,7 +254,7 @@ def test_a_segment_never_finds_its_own_tokens_in_memory(make_sidenet, make_dicti
     backbone = model.decoder.pretrained_model  # its retrieval layer is the SideNet's (2)
     seen = []
     seg1, seg2 = torch.randint(4, 40, (1, 10)), torch.randint(4, 40, (1, 10))
-    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out, heads: seen.append(out)):
         k1 = backbone(seg1, return_retrieval_kv=True)[1]["retrieval_kv"][0].view(10, 4, 8)  # (T, H, d)
         k2 = backbone(seg2, return_retrieval_kv=True)[1]["retrieval_kv"][0].view(10, 4, 8)
         model(seg1)
@@ -301,3 +301,18 @@ def test_clear_errors_for_mismatched_backbone_and_layers(tmp_path, make_sidenet,
     cfg.pretrained_model_path = str(other)
     with pytest.raises(ValueError, match="is not a backbone checkpoint of a known family .*'transformer_lm_gpt'"):
         TransformerLanguageModelSideNet.build_model(cfg, FakeTask(d))
+
+
+def test_memory_cannot_be_enabled_on_a_model_built_without_a_memory_layer(make_sidenet, make_dictionary):
+    """It would be written at every segment and read by no layer: refused in one line. A model built with memory
+    switches it off and on again."""
+    from longmem.errors import ConfigError
+
+    plain, _ = make_sidenet(make_dictionary(40), use_external_memory=False)
+    assert not any(hasattr(layer.self_attn, "memory_bias") for layer in plain.decoder.layers)
+    with pytest.raises(ConfigError, match="built without a memory layer"):
+        plain.decoder.memory.configure(enabled=True)
+    assert plain.decoder.memory.enabled is False
+    with_memory, _ = make_sidenet(make_dictionary(40), use_external_memory=True)
+    assert with_memory.decoder.memory.configure(enabled=False).enabled is False
+    assert with_memory.decoder.memory.configure(enabled=True).enabled is True

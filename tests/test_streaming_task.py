@@ -116,7 +116,7 @@ def test_memory_resets_exactly_at_the_document_boundary(make_sidenet, make_dicti
     seg1, seg2 = torch.randint(4, 40, (2, 10)), torch.randint(4, 40, (2, 10))
     doc_start = torch.zeros(2, 10, dtype=torch.bool)
     doc_start[0, 6] = True  # row 0: a new document starts at position 6; row 1: none
-    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out: seen.append(out)):
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out, heads: seen.append(out)):
         model(seg1)
         model(seg2, doc_start=doc_start)
     mask = seen[-1].mask  # (B, H, T, k)
@@ -136,12 +136,13 @@ def test_task_resets_memory_each_epoch_and_keeps_validation_apart(make_sidenet, 
     model.eval()
     task = SimpleNamespace(args=SimpleNamespace(memory_reset_at_document_boundary=True))
     memory = model.memory
+    memory.configure(reset_at_document_boundaries=True)  # as the task's build_model does, once
     with torch.no_grad():
         Task._with_memory_slot(task, model, "train", None)
         model(torch.randint(4, 40, (2, 8)))
         Task._with_memory_slot(task, model, "valid", None)
         model(torch.randint(4, 40, (3, 6)))
-    assert memory.settings.reset_at_document_boundaries
+    assert memory.settings.reset_at_document_boundaries  # the slot switches keep it
     assert memory.banks["train"].num_tokens(1) == 8 and memory.banks["valid"].num_tokens(2) == 6
     Task.begin_valid_epoch(task, 1, model)
     assert memory.banks["valid"].num_tokens(0) == 0 and memory.banks["train"].num_tokens(0) == 8

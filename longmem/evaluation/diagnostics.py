@@ -35,6 +35,23 @@ def unique_sources(tokens: torch.Tensor, eos: int, tokens_per_sample: int, conte
     return out
 
 
+def by_query_head(captured, query_heads: int) -> torch.Tensor:
+    """The chunk ids of a document's retrievals, ``captured`` as (query heads, ids (H, t, k / c)) in the order
+    of the segments (with grouped-query attention several retrievals per segment, each answering some query
+    heads): -> (query_heads, positions after the first segment, k / c)."""
+    segments, current = [], {}
+    for heads, ids in captured:
+        if any(h in current for h in heads):  # a head answered again: the next segment began
+            segments.append(current)
+            current = {}
+        current.update({h: ids[i] for i, h in enumerate(heads)})
+    segments.append(current)
+    missing = [n for n, seg in enumerate(segments) if sorted(seg) != list(range(query_heads))]
+    if missing:
+        raise ValueError(f"retrievals of segment(s) {missing} do not cover the {query_heads} query heads")
+    return torch.cat([torch.stack([seg[h] for h in range(query_heads)]) for seg in segments], dim=1)
+
+
 @torch.no_grad()
 def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int = 6,
                    max_documents: Optional[int] = None) -> dict:
@@ -43,10 +60,11 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
     c = settings.chunk_size
     if T % c:
         raise ValueError(f"tokens_per_sample {T} is not a multiple of the chunk size {c}")
-    captured = []
+    captured = []  # per retrieval: (query heads, chunk ids (H, t, k / c)), segments 1.. in order
     hits = {"s": [], "s+1": []}
     spans = document_spans(stream.doc_start)[:max_documents]
-    with model.memory.retrieval_hook(lambda queries, out: captured.append(out.chunk_ids[0])):  # (H, t, k / c)
+    query_heads = dec.layers[dec.memory_layer_index].self_attn.memory_bias.numel()
+    with model.memory.retrieval_hook(lambda queries, out, heads: captured.append((heads, out.chunk_ids[0]))):
         for start, end in spans:
             if end - start > settings.memory_size:
                 raise ValueError(f"a document of {end - start} tokens overflows the {settings.memory_size}-token "
@@ -56,12 +74,7 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
             score_document(model, tokens, T, eos, memory=True)
             if not captured:
                 continue
-            # segments 1.. (segment 0 has no memory); with grouped-query attention each segment makes one
-            # search per member of a key/value head's group, member j answering query heads kv*group + j
-            read = -(-len(tokens) // T) - 1
-            group = len(captured) // read
-            ids = torch.cat([torch.stack(captured[n * group:(n + 1) * group], dim=1).flatten(0, 1)
-                             for n in range(read)], dim=1)  # (H query heads, N - T, k / c)
+            ids = by_query_head(captured, query_heads)  # (query heads, N - T, k / c)
             sources = unique_sources(tokens, eos, T, context)
             for t in torch.nonzero(sources >= 0).view(-1).tolist():
                 s, row = int(sources[t]), ids[:, t - T]
@@ -82,18 +95,15 @@ class OracleRead:
 
     def __init__(self, model, tokens_per_sample: int):
         self.memory, self.T, self.c = model.memory, tokens_per_sample, model.memory.settings.chunk_size
-        dec = model.decoder
-        self.query_heads = dec.layers[dec.memory_layer_index].self_attn.memory_bias.numel()
-        self.sources, self.calls = None, 0
+        self.sources = None
 
     def document(self, sources: torch.Tensor) -> None:
-        self.sources, self.calls = sources, 0
+        self.sources = sources
 
     @torch.no_grad()
-    def __call__(self, queries, out) -> None:
+    def __call__(self, queries, out, query_heads) -> None:
         bank = self.memory.bank
-        segment = 1 + self.calls // (self.query_heads // bank.num_heads)  # one call per member of a head group;
-        self.calls += 1                                                    # segment 0 reads nothing: no call
+        segment = bank.filled[0] * self.c // self.T  # the document is read from an empty memory, a segment a write
         kc, c = out.chunk_ids.size(-1), self.c
         serial_to_slot = {int(v): i for i, v in enumerate(bank.chunk_serial[0].tolist()) if v >= 0}
         begin = segment * self.T

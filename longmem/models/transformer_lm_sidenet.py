@@ -131,7 +131,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.memory = MemoryController(heads, head_dim, MemorySettings(
             memory_size=cfg.memory_size, k=cfg.k, chunk_size=cfg.chunk_size, backend=str(cfg.memory_backend),
             mode=str(cfg.memory_mode), on_device=cfg.use_gpu_to_search,
-        ), enabled=cfg.use_external_memory)
+        ), enabled=cfg.use_external_memory, has_reader=cfg.use_external_memory)
         self.backbone_loaded = False
         self.backbone_file = None  # the file the frozen backbone was built from (build_model sets it)
         precision.keep_freed_memory()

@@ -72,7 +72,8 @@ class LlamaSideNetAttention(nn.Module):
         the (B, T, H_kv*d) queries of that member of every group. -> keys, values (B, Hq, T, k, d), mask."""
         B, T, _ = query.shape
         heads = query.view(B, T, self.num_kv_heads, group, self.head_dim)
-        found = [retrieve(heads[:, :, :, j].reshape(B, T, -1)) for j in range(group)]  # each (B, H_kv, T, k, ...)
+        found = [retrieve(heads[:, :, :, j].reshape(B, T, -1), [kv * group + j for kv in range(self.num_kv_heads)])
+                 for j in range(group)]  # each (B, H_kv, T, k, ...)
         stack = lambda name: torch.stack([getattr(f, name) for f in found], dim=2).flatten(1, 2)  # noqa: E731
         return stack("keys"), stack("values"), stack("mask")  # query head kv*group + j
 

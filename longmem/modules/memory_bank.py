@@ -99,6 +99,22 @@ def _faiss_gpus(faiss) -> int:
         return 0
 
 
+def check_memory_settings(who: str, memory_size: int, k: int, chunk_size: int, backend: str, **counts: int) -> None:
+    """The one check of a memory's sizes and backend (``MemorySettings`` and ``ChunkedMemoryBank`` both call it):
+    positive integers, k and memory_size whole chunks, a known backend. ``counts``: more sizes that must be >= 1."""
+    for name, value in (("memory_size", memory_size), ("k", k), ("chunk_size", chunk_size), *counts.items()):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{who}: {name} must be a positive integer, got {value!r}")
+    if k % chunk_size:
+        raise ConfigError(f"{who}: k={k} is not a multiple of chunk_size={chunk_size}; retrieval returns whole "
+                          f"chunks, so choose k in {chunk_size}, {2 * chunk_size}, ...")
+    if memory_size % chunk_size:
+        raise ConfigError(f"{who}: memory_size={memory_size} is not a multiple of chunk_size={chunk_size}; memory "
+                          f"holds whole chunks")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{who}: unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
 class ChunkedMemoryBank:
     def __init__(
         self,
@@ -114,18 +130,8 @@ class ChunkedMemoryBank:
         dtype: torch.dtype = torch.float16,
         eviction: str = "ring",
     ):
-        for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("memory_size", memory_size),
-                            ("chunk_size", chunk_size), ("k", k), ("num_streams", num_streams)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"ChunkedMemoryBank: {name} must be a positive int, got {value!r}")
-        if k % chunk_size:
-            raise ConfigError(f"ChunkedMemoryBank: k={k} is not a multiple of chunk_size={chunk_size}; "
-                             f"retrieval returns whole chunks, so choose k in {chunk_size}, {2 * chunk_size}, ...")
-        if memory_size % chunk_size:
-            raise ConfigError(f"ChunkedMemoryBank: memory_size={memory_size} is not a multiple of "
-                             f"chunk_size={chunk_size}; memory holds whole chunks")
-        if backend not in BACKENDS:
-            raise ConfigError(f"ChunkedMemoryBank: unknown backend {backend!r}; choose one of {BACKENDS}")
+        check_memory_settings("ChunkedMemoryBank", memory_size=memory_size, k=k, chunk_size=chunk_size,
+                              backend=backend, num_heads=num_heads, head_dim=head_dim, num_streams=num_streams)
         if eviction not in EVICTIONS:
             raise ConfigError(f"ChunkedMemoryBank: unknown eviction {eviction!r}; choose one of {EVICTIONS}")
         if not dtype.is_floating_point:

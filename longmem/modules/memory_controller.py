@@ -15,8 +15,9 @@ of fairseq: the task, the scripts and the tests use this API only.
   rows with its eviction rule), ``on_device`` (keep memory on the model's GPU)
   and ``reset_at_document_boundaries``. ``configure(...)`` changes any of them and rebuilds what must
   be rebuilt; ``configured(...)`` does the same for the length of a ``with`` block.
-* **Hooks**: ``retrieval_hook(fn)`` calls ``fn(queries, retrieved)`` after every retrieval (diagnostics,
-  tests).
+* **Hooks**: ``retrieval_hook(fn)`` calls ``fn(queries, retrieved, query_heads)`` after every retrieval
+  (diagnostics, tests): ``query_heads[h]`` is the attention's query head that head ``h`` of ``retrieved``
+  answers (with grouped-query attention one retrieval per member of a key/value group).
 
 A forward pass asks for a ``MemoryStep`` (``step(batch_size, device, doc_start)``): it reads memory for
 the segment, then writes the segment, so that a segment never retrieves itself.
@@ -30,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 
 from longmem.errors import ConfigError
-from longmem.modules.memory_bank import BACKENDS, ChunkedMemoryBank, Retrieved
+from longmem.modules.memory_bank import ChunkedMemoryBank, Retrieved, check_memory_settings
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +53,7 @@ class MemorySettings:
     cpu_dtype: str = "float32"  # storage of a bank on the CPU: float32, or bfloat16 under --precision bf16
 
     def __post_init__(self):
-        for name in ("memory_size", "k", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"memory: {name} must be a positive integer, got {value!r}")
-        if self.k % self.chunk_size:
-            raise ConfigError(f"memory: k={self.k} is not a multiple of chunk_size={self.chunk_size}; retrieval "
-                             f"returns whole chunks, so choose k in {self.chunk_size}, {2 * self.chunk_size}, ...")
-        if self.memory_size % self.chunk_size:
-            raise ConfigError(f"memory: memory_size={self.memory_size} is not a multiple of "
-                             f"chunk_size={self.chunk_size}; memory holds whole chunks")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"memory: unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        check_memory_settings("memory", self.memory_size, self.k, self.chunk_size, self.backend)
         if self.mode not in MODES:
             raise ConfigError(f"memory: unknown mode {self.mode!r}; choose one of {MODES}")
         if self.cpu_dtype not in ("float32", "bfloat16"):
@@ -79,10 +69,15 @@ class MemorySettings:
 
 
 class MemoryController:
-    def __init__(self, num_heads: int, head_dim: int, settings: MemorySettings, enabled: bool = True):
+    def __init__(self, num_heads: int, head_dim: int, settings: MemorySettings, enabled: bool = True,
+                 has_reader: bool = True):
+        """``has_reader``: the model has a layer that reads this memory; without one, enabling it is refused (it
+        would be written and never read)."""
         self.num_heads, self.head_dim = num_heads, head_dim
         self.settings = settings
-        self.enabled = bool(enabled)
+        self.has_reader = has_reader
+        self.enabled = False
+        self._set_enabled(enabled)
         self.writes = True
         self.reads = True
         self.slot = "train"
@@ -112,8 +107,17 @@ class MemoryController:
                     bank.set_search(k=new.k, backend=new.backend)
             self.settings = new
         for name, value in switches.items():
-            setattr(self, name, str(value) if name == "slot" else bool(value))
+            if name == "enabled":
+                self._set_enabled(value)
+            else:
+                setattr(self, name, str(value) if name == "slot" else bool(value))
         return self
+
+    def _set_enabled(self, value) -> None:
+        if value and not self.has_reader:
+            raise ConfigError("memory: this model was built without a memory layer (no --use-external-memory), so a "
+                              "memory would be written and never read; build it with --use-external-memory")
+        self.enabled = bool(value)
 
     def snapshot(self) -> dict:
         """Every setting and switch, as ``configure`` takes them."""
@@ -167,8 +171,8 @@ class MemoryController:
         self._loaded.clear()
 
     @contextlib.contextmanager
-    def retrieval_hook(self, fn: Callable[[torch.Tensor, Retrieved], None]):
-        """Within the block, ``fn(queries, retrieved)`` runs after every retrieval."""
+    def retrieval_hook(self, fn: Callable[[torch.Tensor, Retrieved, List[int]], None]):
+        """Within the block, ``fn(queries, retrieved, query_heads)`` runs after every retrieval."""
         self._hooks.append(fn)
         try:
             yield
@@ -235,9 +239,10 @@ class MemoryStep:
             return None
         return self.retrieve
 
-    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+    def retrieve(self, queries: torch.Tensor, query_heads: Optional[List[int]] = None) -> Retrieved:
         """queries (B, T, H*d) -> the memory of each token; a token at or after its row's first document
-        start sees none of the old document's memory."""
+        start sees none of the old document's memory. ``query_heads``: the attention's query heads these H
+        queries are (default: 0 .. H-1), passed on to the hooks."""
         out = self.bank.retrieve(queries)
         dev = queries.device
         out.keys, out.values, out.mask = out.keys.to(dev), out.values.to(dev), out.mask.to(dev)
@@ -245,8 +250,9 @@ class MemoryStep:
             T = queries.size(1)
             after = torch.arange(T, device=dev).view(1, T) >= self.first_new.to(dev).view(-1, 1)  # (B, T)
             out.mask = out.mask & ~after.view(after.size(0), 1, T, 1)
+        heads = list(range(self.bank.num_heads)) if query_heads is None else list(query_heads)
         for fn in self.controller._hooks:
-            fn(queries, out)
+            fn(queries, out, heads)
         return out
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:

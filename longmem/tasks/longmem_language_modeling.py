@@ -182,7 +182,7 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
     def _with_memory_slot(self, model, slot, sample):
         memory = model_memory(model)
         if memory is not None:
-            memory.configure(slot=slot, reset_at_document_boundaries=self.args.memory_reset_at_document_boundary)
+            memory.configure(slot=slot)  # the reset flag was set once, in build_model
         elif sample and "net_input" in sample:
             sample["net_input"].pop("doc_start", None)  # models without memory take no such input
 
