@@ -263,6 +263,22 @@ def test_oracle_read_puts_the_source_chunks_first_and_only_reorders_a_full_retri
                 assert ids[h, t, 0] == s // c and ((s + 1) // c == s // c or ids[h, t, 1] == (s + 1) // c)
                 j = int(torch.nonzero(full_ids[h, t] == s // c))
                 assert torch.equal(keys[h, t, :c], full_keys[h, t, j * c:(j + 1) * c])
+    # s + 1 alone: one slot left per position with a source, holding the key of s + 1 (bank key of its token)
+    masks = []
+    alone = OracleRead(model, T, next_alone=True)
+    alone.document(sources)
+    with model.memory.retrieval_hook(alone), \
+            model.memory.retrieval_hook(lambda q, out, heads: masks.append((out.mask[0].clone(), out.keys[0].clone()))):
+        score_document(model, tokens, T, eos, memory=True)
+    for n, ((mask, keys), (full_ids, full_keys)) in enumerate(zip(masks, full)):
+        for t in range(mask.size(1)):
+            s = int(sources[(n + 1) * T + t])
+            if s < 0:
+                continue
+            for h in range(mask.size(0)):
+                (slot,) = torch.nonzero(mask[h, t]).view(-1).tolist()
+                j = int(torch.nonzero(full_ids[h, t] == (s + 1) // c))
+                assert torch.equal(keys[h, t, slot], full_keys[h, t, j * c + (s + 1) % c])
 
 
 def test_shortfall_split_against_direct_scoring(make_sidenet, make_dictionary):

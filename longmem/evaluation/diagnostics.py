@@ -90,12 +90,14 @@ def retrieval_hits(model, stream, eos: int, tokens_per_sample: int, context: int
 class OracleRead:
     """A retrieval hook that puts, for every position with a unique earlier source s (``unique_sources``),
     the chunks holding s and s + 1 first among its retrieved chunks (the rest keep their order; the last
-    ones drop out), in every head: what the memory could give were retrieval perfect. One row (batch of
-    1), its document read from an empty memory; ``document(sources)`` before each document."""
+    ones drop out), in every head: what the memory could give were retrieval perfect. With ``next_alone``
+    every other slot of those positions is masked, so that memory attention puts all its weight on s + 1:
+    what the read-out gives were retrieval and the choice within the retrieved tokens perfect. One row
+    (batch of 1), its document read from an empty memory; ``document(sources)`` before each document."""
 
-    def __init__(self, model, tokens_per_sample: int):
+    def __init__(self, model, tokens_per_sample: int, next_alone: bool = False):
         self.memory, self.T, self.c = model.memory, tokens_per_sample, model.memory.settings.chunk_size
-        self.sources = None
+        self.sources, self.next_alone = None, next_alone
 
     def document(self, sources: torch.Tensor) -> None:
         self.sources = sources
@@ -119,6 +121,9 @@ class OracleRead:
                 out.values[0, h, t, :n] = bank.values[0, h, slots].flatten(0, 1).to(out.values.dtype)
                 out.mask[0, h, t, :n] = True
                 out.chunk_ids[0, h, t, :len(chunks)] = torch.tensor(chunks)
+                if self.next_alone:  # the slot of s + 1 alone: its chunk's place in ``need``, its place in the chunk
+                    out.mask[0, h, t] = False
+                    out.mask[0, h, t, need.index((s + 1) // c) * c + (s + 1) % c] = True
 
 
 @contextlib.contextmanager
@@ -142,25 +147,28 @@ def shortfall_split(model, stream, eos: int, tokens_per_sample: int, marks: torc
                     context: int = 6, max_documents: Optional[int] = None, progress=None) -> Dict[str, dict]:
     """Perplexity (all tokens, and per mark value: 1 recurring, 2 queried) of each variant: memory off,
     memory on, the gates of ``open_heads`` forced open, the oracle read, the oracle read with those gates
-    open. Returns {variant: {"all": ppl, 1: ppl, 2: ppl, ...}}."""
+    open, the oracle read of s + 1 alone (``OracleRead(next_alone=True)``, the read-out's ceiling). Returns
+    {variant: {"all": ppl, 1: ppl, 2: ppl, ...}}."""
     if len(marks) != len(stream.tokens):
         raise ValueError(f"{len(marks)} token marks for a stream of {len(stream.tokens)} tokens")
-    oracle = OracleRead(model, tokens_per_sample)
+    oracle, alone = OracleRead(model, tokens_per_sample), OracleRead(model, tokens_per_sample, next_alone=True)
     nothing = contextlib.nullcontext
-    variants = {"memory off": (False, nothing, False), "memory on": (True, nothing, False),
-                "gates of finding heads open": (True, lambda: gates_forced(model, open_heads), False),
-                "oracle read": (True, nothing, True),
-                "oracle read, gates open": (True, lambda: gates_forced(model, open_heads), True)}
+    variants = {"memory off": (False, nothing, None), "memory on": (True, nothing, None),
+                "gates of finding heads open": (True, lambda: gates_forced(model, open_heads), None),
+                "oracle read": (True, nothing, oracle),
+                "oracle read, gates open": (True, lambda: gates_forced(model, open_heads), oracle),
+                "oracle read of s+1 alone": (True, nothing, alone)}
     spans = document_spans(stream.doc_start)[:max_documents]
     sources = [unique_sources(stream.tokens[start:end], eos, tokens_per_sample, context) for start, end in spans]
     result = {}
-    for name, (memory, gates, use_oracle) in variants.items():
+    for name, (memory, gates, hook_of) in variants.items():
         tally = Tally()
-        hook = model.memory.retrieval_hook(oracle) if use_oracle else nothing()
+        hook = model.memory.retrieval_hook(hook_of) if hook_of else nothing()
         with gates(), hook:
             for n, (start, end) in enumerate(spans if progress is None else progress(spans, desc=name, unit="doc")):
                 tokens, doc_marks = stream.tokens[start:end], marks[start:end]
                 oracle.document(sources[n])  # computed once per document, read by the oracle variants
+                alone.document(sources[n])
                 nll = score_document(model, tokens, tokens_per_sample, eos, memory=memory)
                 tally.add("all", nll)
                 for value in doc_marks.unique().tolist():
