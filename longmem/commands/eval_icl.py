@@ -106,7 +106,8 @@ def run(argv=None):
     from fairseq.data import Dictionary
 
     from longmem.evaluation import icl
-    from longmem.evaluation.codec import TextCodec, Tokenizer
+    from longmem.evaluation.codec import TextCodec
+    from longmem.tokenizer import Tokenizer
 
     try:
         tasks = [icl.task_name(t) for t in args.tasks]

@@ -9,8 +9,18 @@ numbers; the model (``longmem.models.hf_causal_lm``) reads them back as its own 
 """
 import argparse
 
-from longmem.models.hf_causal_lm import HFTokens
+from longmem.tokenizer import Tokenizer
+from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import existing_path, exit_on_config_error, input_file, output_file, positive_int
+
+
+def write_dictionary(vocab_size: int, out: str) -> None:
+    """fairseq's dict.txt whose index of every id is the id: fairseq puts its 4 specials first (ids 0-3), then
+    the listed symbols, here the ids 4 .. vocab_size - 1 as decimal strings."""
+    with atomic_open(out, "w", encoding="utf-8") as f:
+        for i in range(4, vocab_size):
+            f.write(f"{i} 1\n")
+
 
 def main(argv=None):
     return exit_on_config_error(run, argv)
@@ -31,20 +41,18 @@ def run(argv=None):
     args = p.parse_args(argv)
     if args.command == "encode" and len(args.inputs) != len(args.outputs):
         p.error(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}: they pair up")
-    tokens = HFTokens(args.model)
+    tokens = Tokenizer(hf_tokenizer=args.model)
     if args.command == "dict":
-        tokens.write_dictionary(args.out)
+        write_dictionary(tokens.vocab_size, args.out)
         print(f"wrote {args.out}: {tokens.vocab_size - 4} entries (+ fairseq's 4 specials = {tokens.vocab_size})")
         return
-    from longmem.utils.atomic import atomic_open
-
     for src, dst in zip(args.inputs, args.outputs):
         with open(src, encoding="utf-8") as f:
             documents = [doc.strip("\n") for doc in f.read().split("\n\n") if doc.strip()]
         written = 0
         with atomic_open(dst, "w", encoding="utf-8") as out:
             for n, doc in enumerate(documents):
-                ids = tokens.text(doc)
+                ids = tokens.pieces(doc)
                 if args.max_tokens:
                     ids = ids[: max(0, args.max_tokens - written)]
                 if not ids:
@@ -52,7 +60,6 @@ def run(argv=None):
                 out.write(("\n" if n else "") + " ".join(ids) + "\n")
                 written += len(ids)
         print(f"{src} -> {dst}: {written:,} tokens")
-
 
 
 if __name__ == "__main__":

@@ -43,27 +43,6 @@ KINDS = ("text", "recurring", "recall")
 RECURRING, QUERIED = 1, 2  # values in the .mask files
 
 
-class Encoder:
-    """Sentencepiece pieces of lines and words, cached (whitespace splits pieces, so a line's pieces
-    are its words' pieces in order)."""
-
-    def __init__(self, model_file):
-        import sentencepiece as spm
-
-        if not os.path.isfile(model_file):
-            raise ConfigError(f"sentencepiece model {model_file!r} does not exist (train it: preprocess/spm_bpe.py)")
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
-        self.cache = {}
-
-    def word(self, w):
-        if w not in self.cache:
-            self.cache[w] = self.sp.encode(w, out_type=str)
-        return self.cache[w]
-
-    def line(self, text):
-        return [p for w in text.split() for p in self.word(w)]
-
-
 def read_lines(path, encoder):
     """Non-empty lines of a text file as piece lists (document boundaries dropped: fill text only)."""
     if not os.path.isfile(path):
@@ -219,13 +198,10 @@ def write_split(out, split, docs, newline=None):
 def build(args):
     if bool(args.spm_model) == bool(args.hf_tokenizer):
         raise ConfigError("choose one tokenizer: --spm-model FILE or --hf-tokenizer PATH")
-    if args.hf_tokenizer:
-        from longmem.models.hf_causal_lm import HFTokens
+    from longmem.tokenizer import Tokenizer
 
-        encoder = HFTokens(args.hf_tokenizer)
-    else:
-        encoder = Encoder(args.spm_model)
-    newline = getattr(encoder, "newline", None)
+    encoder = Tokenizer(sentencepiece_model=args.spm_model, hf_tokenizer=args.hf_tokenizer)
+    newline = encoder.newline
     keys, values = word_pools(args.train_text, encoder, args.pool_size, args.pool_skip)
     stats = {"min_gap": args.min_gap, "doc_tokens": args.doc_tokens, "seed": args.seed, "splits": {}}
     for split, path, n_docs, kinds in (

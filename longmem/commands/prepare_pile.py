@@ -133,15 +133,12 @@ def read_documents(path: str, weights: dict, default_weight: float, seed: int):
 
 class Encoder:
     """A text line -> its symbols joined by spaces, as ``fairseq-preprocess`` reads them (GPT-2 BPE or a
-    sentencepiece model: ``longmem.evaluation.codec.Tokenizer``); a missing file ends the run in one line."""
+    sentencepiece model: ``longmem.tokenizer.Tokenizer``); a missing file is a ConfigError."""
 
     def __init__(self, gpt2_bpe: str = None, sentencepiece_model: str = None):
-        from longmem.evaluation.codec import Tokenizer
+        from longmem.tokenizer import Tokenizer
 
-        try:
-            self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(str(e)) from None
+        self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
 
     def encode(self, text: str) -> str:
         return " ".join(self.tokenizer.pieces(text))

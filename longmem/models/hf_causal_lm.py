@@ -11,15 +11,14 @@ as newgpt's), the key and value projections of layer ``retrieval_layer_index`` t
 Token ids: the fairseq dictionary of ``longmem-hf-tokens dict`` (``longmem/commands/hf_tokens.py``)
 gives every token its model id as its fairseq index: ids 0-3 are fairseq's ``<s> <pad> </s> <unk>``
 (for SmolLM2: ``<|endoftext|> <|im_start|> <|im_end|> <repo_name>``; the model's end of text ``</s>``
-is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings. ``HFTokens`` encodes text
-into those symbols, so ``fairseq-preprocess --srcdict`` and every script of this project read the
-model's own ids.
+is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings.
+``longmem.tokenizer.Tokenizer`` encodes text into those symbols, so ``fairseq-preprocess --srcdict`` and every
+command of this project read the model's own ids.
 """
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 import torch.nn as nn
@@ -246,38 +245,3 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
         source = self.hf.model.layers[block_index]
         missing, unexpected = layer.load_state_dict(source.state_dict(), strict=False)
         assert not unexpected and all(k.endswith("memory_bias") for k in missing), (missing, unexpected)
-
-
-# ---------------------------------------------------------------- tokens
-class HFTokens:
-    """Text -> the fairseq symbols of the model's ids (ids 0-3 as fairseq's specials, others as numbers)."""
-
-    def __init__(self, path: str):
-        self.tokenizer = load_hf_tokenizer(path)
-        self.vocab_size = len(self.tokenizer)
-        self.cache = {}
-        self.newline = self.symbols(self.tokenizer.encode("\n", add_special_tokens=False))
-
-    @staticmethod
-    def symbols(ids: List[int]) -> List[str]:
-        return [FAIRSEQ_SPECIALS[i] if i < 4 else str(i) for i in ids]
-
-    def word(self, w: str) -> List[str]:
-        """A word as it follows a space."""
-        if w not in self.cache:
-            self.cache[w] = self.symbols(self.tokenizer.encode(" " + w, add_special_tokens=False))
-        return self.cache[w]
-
-    def line(self, text: str) -> List[str]:
-        return [p for w in text.split() for p in self.word(w)]
-
-    def text(self, text: str) -> List[str]:
-        """A whole text, newlines included, as the tokenizer cuts it."""
-        return self.symbols(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def write_dictionary(self, out: str) -> None:
-        from longmem.utils.atomic import atomic_open
-
-        with atomic_open(out, "w", encoding="utf-8") as f:
-            for i in range(4, self.vocab_size):
-                f.write(f"{i} 1\n")
