@@ -410,29 +410,40 @@ def test_prepare_pile_stopped_with_sigterm_leaves_no_staging_folder(tmp_path):
 
 
 # ------------------------------------------------------------ the same classes at the other entry points
-SPM = os.path.join(REPO, "preprocess", "spm_bpe.py")
 SHAKESPEARE = os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py")
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--vocab-size", "0"],
+@pytest.mark.parametrize("command, args, needle", [
+    ("spm_bpe", ["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--vocab-size", "0"],
      "argument --vocab-size: must be a positive integer, got 0"),
-    (["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--threads", "0"],
+    ("spm_bpe", ["train", "--input", "{txt}", "--model-prefix", "{tmp}/m", "--threads", "0"],
      "argument --threads: must be a positive integer, got 0"),
-    (["train", "--input", "{tmp}/none.txt", "--model-prefix", "{tmp}/m"], "argument --input: {tmp}/none.txt does not exist"),
-    (["train", "--input", "{txt}", "--model-prefix", "{txt}/m"], "--model-prefix: cannot create {txt}/m.model"),
-    (["encode", "--model", "{tmp}/none.model", "--inputs", "{txt}", "--outputs", "{tmp}/a.bpe"],
+    ("spm_bpe", ["train", "--input", "{tmp}/none.txt", "--model-prefix", "{tmp}/m"],
+     "argument --input: {tmp}/none.txt does not exist"),
+    ("spm_bpe", ["train", "--input", "{txt}", "--model-prefix", "{txt}/m"],
+     "--model-prefix: cannot create {txt}/m.model"),
+    ("spm_bpe", ["encode", "--model", "{tmp}/none.model", "--inputs", "{txt}", "--outputs", "{tmp}/a.bpe"],
      "argument --model: {tmp}/none.model does not exist"),
-    (["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{txt}/a.bpe"], "argument --outputs: cannot create"),
-    (["encode", "--model", "{txt}", "--inputs", "{txt}", "{txt}", "--outputs", "{tmp}/a.bpe"],
+    ("spm_bpe", ["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{txt}/a.bpe"],
+     "argument --outputs: cannot create"),
+    ("spm_bpe", ["encode", "--model", "{txt}", "--inputs", "{txt}", "{txt}", "--outputs", "{tmp}/a.bpe"],
      "--inputs has 2 files but --outputs 1"),
+    ("hf_tokens", ["dict", "--model", "{tmp}/none.gguf", "--out", "{tmp}/dict.txt"],
+     "argument --model: {tmp}/none.gguf does not exist"),
+    ("hf_tokens", ["dict", "--model", "{txt}", "--out", "{txt}/dict.txt"], "argument --out: cannot create"),
+    ("hf_tokens", ["encode", "--model", "{txt}", "--inputs", "{tmp}/none.txt", "--outputs", "{tmp}/a.ids"],
+     "argument --inputs: {tmp}/none.txt does not exist"),
+    ("hf_tokens", ["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{tmp}/a.ids", "{tmp}/b.ids"],
+     "--inputs has 1 files but --outputs 2"),
 ])
-def test_spm_bpe_checks_its_numbers_inputs_and_outputs_before_work(tmp_path, args, needle, run_cli):
-    """Each was a sentencepiece traceback (after training, for the unwritable prefix) or a silent zip."""
+def test_the_tokenizer_commands_check_their_numbers_inputs_and_outputs_before_work(tmp_path, command, args, needle,
+                                                                                   run_cli):
+    """Each was a sentencepiece or transformers traceback (spm_bpe's unwritable prefix: after training) or a silent
+    zip of unpaired files; nothing is written."""
     txt = tmp_path / "a.txt"
     txt.write_text("hello world\n\nsecond document\n")
     fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
-    code, _, err = run_cli(SPM, *map(fill, args))
+    code, _, err = run_cli("-m", f"longmem.commands.{command}", *map(fill, args))
     assert code == 2
     assert_one_line_error(code, err, fill(needle))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
@@ -476,23 +487,6 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     assert (out / "test.txt").read_text() == "Double, double\n"
     assert (out / "train.txt").read_text() == "Nothing will come\nof nothing\n\nFull fathom five\n"
     assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]  # no staging left
-
-
-@pytest.mark.parametrize("args, needle", [
-    (["dict", "--model", "{tmp}/none.gguf", "--out", "{tmp}/dict.txt"], "argument --model: {tmp}/none.gguf does not exist"),
-    (["dict", "--model", "{txt}", "--out", "{txt}/dict.txt"], "argument --out: cannot create"),
-    (["encode", "--model", "{txt}", "--inputs", "{tmp}/none.txt", "--outputs", "{tmp}/a.ids"],
-     "argument --inputs: {tmp}/none.txt does not exist"),
-    (["encode", "--model", "{txt}", "--inputs", "{txt}", "--outputs", "{tmp}/a.ids", "{tmp}/b.ids"],
-     "--inputs has 1 files but --outputs 2"),
-])
-def test_the_hf_tokenizer_tool_checks_its_paths_before_loading_a_model(tmp_path, args, needle, run_cli):
-    txt = tmp_path / "a.txt"
-    txt.write_text("hello\n")
-    fill = lambda s: s.format(txt=txt, tmp=tmp_path)  # noqa: E731
-    code, _, err = run_cli("-m", "longmem.commands.hf_tokens", *map(fill, args))
-    assert code == 2
-    assert_one_line_error(code, err, fill(needle))
 
 
 @pytest.mark.parametrize("script, args, needle", [

@@ -50,9 +50,7 @@ def input_file(text: str) -> str:
     """An argparse type: a file that exists and can be read, checked where it enters."""
     import os
 
-    if not os.path.exists(text):
-        raise argparse.ArgumentTypeError(f"{text} does not exist")
-    if os.path.isdir(text):
+    if os.path.isdir(existing_path(text)):
         raise argparse.ArgumentTypeError(f"{text} is a folder: give a file")
     if not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text} is not readable")
