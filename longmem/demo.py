@@ -40,7 +40,7 @@ from collections import Counter
 from longmem import paths
 from longmem.errors import CommandFailed, ConfigError
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import exit_on_config_error
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,8 +342,8 @@ def main(argv=None):
 def run_demo(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for every stage's output (cached)")
-    p.add_argument("--workers", type=int, default=2, help="processes for fairseq-preprocess")
-    p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece BPE vocabulary")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes for fairseq-preprocess")
+    p.add_argument("--vocab-size", type=positive_int, default=8000, help="sentencepiece BPE vocabulary")
     p.add_argument("--preset", default=os.path.join(REPO, "configs", "backbone_tiny.sh"),
                    help="backbone pretraining preset")
     p.add_argument("--longmem-preset", default=os.path.join(REPO, "configs", "longmem_tiny.sh"),
@@ -355,6 +355,10 @@ def run_demo(argv=None):
     p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem"],
                    help="stop after this stage")
     args = p.parse_args(argv)
+    try:  # every stage writes under --out: a folder that cannot be made or written is refused before the first
+        output_file(os.path.join(args.out, "results.md"))
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--out: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
     out = os.path.abspath(args.out)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from longmem.utils.cli import positive_int
+from longmem.utils.cli import non_negative_int, positive_int
 from longmem.utils.processes import die_with_parent
 
 
@@ -81,15 +81,23 @@ def _relay(proc, rank, sink):
         sink.flush()
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 0 (find a free one) to 65535."""
+    port = non_negative_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {text}")
+    return port
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes on this node (one per GPU on GPUs)")
     p.add_argument("--nnodes", type=positive_int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--node-rank", type=non_negative_int, default=0)
     p.add_argument("--master-addr", default="127.0.0.1", help="the address of node 0")
-    p.add_argument("--master-port", type=int, default=0, help="a free port on node 0 (default: one found here; "
+    p.add_argument("--master-port", type=port_number, default=0, help="a free port on node 0 (default: one found here; "
                                                              "give one explicitly with several nodes)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, start nothing")
     if "--" not in argv:

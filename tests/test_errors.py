@@ -494,8 +494,14 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
                                                             "--default-weight", "-1"],
      "argument --default-weight: must be a number >= 0, got -1"),
     (ICL, ["--backbone", "{tmp}/b.pt", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
+    ("-m", ["longmem.launch", "--master-port", "70000", "--", "DATA"],
+     "argument --master-port: must be a TCP port (0-65535), got 70000"),
+    ("-m", ["longmem.launch", "--node-rank", "-1", "--", "DATA"], "argument --node-rank: must be an integer >= 0"),
+    ("-m", ["longmem.demo", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
+    ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli):
+    (tmp_path / "file.txt").write_text("a file, not a folder\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
-    assert_one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle.format(tmp=tmp_path))
