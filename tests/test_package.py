@@ -125,3 +125,21 @@ def test_the_releases_script_paths_run_the_same_commands(wrapper, command, run_c
     after_usage = lambda text: text.split("\n\n", 1)[1]  # noqa: E731  (usage wraps after the program's name)
     assert after_usage(by_path) == after_usage(by_module)
     assert "options:" in by_path
+
+
+def test_a_commands_main_returns_only_an_exit_status_and_ends_config_errors_in_one_line(capsys):
+    """console_scripts run ``sys.exit(main())``: a main that returned its figures (a dict) printed them and exited
+    1 after a good run; a ConfigError ends as argparse ends, exit code 2 and one line."""
+    from longmem.errors import ConfigError
+    from longmem.utils.cli import exit_on_config_error
+
+    assert exit_on_config_error(lambda argv: {"ppl": 3.0}) is None
+    assert exit_on_config_error(lambda argv: 3) == 3
+
+    def refuses(argv):
+        raise ConfigError(f"--k {argv[1]} is not a multiple of --chunk-size")
+
+    with pytest.raises(SystemExit) as stop:
+        exit_on_config_error(refuses, ["--k", "6"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.endswith(": error: --k 6 is not a multiple of --chunk-size\n")

@@ -89,16 +89,19 @@ existing_path.__name__ = "an existing path"
 
 
 def exit_on_config_error(run, argv=None):
-    """What a command's ``main(argv)`` does: ``run(argv)``, where a ``ConfigError`` (a setting or input that cannot
-    work) or a ``CommandFailed`` (a program it started failed) ends the program with ``prog: error: message`` and exit code 2, as argparse ends, through the normal exit
-    path (``finally`` blocks, atexit, logging flushed)."""
+    """What a command's ``main(argv)`` does: ``run(argv)``, returning its exit status when it returns an int (an
+    entry point exits with what main returns), where a ``ConfigError`` (a setting or input that cannot work) or a
+    ``CommandFailed`` (a program it started failed) ends the program with ``prog: error: message`` and exit code
+    2, as argparse ends, through the normal exit path (``finally`` blocks, atexit, logging flushed)."""
     import os
     import sys
 
     from longmem.errors import CommandFailed, ConfigError
 
     try:
-        return run(argv)
+        result = run(argv)
     except (ConfigError, CommandFailed) as e:
         sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'longmem'}: error: {e}\n")
         sys.exit(2)
+    # an entry point exits with what main returns: a result (a dict of figures) would be printed and exit 1
+    return result if isinstance(result, int) and not isinstance(result, bool) else None
