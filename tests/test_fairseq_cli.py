@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -61,11 +62,22 @@ def test_checkpoint_loads_under_weights_only_rules(trained):
     assert "decoder.model.transformer.h.1.attn.k_proj.weight" in state["model"]
 
 
-def test_training_resumes_from_the_last_checkpoint(trained, run_cli):
+def resumed_in(tmp_path, args, checkpoints):
+    """``args`` with --save-dir a copy of ``checkpoints`` under ``tmp_path``: a resume that leaves the module's
+    fixture as the other tests read it."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(checkpoints, copy)
+    args = [str(a) for a in args]
+    args[args.index("--save-dir") + 1] = str(copy)
+    return args, copy
+
+
+def test_training_resumes_from_the_last_checkpoint(trained, run_cli, tmp_path):
     root, _ = trained
-    log = run_cli("-m", "fairseq_cli.train", *train_args(root, 80), ok=True).output
+    args, ckpt = resumed_in(tmp_path, train_args(root, 80), root / "ckpt")
+    log = run_cli("-m", "fairseq_cli.train", *args, ok=True).output
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 60 updates\)", log), log[-3000:]
-    state = torch.load(root / "ckpt" / "checkpoint_last.pt", weights_only=True)
+    state = torch.load(ckpt / "checkpoint_last.pt", weights_only=True)
     assert state["optimizer_history"][-1]["num_updates"] == 80
 
 
@@ -181,9 +193,10 @@ def test_fairseq_train_longmem_with_memory_lowers_the_loss_and_saves(sidenet_tra
     assert "num. trained: " in log
 
 
-def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli):
+def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
     root, backbone, _ = sidenet_trained
-    log = run_cli("-m", "fairseq_cli.train", *sidenet_args(root, backbone, 50), ok=True).output
+    args, _ = resumed_in(tmp_path, sidenet_args(root, backbone, 50), root / "longmem_ckpt")
+    log = run_cli("-m", "fairseq_cli.train", *args, ok=True).output
     assert re.search(r"(?i)loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 40 updates\)", log), log[-3000:]
 
 
