@@ -250,9 +250,10 @@ class MemoryStep:
             T = queries.size(1)
             after = torch.arange(T, device=dev).view(1, T) >= self.first_new.to(dev).view(-1, 1)  # (B, T)
             out.mask = out.mask & ~after.view(after.size(0), 1, T, 1)
-        heads = list(range(self.bank.num_heads)) if query_heads is None else list(query_heads)
-        for fn in self.controller._hooks:
-            fn(queries, out, heads)
+        if self.controller._hooks:  # nothing built on the hot path when no one listens
+            heads = list(range(self.bank.num_heads)) if query_heads is None else list(query_heads)
+            for fn in self.controller._hooks:
+                fn(queries, out, heads)
         return out
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
