@@ -40,7 +40,7 @@ from collections import Counter
 from longmem import paths
 from longmem.errors import CommandFailed, ConfigError
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import exit_on_config_error, output_file, positive_int
+from longmem.utils.cli import check_writable, exit_on_config_error, positive_int
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,10 +355,8 @@ def run_demo(argv=None):
     p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem"],
                    help="stop after this stage")
     args = p.parse_args(argv)
-    try:  # every stage writes under --out: a folder that cannot be made or written is refused before the first
-        output_file(os.path.join(args.out, "results.md"))
-    except argparse.ArgumentTypeError as e:
-        p.error(f"--out: {e}")
+    # every stage writes under --out: a folder that cannot be made or written is refused before the first
+    check_writable(p, "--out", os.path.join(args.out, "results.md"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
     warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
     out = os.path.abspath(args.out)

