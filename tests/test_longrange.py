@@ -135,6 +135,42 @@ def test_held_out_documents_use_held_out_text_only(benchmark):
             assert any(f"{tag}{i}" in text for i in range(7))
 
 
+def test_denser_training_queries_leave_the_held_out_sets_as_they_were(benchmark, tmp_path):
+    """--train-pairs / --train-query-fill change training recall documents only: valid and test are the same
+    files as without them, and every training recall document holds --train-pairs queries, each stated at
+    least --min-gap pieces earlier."""
+    import sentencepiece as spm
+
+    tmp, out = benchmark
+    recall = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model")).encode("Recall", out_type=str)
+    dense = tmp_path / "dense"
+    make_longrange.main(["--spm-model", str(tmp / "spm.model"), "--out", str(dense),
+                         "--train-text", str(tmp / "train.txt"), "--valid-text", str(tmp / "valid.txt"),
+                         "--test-text", str(tmp / "test.txt"), "--train-docs", "12", "--eval-docs", "6",
+                         "--doc-tokens", "700", "--min-gap", "200", "--pairs", "6", "--pool-size", "8", "--pool-skip", "0",
+                         "--pretrain-docs", "3", "--pretrain-gap", "20", "120",
+                         "--train-pairs", "10", "--train-query-fill", "0", "0"])
+    for split in ("valid", "test"):
+        for ext in ("bpe", "mask"):
+            assert (dense / f"{split}.{ext}").read_text() == (out / f"{split}.{ext}").read_text()
+    recall_docs = 0
+    for doc in read_docs(dense, "train"):
+        queries = [(at, line) for at, (line, marks) in zip(
+            [sum(len(x) for x, _ in doc[:i]) for i in range(len(doc))], doc) if make_longrange.QUERIED in marks]
+        if not queries:
+            continue
+        recall_docs += 1
+        assert len(queries) == 10
+        pieces, _ = flat(doc)
+        for at, line in queries:
+            assert occurs_before(pieces, line[len(recall):], at - 200)  # ": <key> is <value> ." after "Remember"
+    assert recall_docs > 0
+    with pytest.raises(SystemExit):
+        make_longrange.main(["--spm-model", str(tmp / "spm.model"), "--out", str(tmp_path / "bad"),
+                             "--train-text", str(tmp / "train.txt"), "--valid-text", str(tmp / "valid.txt"),
+                             "--test-text", str(tmp / "test.txt"), "--train-query-fill", "5", "2"])
+
+
 def test_marks_align_with_the_binarized_stream_and_error_on_bad_input(benchmark, tmp_path):
     _, out = benchmark
     marks = read_token_marks(str(out / "test.mask"))

@@ -128,8 +128,9 @@ def recurring_doc(src, rng, n_tokens, min_gap, max_gap=None, fresh_block=(64, 16
     return doc
 
 
-def recall_doc(src, rng, encoder, keys, values, n_pairs, min_gap):
-    """Statements, at least ``min_gap`` real tokens, then the queries among real lines."""
+def recall_doc(src, rng, encoder, keys, values, n_pairs, min_gap, query_fill=(8, 48)):
+    """Statements, at least ``min_gap`` real tokens, then the queries among real lines (``query_fill``: the
+    range of real tokens after each query)."""
     src.excerpt()
     pairs = []
     used = set()
@@ -170,7 +171,7 @@ def recall_doc(src, rng, encoder, keys, values, n_pairs, min_gap):
         line, mask = statement("Recall", *pairs[i], True)
         doc.append((line, mask))
         pos += len(line)
-        fill(rng.randint(8, 48))
+        fill(rng.randint(*query_fill))
     return doc
 
 
@@ -220,7 +221,10 @@ def build(args):
             elif kind == "recurring":
                 doc = recurring_doc(src, rng, args.doc_tokens, args.min_gap, None, args.fresh_block, args.passage)
             else:
-                doc = recall_doc(src, rng, encoder, keys, values, args.pairs, args.min_gap)
+                # training documents may be denser in queries (--train-pairs, --train-query-fill); valid and
+                # test keep --pairs and 8-48 tokens after each query, so their figures do not move with them
+                doc = recall_doc(src, rng, encoder, keys, values, args.train_pairs, args.min_gap, args.train_query_fill) \
+                    if split == "train" else recall_doc(src, rng, encoder, keys, values, args.pairs, args.min_gap)
             docs.append((kind, doc))
         write_split(args.out, split, docs, newline)
         summarize(stats, split, docs)
@@ -252,7 +256,7 @@ def check_ranges(p, args) -> None:
     """Every number where it enters; a request the generator cannot meet is an error, not a hang or a set
     with next to nothing marked."""
     for name, low in (("train_docs", 1), ("eval_docs", 2), ("doc_tokens", 1), ("min_gap", 1), ("pairs", 1),
-                      ("pool_size", 2), ("pool_skip", 0), ("pretrain_docs", 0)):
+                      ("train_pairs", 1), ("pool_size", 2), ("pool_skip", 0), ("pretrain_docs", 0)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     for name in ("fresh_block", "passage", "pretrain_gap"):
@@ -266,9 +270,14 @@ def check_ranges(p, args) -> None:
         p.error(f"--doc-tokens {args.doc_tokens} leaves no room for a recurrence: a passage recurs only after --min-gap "
                 f"{args.min_gap} tokens and a fresh block, so documents need at least {room} tokens (4 x --min-gap is "
                 f"a good size)")
-    if args.pairs > args.pool_size * (args.pool_size - 1):
-        p.error(f"--pairs {args.pairs} distinct two-word keys cannot be drawn from a pool of {args.pool_size} words "
-                f"({args.pool_size * (args.pool_size - 1)} at most): raise --pool-size or lower --pairs")
+    low, high = args.train_query_fill
+    if not 0 <= low <= high:
+        p.error(f"--train-query-fill MIN MAX needs 0 <= MIN <= MAX, got {low} {high}")
+    for name in ("pairs", "train_pairs"):
+        flag, n = "--" + name.replace("_", "-"), getattr(args, name)
+        if n > args.pool_size * (args.pool_size - 1):
+            p.error(f"{flag} {n} distinct two-word keys cannot be drawn from a pool of {args.pool_size} words "
+                    f"({args.pool_size * (args.pool_size - 1)} at most): raise --pool-size or lower {flag}")
 
 
 def main(argv=None):
@@ -294,6 +303,10 @@ def run(argv=None):
     p.add_argument("--passage", type=int, nargs=2, default=(32, 96), metavar=("MIN", "MAX"),
                    help="tokens of a recurring passage")
     p.add_argument("--pairs", type=int, default=24, help="key -> value pairs per recall document")
+    p.add_argument("--train-pairs", type=int, help="key -> value pairs per training recall document "
+                                                     "(default: --pairs); more makes training denser in queries")
+    p.add_argument("--train-query-fill", type=int, nargs=2, default=(8, 48), metavar=("MIN", "MAX"),
+                   help="real tokens after each query in training recall documents (valid/test: 8-48)")
     p.add_argument("--pool-size", type=int, default=300, help="words in each of the key and value pools")
     p.add_argument("--pool-skip", type=int, default=40, help="most frequent words left out of the pools")
     p.add_argument("--text-fraction", type=float, default=0.25,
@@ -304,6 +317,8 @@ def run(argv=None):
                    help="tokens between a passage and its recurrence in pretrain.bpe")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
+    if args.train_pairs is None:
+        args.train_pairs = args.pairs
     check_ranges(p, args)
     for name in ("train_text", "valid_text", "test_text"):
         if not os.path.isfile(getattr(args, name)):
