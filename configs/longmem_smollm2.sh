@@ -23,7 +23,7 @@ BATCH_SIZE=2
 UPDATE_FREQ=1
 LR=1e-3
 WARMUP_UPDATES=50
-MAX_UPDATE=1200
+MAX_UPDATE=2400
 WEIGHT_DECAY=0.01
 DROPOUT=0.0
 ATTENTION_DROPOUT=0.0
@@ -38,11 +38,15 @@ SAVE_INTERVAL_UPDATES=100
 EXTRA_FLAGS="--cpu --precision auto --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1 --memory-gate-lr-scale 30 --memory-gate-no-decay --memory-gate-init 2"
 SEED=${SEED:-1}
 # the long-range set (make_longrange.py) and the evaluation
-TRAIN_DOCS=300
+TRAIN_DOCS=600
 EVAL_DOCS=12
 DOC_TOKENS=2048
 MIN_GAP=512
 COPY_DOCS=6
+# key -> value pairs per training recall document and real tokens after each query; the held-out documents
+# keep 24 pairs and 8-48 tokens (more pairs make training denser in queried tokens: docs/ablations.md §4)
+TRAIN_PAIRS=24
+TRAIN_QUERY_FILL="8 48"
 REAL_TEXT_TOKENS=20000
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
@@ -69,7 +73,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
         --train-text "$OUT/corpus/train.txt" --valid-text "$OUT/corpus/valid.txt" --test-text "$OUT/corpus/test.txt" \
         --train-docs "$TRAIN_DOCS" --eval-docs "$EVAL_DOCS" --doc-tokens "$DOC_TOKENS" --min-gap "$MIN_GAP" \
         --text-fraction 0.1 --fresh-block 32 96 --passage 64 192 --pretrain-docs "$COPY_DOCS" --pretrain-gap 64 200 \
-        --seed "$SEED"
+        --train-pairs "$TRAIN_PAIRS" --train-query-fill $TRAIN_QUERY_FILL --seed "$SEED"
     "$PYTHON" -m longmem.commands.hf_tokens encode --model "$MODEL" --inputs "$OUT/corpus/test.txt" \
         --outputs "$OUT/tokens/real_test.ids" --max-tokens "$REAL_TEXT_TOKENS"
     touch "$OUT/tokens/done"
@@ -91,7 +95,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   if [[ ! -f $OUT/longmem/adapt.done ]]; then
     say "longmem: $MAX_UPDATE updates of $BATCH_SIZE x $TOKENS_PER_SAMPLE tokens (resumes if stopped)"
     mkdir -p "$OUT/longmem"
-    PRESET="$ROOT/configs/longmem_smollm2.sh" PYTHON=$PYTHON LOG_FORMAT=simple bash "$ROOT/train_scripts/train_longmem.sh" \
+    PRESET="$ROOT/configs/$(basename "${BASH_SOURCE[0]}")" PYTHON=$PYTHON LOG_FORMAT=simple bash "$ROOT/train_scripts/train_longmem.sh" \
         "$OUT/data-bin-longrange" "$MODEL" "$OUT/longmem" --log-file "$OUT/longmem/train.log"
     touch "$OUT/longmem/adapt.done"
   fi
