@@ -409,6 +409,32 @@ def test_prepare_pile_stopped_with_sigterm_leaves_no_staging_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
+def test_a_sigterm_swallowed_inside_a_fork_hook_still_stops_the_run():
+    # Python ignores an exception raised in its at-fork hooks (and in __del__), so the SystemExit of a SIGTERM
+    # handled there was lost: prepare_pile ran to the end under load. Here a __del__ stands in for the hook.
+    import signal
+    import time
+
+    from longmem.utils import processes
+
+    class SwallowsItsErrors:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs here; its SystemExit is printed and ignored
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        processes.exit_on_sigterm()
+        with pytest.raises(SystemExit) as stopped:
+            with processes.sigterm_not_lost():
+                SwallowsItsErrors()  # dropped at once: __del__ runs
+                reached = True
+        assert reached and stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        processes._stopped_by.clear()
+
+
 # ------------------------------------------------------------ the same classes at the other entry points
 SHAKESPEARE = os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py")
 

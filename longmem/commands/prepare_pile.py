@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from longmem import paths
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import exit_on_config_error, non_negative_float, positive_int
-from longmem.utils.processes import die_with_parent
+from longmem.utils.processes import die_with_parent, exit_on_sigterm, sigterm_not_lost
 
 logger = logging.getLogger("prepare_pile")
 SPLITS = ("train", "valid", "test")
@@ -204,7 +203,7 @@ def run(argv=None):
     destdir = os.path.abspath(args.destdir)
     os.makedirs(os.path.dirname(destdir), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".tmp-", dir=os.path.dirname(destdir))
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so that the staging goes too
+    exit_on_sigterm()  # SystemExit: the staging folder goes too
     try:
         report = build(args, weights, srcdict, staging)
         if os.path.exists(destdir):
@@ -278,7 +277,9 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                          args.seed, args.gpt2_bpe, args.sentencepiece_model))
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
               "undecodable_lines": 0, "kept_per_split": Counter()}
-    with Pool(max(1, min(args.workers, len(jobs))), initializer=die_with_parent) as pool:
+    with sigterm_not_lost():  # a SIGTERM handled inside the fork would be lost
+        pool = Pool(max(1, min(args.workers, len(jobs))), initializer=die_with_parent)
+    with pool:
         try:
             for job, (_, stats) in zip(jobs, tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards",
                                              unit="shard")):
@@ -322,7 +323,17 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
         if getattr(args, split):
             cmd += [flag, os.path.join(workdir, f"{split}.bpe")]
     logger.info("$ %s", " ".join(cmd))
-    if subprocess.run(cmd).returncode != 0:
+    proc = None
+    try:
+        with sigterm_not_lost():
+            proc = subprocess.Popen(cmd, preexec_fn=die_with_parent)
+        returncode = proc.wait()
+    except BaseException:  # stopped (SIGTERM, Ctrl-C): the child goes before its output folder does
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        raise
+    if returncode != 0:
         raise ConfigError("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
     return report
 
