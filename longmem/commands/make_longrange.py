@@ -29,14 +29,13 @@ import logging
 import os
 import random
 import shutil
-import signal
-import sys
 import tempfile
 from collections import Counter
 
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import exit_on_config_error
+from longmem.utils.processes import exit_on_sigterm
 
 logger = logging.getLogger("make_longrange")
 KINDS = ("text", "recurring", "recall")
@@ -329,7 +328,7 @@ def run(argv=None):
     # run leaves the previous output whole, never a mix of two runs
     os.makedirs(os.path.dirname(out), exist_ok=True)
     args.out = tempfile.mkdtemp(prefix=os.path.basename(out) + ".staging-", dir=os.path.dirname(out))
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the staging folder goes too
+    exit_on_sigterm()  # SystemExit: the staging folder goes too
     try:
         build(args)
         old = out + ".old" if os.path.exists(out) else None
