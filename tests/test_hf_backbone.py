@@ -203,3 +203,21 @@ def test_padding_can_be_switched_off_when_the_pad_index_is_a_token(llama):
     assert torch.allclose(unmasked, want, atol=1e-5)
     assert not torch.allclose(masked[0, 5:], want[0, 5:], atol=1e-3)
     assert torch.allclose(states.hidden[-1], hidden[-1], atol=1e-5)
+
+
+def test_memory_layer_from_retrieval_block_starts_the_memory_layer_from_block_m(llama):
+    """An even retrieval layer m = 2: by default (the release) memory layer int(2 / 2) = 1 starts from block 3;
+    with the option from block 2, the block whose keys fill the memory, so its query is that block's query."""
+    path, d = llama
+    want = {False: [1, 3], True: [1, 2]}
+    for flag, sources in want.items():
+        model, _ = longmem_over(path, d, reload_ptm_layer=True, use_external_memory=True,
+                                memory_layer_from_retrieval_block=flag)
+        hf = model.decoder.pretrained_model.hf
+        assert model.decoder.memory_layer_index == 1
+        for layer, src in zip(model.decoder.layers, sources):
+            for name, value in hf.model.layers[src].state_dict().items():
+                assert torch.equal(layer.state_dict()[name], value), (flag, src, name)
+        other = 3 if flag else 2  # and not from the other block (the tiny Llama's blocks differ)
+        assert not torch.equal(model.decoder.layers[1].self_attn.q_proj.weight,
+                               hf.model.layers[other].self_attn.q_proj.weight)

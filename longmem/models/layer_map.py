@@ -7,7 +7,9 @@ whose keys/values fill the memory):
   states ``H`` (``H[0]`` = token embeddings, ``H[L]`` = ``ln_f`` of the last block);
 * ``--reload-ptm-layer`` initialises SideNet layer ``i`` from backbone block ``r*i + 1`` (the release;
   the paper's text says ``r*i``);
-* SideNet layer ``int(m / r)`` is the memory-augmented one (the release: 17 / 2 -> 8).
+* SideNet layer ``int(m / r)`` is the memory-augmented one (the release: 17 / 2 -> 8);
+  ``--memory-layer-from-retrieval-block`` starts it from block ``m`` instead of ``r*i + 1`` (the same
+  block for an odd ``m`` and r = 2, as in the release; for an even ``m`` the one whose keys fill memory).
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -29,6 +31,7 @@ class LayerMap:
     sidenet_layers: int
     reduction_factor: int
     retrieval_layer_index: int
+    memory_layer_from_retrieval_block: bool = False
 
     def __post_init__(self):
         r = self.reduction_factor
@@ -54,5 +57,9 @@ class LayerMap:
         return r * i, r * i + r
 
     def reload_source(self, i: int) -> int:
-        """The backbone block that initialises SideNet layer ``i``."""
+        """The backbone block that initialises SideNet layer ``i``: ``r*i + 1``; with
+        ``memory_layer_from_retrieval_block``, the memory layer's is block ``m`` itself, so that its query
+        projection is the one of the block whose keys fill the memory (for an even ``m``; not the release)."""
+        if self.memory_layer_from_retrieval_block and i == self.memory_layer:
+            return self.retrieval_layer_index
         return self.reduction_factor * i + 1

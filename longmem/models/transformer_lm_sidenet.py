@@ -63,6 +63,9 @@ class SideNetConfig(FairseqDataclass):
         default=2, metadata={"help": "r: SideNet layer i pairs with backbone layers r*i and r*i+r"})
     reload_ptm_layer: bool = field(
         default=False, metadata={"help": "initialise SideNet layer i from backbone layer r*i+1"})
+    memory_layer_from_retrieval_block: bool = field(default=False, metadata={
+        "help": "with --reload-ptm-layer, start the memory layer int(m/r) from backbone block m, whose keys fill "
+                "the memory, instead of block r*int(m/r)+1 (the release; they differ for an even m)"})
     use_external_memory: bool = field(default=False, metadata={"help": "use the cached memory"})
     memory_size: int = field(default=65536, metadata={"help": "memory capacity in tokens, per stream"})
     k: int = field(default=64, metadata={"help": "memory tokens retrieved per query token"})
@@ -105,7 +108,8 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         super().__init__(dictionary)
         self.cfg = cfg
         self.layer_map = LayerMap(backbone.num_layers, cfg.decoder_layers, cfg.layer_reduction_factor,
-                                  cfg.retrieval_layer_index)
+                                  cfg.retrieval_layer_index,
+                                  bool(getattr(cfg, "memory_layer_from_retrieval_block", False)))
         if (backbone.embed_dim, backbone.num_heads) != (cfg.decoder_embed_dim, cfg.decoder_attention_heads):
             raise ConfigError(f"SideNet width/heads ({cfg.decoder_embed_dim}, {cfg.decoder_attention_heads}) "
                              f"must equal the backbone's ({backbone.embed_dim}, {backbone.num_heads})")
