@@ -95,3 +95,33 @@ def test_end_to_end_shards_to_fairseq_data(tmp_path, repo_data, run_cli):
         assert decoded == expected
     report = json.loads((tmp_path / "bin" / "encoded" / "report.json").read_text())
     assert report["kept"] == {"Pile-CC": 2, "ArXiv": 4} and report["malformed"] == 8
+
+
+def test_a_worker_that_dies_fails_the_run_instead_of_hanging(tmp_path, repo_data, monkeypatch):
+    """multiprocessing.Pool waits forever for the shard of a worker killed by the kernel (SIGKILL, the OOM
+    killer); the shard pool must fail with an error that names the cause and the fix."""
+    import argparse
+    import signal
+    import time
+
+    from longmem.errors import ConfigError
+
+    plain, packed = write_shards(tmp_path)
+    real = prepare_pile.read_documents
+
+    def dies_on_the_zstd_shard(path, *rest):  # what process_shard calls, in the forked workers too
+        if path.endswith(".zst"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *rest)
+
+    monkeypatch.setattr(prepare_pile, "read_documents", dies_on_the_zstd_shard)
+    args = argparse.Namespace(train=[str(plain)], valid=[str(packed)], test=[], workers=2, workdir=None,
+                              default_weight=0.0, seed=1, gpt2_bpe=os.path.join(repo_data, "gpt2_bpe"),
+                              sentencepiece_model=None, no_binarize=True)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="worker died.*fewer --workers"):
+        prepare_pile.build(args, WEIGHTS, None, str(tmp_path / "out"))
+    assert time.monotonic() - start < 60
+    monkeypatch.setattr(prepare_pile, "read_documents", real)  # and with every worker alive, the same build works
+    report = prepare_pile.build(args, WEIGHTS, None, str(tmp_path / "out2"))
+    assert report["kept"] == {"Pile-CC": 2, "ArXiv": 4}

@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from multiprocessing import Pool
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from longmem import paths
 from longmem.errors import ConfigError
@@ -264,6 +266,17 @@ def read_weights(path: str) -> dict:
     return weights
 
 
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut the pool down without waiting for shards still being encoded (after an error): their workers are
+    terminated, so neither this function nor the interpreter's exit waits for them."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # CPython's own field, read-only here
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    pool.shutdown(wait=True)
+
+
 def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
     """Encode every shard, check the splits, binarize into ``destdir``; returns the report."""
     from tqdm import tqdm
@@ -277,20 +290,27 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                          args.seed, args.gpt2_bpe, args.sentencepiece_model))
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
               "undecodable_lines": 0, "kept_per_split": Counter()}
-    with sigterm_not_lost():  # a SIGTERM handled inside the fork would be lost
-        pool = Pool(max(1, min(args.workers, len(jobs))), initializer=die_with_parent)
-    with pool:
-        try:
-            for job, (_, stats) in zip(jobs, tqdm(pool.imap(process_shard, jobs), total=len(jobs), desc="shards",
-                                             unit="shard")):
-                for key in ("malformed", "lines", "undecodable_lines"):
-                    report[key] += stats[key]
-                report["malformed_examples"] += stats["malformed_examples"]
-                report["seen"].update(stats["seen"])
-                report["kept"].update(stats["kept"])
-                report["kept_per_split"][os.path.basename(job[1]).split(".")[0]] += sum(stats["kept"].values())
-        except ShardError as e:
-            raise ConfigError(str(e)) from None
+    # a process pool that fails when a worker dies (killed, out of memory) instead of waiting for it forever, as
+    # multiprocessing.Pool does; with fork, the first submit starts every worker, from this thread
+    workers = max(1, min(args.workers, len(jobs)))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=die_with_parent)
+    try:
+        with sigterm_not_lost():  # a SIGTERM handled inside the fork would be lost
+            results = pool.map(process_shard, jobs)
+        for job, (_, stats) in zip(jobs, tqdm(results, total=len(jobs), desc="shards", unit="shard")):
+            for key in ("malformed", "lines", "undecodable_lines"):
+                report[key] += stats[key]
+            report["malformed_examples"] += stats["malformed_examples"]
+            report["seen"].update(stats["seen"])
+            report["kept"].update(stats["kept"])
+            report["kept_per_split"][os.path.basename(job[1]).split(".")[0]] += sum(stats["kept"].values())
+    except ShardError as e:
+        raise ConfigError(str(e)) from None
+    except BrokenProcessPool:
+        raise ConfigError(f"a shard worker died before its shard was encoded (killed, or out of memory: "
+                          f"{workers} workers each hold one shard's documents); rerun with fewer --workers") from None
+    finally:
+        stop_pool(pool)
     report["weights_for_unseen_subsets"] = sorted(set(weights) - set(report["seen"]))
     with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
         json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
