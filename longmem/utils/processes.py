@@ -34,7 +34,7 @@ def exit_on_sigterm() -> None:
 
 @contextlib.contextmanager
 def sigterm_not_lost():
-    """Around a fork (a ``multiprocessing.Pool``, a ``subprocess.Popen``): Python runs its at-fork hooks
+    """Around a fork (a process pool starting its workers, a ``subprocess.Popen``): Python runs its at-fork hooks
     (logging's lock among them) in the parent and *ignores* an exception raised in one, so the SystemExit of a
     SIGTERM handled there is lost and the process goes on (seen under load: a stopped ``longmem-prepare-pile``
     ran to the end). The handler of ``exit_on_sigterm`` remembers the signal; this raises it again after the
