@@ -193,8 +193,8 @@ def smollm2_stage(out, corpus):
     fetched once); returns its evaluation: ``{"longrange": ..., "real_text": ...}`` as eval_longmem_lm.py
     writes them. The recipe caches its own steps: an interrupted stage resumes where it stopped."""
     root = os.path.join(out, "smollm2")
-    paths_ = {"longrange": os.path.join(root, "eval", "longrange.json"),
-              "real_text": os.path.join(root, "eval", "real.json")}
+    result_files = {"longrange": os.path.join(root, "eval", "longrange.json"),
+                    "real_text": os.path.join(root, "eval", "real.json")}
     with Stage("smollm2", os.path.join(root, "eval", "done")) as st:
         if not st.cached:
             if not os.path.isfile(os.path.join(root, "corpus", "test.txt")):
@@ -205,7 +205,7 @@ def smollm2_stage(out, corpus):
             with atomic_open(os.path.join(root, "eval", "done")) as f:
                 f.write("ok\n")
     evaluation = {}
-    for name, path in paths_.items():
+    for name, path in result_files.items():
         with open(path, encoding="utf-8") as f:
             evaluation[name] = json.load(f)
     return evaluation
@@ -327,7 +327,8 @@ def smollm2_table(smollm2) -> str:
 
 
 def plot_results(results, path):
-    """One PNG: perplexity per column and model (log scale), and SST-2 accuracy. Returns the figure."""
+    """One PNG: perplexity per column and model (log scale), SST-2 accuracy and, when the results hold the
+    SmolLM2 stage, its recall tokens against ½ × memory off. Returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")

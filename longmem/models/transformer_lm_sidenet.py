@@ -322,6 +322,7 @@ register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_gp
 register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_tiny")(
     _sidenet_arch(2, 256, 4, 1024, 2, "stream"))
 # over SmolLM2-135M (hf_causal_lm: 30 Llama layers of 576, 9 query and 3 key/value heads): 15 layers,
-# memory in layer 8, which starts from backbone layer 17, whose keys fill the memory (configs/longmem_smollm2.sh)
+# memory in layer 8, which starts from backbone layer 17, whose keys fill the memory (the release's pairing;
+# configs/longmem_smollm2.sh sets layer 18 with --memory-layer-from-retrieval-block: memory layer 9 from block 18)
 register_model_architecture("transformer_lm_sidenet", "transformer_lm_sidenet_smollm2_135m")(
     _sidenet_arch(15, 576, 9, 1536, 17, "stream"))
