@@ -267,14 +267,19 @@ ICL_MODES = (("backbone alone", "backbone"), ("LongMem, memory off", "memory-off
              ("LongMem, memory on", "memory-on"))
 
 
+def perplexity_columns(real, lr):
+    """The tables' perplexity columns: (name, model key -> perplexity) over eval_longmem_lm.py's results."""
+    return [("held-out plays", lambda m: real["models"][m]["ppl"]),
+            ("long-range set", lambda m: lr["models"][m]["ppl"]),
+            ("recurring tokens", lambda m: lr["models"][m]["ppl_by_mark"]["1"]),
+            ("queried tokens", lambda m: lr["models"][m]["ppl_by_mark"]["2"])]
+
+
 def results_table(results) -> str:
     """The demo's one table, in Markdown."""
     real, lr, icl_acc = results["real_text"], results["longrange"], results["sst2"]
     cfg = results["config"]
-    cols = [("held-out plays", lambda m: real["models"][m]["ppl"]),
-            ("long-range set", lambda m: lr["models"][m]["ppl"]),
-            ("recurring tokens", lambda m: lr["models"][m]["ppl_by_mark"]["1"]),
-            ("queried tokens", lambda m: lr["models"][m]["ppl_by_mark"]["2"])]
+    cols = perplexity_columns(real, lr)
     first = lr["models"]["backbone alone"]
     lines = [
         f"Perplexity per BPE token: each held-out document read in order in {cfg['tokens_per_sample']}-token "
@@ -306,10 +311,7 @@ def smollm2_table(smollm2) -> str:
     """The SmolLM2 stage's table, in Markdown, with the memory on / memory off row (the long-range claim: ≤ 0.5)."""
     real, lr = smollm2["real_text"], smollm2["longrange"]
     first = lr["models"]["backbone alone"]
-    cols = [("held-out plays", lambda m: real["models"][m]["ppl"]),
-            ("long-range set", lambda m: lr["models"][m]["ppl"]),
-            ("recurring tokens", lambda m: lr["models"][m]["ppl_by_mark"]["1"]),
-            ("queried tokens", lambda m: lr["models"][m]["ppl_by_mark"]["2"])]
+    cols = perplexity_columns(real, lr)
     lines = [
         f"LongMem over SmolLM2-135M-Instruct (stage smollm2), perplexity per SmolLM2 token, in "
         f"{lr['tokens_per_sample']}-token segments: held-out plays {real['models']['backbone alone']['tokens']:,} "
@@ -324,6 +326,21 @@ def smollm2_table(smollm2) -> str:
     ratio = {name: fn("LongMem, memory on") / fn("LongMem, memory off") for name, fn in cols}
     lines.append("| memory on / memory off | " + " | ".join(f"{ratio[c]:.3f}" for c, _ in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def grouped_log_bars(ax, groups, values, targets, target_label, fmt):
+    """One bar per model in each group (log scale), and a dashed target line over the groups of ``targets``
+    (group index -> value)."""
+    width = 0.8 / len(values)
+    for i, (label, v) in enumerate(values.items()):
+        bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], v, width, label=label)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
+    for n, (g, target) in enumerate(targets.items()):
+        ax.hlines(target, g - 0.45, g + 0.45, colors="black", linestyles="dashed", lw=1,
+                  label=target_label if n == 0 else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.legend(fontsize=8)
 
 
 def plot_results(results, path):
@@ -344,19 +361,12 @@ def plot_results(results, path):
     fig, axes = plt.subplots(1, len(ratios), figsize=(11 + 5 * bool(smollm2), 4.2),
                              gridspec_kw={"width_ratios": ratios})
     ax, ax2 = axes[:2]
-    width = 0.8 / len(values)
-    for i, (label, v) in enumerate(values.items()):
-        bars = ax.bar([g + (i - 1) * width for g in range(len(groups))], v, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    for g in (2, 3):  # the long-range claim: memory on at most half of memory off and of the backbone
-        target = min(values["backbone alone"][g], values["LongMem, memory off"][g]) / 2
-        ax.hlines(target, g - 0.45, g + 0.45, colors="black", linestyles="dashed", lw=1,
-                  label="½ × min(backbone, memory off)" if g == 2 else None)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(groups)), groups)
+    # the long-range claim: memory on at most half of memory off and of the backbone
+    grouped_log_bars(ax, groups, values,
+                     {g: min(values["backbone alone"][g], values["LongMem, memory off"][g]) / 2 for g in (2, 3)},
+                     "½ × min(backbone, memory off)", "%.0f")
     ax.set_ylabel("perplexity (log scale)")
     ax.set_title("tiny backbone: held-out perplexity (lower is better)")
-    ax.legend(fontsize=8)
     accs = [100 * icl_acc[mode]["mean"] for _, mode in ICL_MODES]
     errs = [100 * icl_acc[mode]["std"] for _, mode in ICL_MODES]
     bars = ax2.bar(range(3), accs, yerr=errs, color=["C0", "C1", "C2"])
@@ -368,19 +378,12 @@ def plot_results(results, path):
     ax2.set_xlabel(f"{results['config']['icl_k']} demos in context; mem. on: "
                    f"+{results['config']['icl_cache_k']:,} in memory", fontsize=8)
     if smollm2:  # SmolLM2's recall: memory on against memory off and the backbone, on the recall tokens
-        ax3, lr = axes[2], smollm2["longrange"]
-        marks = (("1", "recurring tokens"), ("2", "queried tokens"))
-        for i, (label, key) in enumerate(MODELS):
-            bars = ax3.bar([g + (i - 1) * width for g in range(2)],
-                           [lr["models"][key]["ppl_by_mark"][m] for m, _ in marks], width, label=label)
-            ax3.bar_label(bars, fmt="%.1f", fontsize=7)
-        for g, (m, _) in enumerate(marks):
-            ax3.hlines(lr["models"]["LongMem, memory off"]["ppl_by_mark"][m] / 2, g - 0.45, g + 0.45,
-                       colors="black", linestyles="dashed", lw=1, label="½ × memory off" if g == 0 else None)
-        ax3.set_yscale("log")
-        ax3.set_xticks(range(2), [name for _, name in marks])
-        ax3.set_title("SmolLM2-135M: long-range recall (perplexity)")
-        ax3.legend(fontsize=8)
+        by_mark = {label: smollm2["longrange"]["models"][key]["ppl_by_mark"] for label, key in MODELS}
+        grouped_log_bars(axes[2], ["recurring tokens", "queried tokens"],
+                         {label: [m["1"], m["2"]] for label, m in by_mark.items()},
+                         {g: by_mark["LongMem, memory off"][m] / 2 for g, m in enumerate(("1", "2"))},
+                         "½ × memory off", "%.1f")
+        axes[2].set_title("SmolLM2-135M: long-range recall (perplexity)")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
