@@ -492,7 +492,7 @@ def run_demo(argv=None):
     results["evaluate_seconds"] = round(time.time() - eval_start)
     table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
     if smollm2:
-        table += "\n" + smollm2_table(json.loads(json.dumps(smollm2)))
+        table += "\n" + smollm2_table(smollm2)  # read from JSON files already: JSON keys
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as f:
