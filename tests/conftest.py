@@ -91,6 +91,21 @@ def make_sidenet(tmp_path):
     return build
 
 
+@pytest.fixture
+def llama(tmp_path):
+    """(folder of a saved tiny random Llama, its fairseq dictionary): 4 layers, 4 query heads sharing 2
+    key/value heads, rotary positions, tied embeddings."""
+    transformers = pytest.importorskip("transformers")  # the [hf] extra, which `make test` installs
+    d = _make_dictionary(60)
+    config = transformers.LlamaConfig(vocab_size=len(d), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    d.save(str(tmp_path / "dict.txt"))
+    return tmp_path / "llama", d
+
+
 @pytest.fixture(scope="session")
 def FakeTask():  # noqa: N802  (a class, named as one)
     return _FakeTask

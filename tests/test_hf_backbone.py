@@ -13,21 +13,6 @@ from longmem.paths import REPO
 transformers = pytest.importorskip("transformers")  # the [hf] extra, which `make test` installs
 
 
-@pytest.fixture
-def llama(tmp_path, make_dictionary):
-    """(folder of a saved tiny Llama, its fairseq dictionary): 4 layers, 4 query heads sharing 2 key/value
-    heads, rotary positions, tied embeddings."""
-    d = make_dictionary(60)
-    config = transformers.LlamaConfig(vocab_size=len(d), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=256, tie_word_embeddings=True, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(tmp_path / "llama")
-    d.save(str(tmp_path / "dict.txt"))
-    return tmp_path / "llama", d
-
-
 def longmem_over(path, d, **kw):
     from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
 

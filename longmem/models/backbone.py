@@ -55,7 +55,19 @@ class FrozenBackbone:
         raise NotImplementedError
 
     # the frozen pass ---------------------------------------------------------------------------------
-    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool, cache=None) -> BackboneStates:
+        """The states of ``tokens`` (B, S). With a ``cache`` from ``new_cache()`` that holds the first S' of
+        them (incremental decoding), only the last S - S' are run; the cache then holds all S and the
+        states and position returned are those of the new tokens (attending to all S)."""
+        raise NotImplementedError
+
+    def new_cache(self):
+        """An empty cache for ``frozen_states``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def cache_select(cache, index: torch.Tensor):
+        """A new cache holding rows ``index`` of ``cache`` (beam reordering; ``cache`` is left as it was)."""
         raise NotImplementedError
 
     # parts the SideNet shares or copies --------------------------------------------------------------

@@ -15,6 +15,7 @@ is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings.
 ``longmem.tokenizer.Tokenizer`` encodes text into those symbols, so ``fairseq-preprocess --srcdict`` and every
 command of this project read the model's own ids.
 """
+import copy
 import json
 import logging
 import os
@@ -95,19 +96,46 @@ class HFDecoder(FairseqIncrementalDecoder):
         return tokens.eq(self.dictionary.pad())
 
     def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False, **kwargs):
-        if incremental_state is not None:
-            raise NotImplementedError("hf_causal_lm scores whole segments")
+        """Logits of ``prev_output_tokens`` (B, S); with ``incremental_state`` only the tokens not fed before,
+        the model's own key/value cache holding the rest."""
         pad = self.padding(prev_output_tokens)
-        out = self.model.model(input_ids=prev_output_tokens, attention_mask=(~pad).long(),
-                               position_ids=positions(pad), use_cache=False)
+        position_ids = positions(pad)
+        cache = None
+        if incremental_state is not None:
+            cache = self.get_incremental_state(incremental_state, "past")
+            if cache is None:
+                cache = new_cache(self.model.config)
+                self.set_incremental_state(incremental_state, "past", cache)
+        done = cache.get_seq_length() if cache is not None else 0
+        out = self.model.model(input_ids=prev_output_tokens[:, done:], attention_mask=(~pad).long(),
+                               position_ids=position_ids[:, done:], cache=cache, use_cache=cache is not None)
         x = out.last_hidden_state
         return (x if features_only else self.model.lm_head(x)), {"attn": [None], "inner_states": None}
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        cache = self.get_incremental_state(incremental_state, "past")
+        if cache is not None:
+            self.set_incremental_state(incremental_state, "past", select_cache_rows(cache, new_order))
 
     def output_layer(self, features):
         return self.model.lm_head(features)
 
     def max_positions(self):
         return self.model.config.max_position_embeddings
+
+
+def new_cache(config):
+    """An empty Hugging Face key/value cache for a model of ``config``."""
+    return _transformers().DynamicCache(config=config)
+
+
+def select_cache_rows(cache, index: torch.Tensor):
+    """A new Hugging Face key/value cache of the rows ``index`` of ``cache``, which is left as it was (its layers
+    rebind their tensors when they change, so shallow copies of the layers are enough)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    new.reorder_cache(index)
+    return new
 
 
 def positions(pad: torch.Tensor) -> torch.Tensor:
@@ -190,9 +218,10 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
         return self.hf.config.num_key_value_heads, self.head_dim
 
     @torch.no_grad()
-    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
-        pad = self.decoder.padding(tokens)
-        position_ids = positions(pad)
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool, cache=None) -> BackboneStates:
+        pad = self.decoder.padding(tokens)  # (B, S)
+        done = cache.get_seq_length() if cache is not None else 0
+        position_ids = positions(pad)[:, done:]  # the new tokens'
         captured = {}
         hooks = []
         if retrieval_kv:
@@ -201,21 +230,29 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
                 hooks.append(getattr(attn, name).register_forward_hook(
                     lambda module, args, out, name=name: captured.__setitem__(name, out.detach())))
         try:
-            out = self.hf.model(input_ids=tokens, attention_mask=(~pad).long(), position_ids=position_ids,
-                                output_hidden_states=True, use_cache=False)
+            out = self.hf.model(input_ids=tokens[:, done:], attention_mask=(~pad).long(), position_ids=position_ids,
+                                output_hidden_states=True, use_cache=cache is not None, cache=cache)
         finally:
             for h in hooks:
                 h.remove()
-        hidden = [h.detach() for h in out.hidden_states]  # L + 1
+        hidden = [h.detach() for h in out.hidden_states]  # L + 1, of the new tokens
         cos, sin = self.hf.model.rotary_emb(hidden[0], position_ids=position_ids)  # (B, T, d)
-        T = tokens.size(1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).triu(1)
-        blocked = causal.view(1, 1, T, T) | (pad.view(-1, 1, 1, T) & ~torch.eye(T, dtype=torch.bool,
-                                                                                 device=tokens.device))
+        S = tokens.size(1)
+        T = S - done
+        query_at = torch.arange(done, S, device=tokens.device).view(T, 1)
+        key_at = torch.arange(S, device=tokens.device).view(1, S)
+        blocked = (key_at > query_at).view(1, 1, T, S) | (pad.view(-1, 1, 1, S) & (key_at != query_at))
         bias = torch.zeros(blocked.shape, dtype=hidden[0].dtype, device=tokens.device)
         bias = bias.masked_fill(blocked, torch.finfo(hidden[0].dtype).min)  # (B or 1, 1, T, T)
         kv = (captured["k_proj"], captured["v_proj"]) if retrieval_kv else None
         return BackboneStates(hidden=hidden, retrieval_kv=kv, position=(cos.detach(), sin.detach(), bias))
+
+    def new_cache(self):
+        return new_cache(self.hf.config)  # the model's own cache
+
+    @staticmethod
+    def cache_select(cache, index: torch.Tensor):
+        return select_cache_rows(cache, index)
 
     @property
     def token_embedding(self) -> nn.Embedding:

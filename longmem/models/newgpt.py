@@ -358,12 +358,22 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
         return self.num_heads, self.embed_dim // self.num_heads
 
     @torch.no_grad()
-    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool) -> BackboneStates:
-        """The L+1 hidden states, layer m's keys/values (when asked) and the ALiBi bias of ``tokens``."""
-        _, extra = self.decoder(tokens, features_only=True, return_all_hiddens=True, return_retrieval_kv=retrieval_kv)
-        hidden = extra["inner_states"]
-        bias = self.decoder.model.attention_bias(tokens, tokens.size(1), hidden[0].dtype)  # (B or 1, H, T, T)
-        return BackboneStates(hidden=hidden, retrieval_kv=extra["retrieval_kv"], position=bias)
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool, cache=None) -> BackboneStates:
+        """The L+1 hidden states, layer m's keys/values (when asked) and the ALiBi bias of ``tokens``. With a
+        ``cache`` (``new_cache()``) holding the first S' of ``tokens`` (B, S), only the last S - S' are run and
+        returned, their bias against all S keys."""
+        x, hidden, kv = self.decoder.model(tokens, cache, return_hidden_states=True, return_retrieval_kv=retrieval_kv)
+        bias = self.decoder.model.attention_bias(tokens, x.size(1), hidden[0].dtype)  # (B or 1, H, T, S)
+        return BackboneStates(hidden=hidden, retrieval_kv=kv, position=bias)
+
+    def new_cache(self):
+        """An empty key/value cache for ``frozen_states``: one dict per block."""
+        return [{} for _ in self.decoder.model.transformer.h]
+
+    @staticmethod
+    def cache_select(cache, index: torch.Tensor):
+        """A new cache of the rows ``index`` of ``cache`` (beams reordered, a prefix copied to a batch)."""
+        return [{name: t.index_select(0, index) for name, t in layer.items()} for layer in cache]
 
     @property
     def token_embedding(self) -> nn.Embedding:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -37,13 +38,15 @@ from longmem import optim_groups, precision
 from longmem.errors import ConfigError
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
-from longmem.modules.memory_controller import MemoryController, MemorySettings
+from longmem.modules.decoding_state import DecodingState
+from longmem.modules.memory_controller import MemoryController, MemorySettings, MemoryStep
 
 logger = logging.getLogger(__name__)
 
 MEMORY_BACKENDS = ChoiceEnum(["auto", "faiss", "torch"])
 MEMORY_MODES = ChoiceEnum(["stream", "shared", "release"])
 PRECISIONS = ChoiceEnum(list(precision.CHOICES))
+_DEFAULT = object()  # begin_decoding's "not given"
 
 
 @dataclass
@@ -138,6 +141,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         ), enabled=cfg.use_external_memory, has_reader=cfg.use_external_memory)
         self.backbone_loaded = False
         self.backbone_file = None  # the file the frozen backbone was built from (build_model sets it)
+        self.window = None  # tokens per segment when decoding incrementally (build_model: --tokens-per-sample)
         precision.keep_freed_memory()
         self.set_precision(str(getattr(cfg, "precision", "fp32")))
 
@@ -212,11 +216,13 @@ class SideNetDecoder(FairseqIncrementalDecoder):
 
     # ---------------------------------------------------------------- forward
     def forward(self, prev_output_tokens, src_lengths=None, incremental_state=None, features_only=False, **kwargs):
-        if incremental_state is not None:
-            raise NotImplementedError("transformer_lm_sidenet scores whole segments; incremental decoding "
-                                      "is not supported (score with fairseq-eval-lm or the model's forward)")
+        """Logits (B, T, V) of ``prev_output_tokens`` (B, T); with ``incremental_state`` (fairseq's convention)
+        ``prev_output_tokens`` is the whole stream so far and only the tokens not fed before are run."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(prev_output_tokens.device)):
-            x, extra = self.extract_features(prev_output_tokens, doc_start=kwargs.get("doc_start"))
+            if incremental_state is not None:
+                x, extra = self.extract_features_incremental(prev_output_tokens, incremental_state)
+            else:
+                x, extra = self.extract_features(prev_output_tokens, doc_start=kwargs.get("doc_start"))
             if not features_only:
                 x = self.output_layer(x)
         return x, extra
@@ -240,6 +246,76 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if memory.active:
             memory.write(*bb.retrieval_kv)  # after the read: a segment never retrieves itself
         return x, {"attn": [None], "inner_states": None}
+
+    # ---------------------------------------------------------------- incremental decoding (docs/design.md §8)
+    def begin_decoding(self, incremental_state, batch_size: int, device, window=_DEFAULT, bank=_DEFAULT) -> DecodingState:
+        """Start (or restart) incremental decoding of ``batch_size`` streams. ``window``: tokens per segment
+        (default ``self.window``, the task's --tokens-per-sample; None: the local context never slides).
+        ``bank``: the memory to read, written at each segment's end (default: a new empty memory per row when
+        memory is on, else none; pass e.g. ``model.memory.bank`` to read a memory filled before)."""
+        window = self.window if window is _DEFAULT else window
+        if window is not None and window < 1:
+            raise ConfigError(f"decoding window must be a positive number of tokens, got {window}")
+        if bank is _DEFAULT:
+            bank = self.memory.stream_bank(batch_size, device) if self.memory.enabled else None
+        state = DecodingState(window=window, backbone_cache=self._frozen(torch.device(device)).new_cache(),
+                              layer_caches=[{} for _ in self.layers], bank=bank,
+                              tokens=torch.empty(batch_size, 0, dtype=torch.long, device=device))
+        self.set_incremental_state(incremental_state, "decoding", state)
+        return state
+
+    def decoding_state(self, incremental_state) -> Optional[DecodingState]:
+        return self.get_incremental_state(incremental_state, "decoding")
+
+    def extract_features_incremental(self, tokens, incremental_state):
+        """Features of the tokens of ``tokens`` (B, N) not fed before, segment by segment as the full forward
+        reads them: a segment that reaches the window is written to memory and the local context restarts."""
+        state = self.decoding_state(incremental_state)
+        if state is None:
+            state = self.begin_decoding(incremental_state, tokens.size(0), tokens.device)
+        new = tokens[:, state.consumed:]
+        out = [tokens.new_zeros(tokens.size(0), 0, self.cfg.decoder_embed_dim, dtype=torch.float)]
+        while new.size(1):
+            room = state.room
+            piece, new = (new, new[:, :0]) if room is None else (new[:, :room], new[:, room:])
+            out.append(self._decode_piece(piece, state))
+            if state.room == 0:
+                self._close_segment(state)
+        return torch.cat(out, dim=1), {"attn": [None], "inner_states": None}
+
+    def _decode_piece(self, piece, state: DecodingState):
+        """The open segment's next tokens (B, t), which fit in it."""
+        state.tokens = torch.cat([state.tokens, piece], dim=1)
+        state.consumed += piece.size(1)
+        memory = MemoryStep(self.memory, state.bank)
+        bb = self._frozen(piece.device).frozen_states(state.tokens, retrieval_kv=memory.active,
+                                                      cache=state.backbone_cache)
+        H = [h.float() for h in bb.hidden] if self._bf16(piece.device) else bb.hidden
+        x = H[0]
+        for i, layer in enumerate(self.layers):
+            a, b = self.layer_map.residual(i)
+            reader = memory.reader if i == self.layer_map.memory_layer else None
+            x = layer(x, H[b] - H[a], bb.position, reader, cache=state.layer_caches[i])
+        if memory.active and state.window is not None:
+            state.pending.append(bb.retrieval_kv)
+        return self.layer_norm(x).float()
+
+    def _close_segment(self, state: DecodingState) -> None:
+        """The open segment is full: into memory (as the full forward writes a segment), local context empty."""
+        if state.pending:
+            MemoryStep(self.memory, state.bank).write(torch.cat([k for k, _ in state.pending], dim=1),
+                                                      torch.cat([v for _, v in state.pending], dim=1))
+        state.pending = []
+        state.tokens = state.tokens[:, :0]
+        state.backbone_cache = self._frozen(state.tokens.device).new_cache()
+        state.layer_caches = [{} for _ in self.layers]
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        """Beam search: every row's caches and its own memory follow ``new_order``."""
+        state = self.decoding_state(incremental_state)
+        if state is not None:
+            self.set_incremental_state(incremental_state, "decoding",
+                                       state.select(new_order, self.pretrained_model.cache_select))
 
     def output_layer(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
@@ -288,6 +364,8 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
         decoder = SideNetDecoder(cfg, task.target_dictionary, backbone)
         decoder.backbone_loaded = loaded
         decoder.backbone_file = cfg.pretrained_model_path if loaded else None  # None: built from the config
+        task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+        decoder.window = getattr(task_cfg, "tokens_per_sample", None)  # generation slides by the training segment
         return cls(decoder)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

@@ -47,12 +47,17 @@ class JointMemoryAttention(nn.Module):
         x: torch.Tensor,
         attn_bias: torch.Tensor,
         retrieve: Optional[Callable[[torch.Tensor], object]] = None,
+        cache: Optional[dict] = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) (already layer-normed); attn_bias: (B or 1, H, T, T) ALiBi + masks.
-        ``retrieve(queries (B, T, C)) -> Retrieved`` reads memory with the unscaled q_proj output."""
+        """x: (B, T, C) (already layer-normed); attn_bias: (B or 1, H, T, S) ALiBi + masks.
+        ``retrieve(queries (B, T, C)) -> Retrieved`` reads memory with the unscaled q_proj output.
+        ``cache`` (incremental decoding): a dict holding the keys/values of the S - T tokens before these
+        (none at first); they are read, then extended with this call's."""
         query = self.q_proj(x)  # (B, T, C)
         H = self.num_heads
         q, k, v = split_heads(query, H), split_heads(self.k_proj(x), H), split_heads(self.v_proj(x), H)
+        if cache is not None:
+            k, v = extend_cache(cache, k, v)
         p = self.attention_dropout if self.training else 0.0
         local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
         if self.use_memory and retrieve is not None:
@@ -61,6 +66,14 @@ class JointMemoryAttention(nn.Module):
         else:
             out = local
         return self.out_proj(merge_heads(out))  # (B, T, C)
+
+
+def extend_cache(cache: dict, k: torch.Tensor, v: torch.Tensor):
+    """Append this call's keys/values (B, H, T, d) to the cache's; returns all of them (B, H, S, d)."""
+    if "k" in cache:
+        k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+    cache["k"], cache["v"] = k, v
+    return k, v
 
 
 def mix_with_memory(q, local, mem_keys, mem_values, mem_mask, memory_bias):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longmem.modules.heads import merge_heads, split_heads
-from longmem.modules.joint_attention import mix_with_memory
+from longmem.modules.joint_attention import extend_cache, mix_with_memory
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,9 @@ class LlamaSideNetAttention(nn.Module):
         if use_memory:
             self.memory_bias = nn.Parameter(torch.zeros(num_heads))  # the gate, one per query head
 
-    def forward(self, x, position, retrieve: Optional[Callable] = None):
-        """x (B, T, C), already normed; position = (cos, sin, attn_bias)."""
+    def forward(self, x, position, retrieve: Optional[Callable] = None, cache: Optional[dict] = None):
+        """x (B, T, C), already normed; position = (cos, sin, attn_bias) of these T tokens, the bias against
+        all S keys; ``cache`` (incremental): the rotated keys and the values of the S - T tokens before."""
         cos, sin, bias = position
         group = self.num_heads // self.num_kv_heads
         query = self.q_proj(x)  # (B, T, Hq*d), before rotary
@@ -59,6 +60,8 @@ class LlamaSideNetAttention(nn.Module):
         k = split_heads(self.k_proj(x), self.num_kv_heads)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
         q_rot, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k_rot, v = extend_cache(cache, k_rot, v)
         k_rot, v_rep = k_rot.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, T, d)
         p = self.attention_dropout if self.training else 0.0
         local = F.scaled_dot_product_attention(q_rot, k_rot, v_rep, attn_mask=bias.to(q.dtype), dropout_p=p)
@@ -89,8 +92,8 @@ class LlamaSideNetLayer(nn.Module):
         self.mlp = SwiGLU(embed_dim, ffn_embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cross_residual, position, retrieve=None):
-        a = x + self.self_attn(self.input_layernorm(x), position, retrieve)
+    def forward(self, x, cross_residual, position, retrieve=None, cache=None):
+        a = x + self.self_attn(self.input_layernorm(x), position, retrieve, cache)
         return a + self.dropout(self.mlp(self.post_attention_layernorm(a))) + cross_residual
 
 

@@ -292,6 +292,22 @@ class ChunkedMemoryBank:
         slots = self._held_slots(s)
         return self.keys[s][:, slots], self.values[s][:, slots], self.chunk_serial[s][slots]
 
+    def select_streams(self, index: torch.Tensor) -> "ChunkedMemoryBank":
+        """A new bank whose stream i is a copy of stream ``index[i]`` of this one (beams reordered or
+        dropped during generation); a shared bank serves every row as it is and is returned itself."""
+        if self.shared:
+            return self
+        rows = [int(i) for i in index.tolist()]
+        bank = ChunkedMemoryBank.__new__(ChunkedMemoryBank)
+        bank.__dict__.update(self.__dict__)
+        bank.num_streams = len(rows)
+        at = torch.tensor(rows, dtype=torch.long, device=self.device)
+        for name in ("keys", "values", "chunk_keys", "chunk_serial"):
+            setattr(bank, name, getattr(self, name).index_select(0, at))
+        for name in ("write_pos", "filled", "next_serial"):
+            setattr(bank, name, [getattr(self, name)[r] for r in rows])
+        return bank
+
     def _held_slots(self, s: int) -> torch.Tensor:
         n, C = self.filled[s], self.capacity
         return (self.write_pos[s] - n + torch.arange(n, device=self.device)) % C  # oldest first

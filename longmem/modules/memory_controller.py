@@ -195,6 +195,21 @@ class MemoryController:
             last_new = torch.where(doc_start, positions, -1).max(1).values  # (B,), -1 = none
         return MemoryStep(self, bank, first_new, last_new)
 
+    def stream_bank(self, batch_size: int, device) -> ChunkedMemoryBank:
+        """A new, empty memory of one stream per row with these settings (the eviction rule of the mode
+        included), owned by its caller: generation's memory, which rows never share."""
+        return self._new_bank(batch_size, torch.device(device), shared=False)
+
+    def _new_bank(self, batch_size: int, device: torch.device, shared: bool) -> ChunkedMemoryBank:
+        s = self.settings
+        on_gpu = device.type == "cuda" and s.on_device
+        return ChunkedMemoryBank(
+            self.num_heads, self.head_dim, s.memory_size, s.chunk_size, s.k,
+            num_streams=1 if shared else batch_size, shared=shared, backend=s.backend,
+            device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else getattr(torch, s.cpu_dtype),
+            eviction="release" if s.mode == "release" else "ring",
+        )
+
     def _bank_for(self, batch_size: int, device: torch.device) -> ChunkedMemoryBank:
         s = self.settings
         shared = s.shared
@@ -208,13 +223,7 @@ class MemoryController:
         if bank is not None:
             logger.info("memory %r: batch size changed %d -> %d, starting empty per-stream memory",
                         self.slot, bank.num_streams, batch_size)
-        on_gpu = device.type == "cuda" and s.on_device
-        bank = ChunkedMemoryBank(
-            self.num_heads, self.head_dim, s.memory_size, s.chunk_size, s.k,
-            num_streams=1 if shared else batch_size, shared=shared, backend=s.backend,
-            device=device if on_gpu else "cpu", dtype=torch.float16 if on_gpu else getattr(torch, s.cpu_dtype),
-            eviction="release" if s.mode == "release" else "ring",
-        )
+        bank = self._new_bank(batch_size, device, shared)
         self._banks[self.slot] = bank
         return bank
 

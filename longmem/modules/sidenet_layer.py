@@ -25,10 +25,10 @@ class SideNetLayer(nn.Module):
         self.fc2 = nn.Linear(ffn_embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, cross_residual, attn_bias, retrieve=None):
-        """x, cross_residual: (B, T, C) -> (B, T, C)."""
+    def forward(self, x, cross_residual, attn_bias, retrieve=None, cache=None):
+        """x, cross_residual: (B, T, C) -> (B, T, C); ``cache``: the attention's keys/values (incremental)."""
         h = self.ln_1(x)
-        attn = self.self_attn(h, attn_bias, retrieve)
+        attn = self.self_attn(h, attn_bias, retrieve, cache)
         mlp = self.fc2(F.gelu(self.fc1(h)))
         return x + cross_residual + attn + self.dropout(mlp)
 
