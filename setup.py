@@ -28,6 +28,7 @@ setup(
         "longmem-build-shakespeare = longmem.commands.build_shakespeare_corpus:main",
         "longmem-spm-bpe = longmem.commands.spm_bpe:main",
         "longmem-hf-tokens = longmem.commands.hf_tokens:main",
+        "longmem-generate = longmem.commands.generate:main",
         "longmem-demo = longmem.demo:main",
         "longmem-launch = longmem.launch:main",
     ]},

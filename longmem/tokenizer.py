@@ -8,7 +8,8 @@ decimal strings).
 
 * ``pieces(text)``: a whole text as the tokenizer cuts it (newlines included, where it encodes them);
 * ``word(w)``: a word as it follows a space (cached), and ``line(text)``: a line's words so, in order;
-* ``text_of(symbol)``: the text of one symbol; ``specials``: the tokenizer's own (bos, eos) symbols where it
+* ``text_of(symbol)``: the text of one symbol; ``decode(symbols)``: the text of a sequence (bytes split over
+  symbols joined; symbols the tokenizer does not know, e.g. fairseq's specials, left out); ``specials``: the tokenizer's own (bos, eos) symbols where it
   has them (Hugging Face), else None; ``newline``: the symbols of a line break where the tokenizer encodes
   one (Hugging Face), else None.
 
@@ -57,6 +58,7 @@ class Tokenizer:
         self.pieces = lambda text: [str(i) for i in bpe.encode(text)]
         self._word = lambda w: self.pieces(" " + w)
         self.text_of = lambda sym: bpe.decode([int(sym)]) if sym.isdigit() else sym
+        self.decode = lambda symbols: bpe.decode([int(s) for s in symbols if s.isdigit()])
 
     def _sentencepiece(self, model_file: str) -> None:
         import sentencepiece as spm
@@ -67,6 +69,7 @@ class Tokenizer:
         self.pieces = lambda text: sp.encode(text, out_type=str)
         self._word = self.pieces  # sentencepiece starts every word with its space mark
         self.text_of = lambda sym: sym.replace("\u2581", " ")
+        self.decode = lambda symbols: sp.decode_pieces([s for s in symbols if sp.piece_to_id(s) != sp.unk_id()])
 
     def _hf(self, path: str) -> None:
         from longmem.models.hf_causal_lm import is_hf_path, load_hf_tokenizer
@@ -78,6 +81,7 @@ class Tokenizer:
         self.pieces = lambda text: hf_symbols(tok.encode(text, add_special_tokens=False))
         self._word = lambda w: self.pieces(" " + w)
         self.text_of = lambda sym: tok.decode([int(sym)]) if sym.isdigit() else sym
+        self.decode = lambda symbols: tok.decode([int(s) for s in symbols if s.isdigit()])
         self.newline = self.pieces("\n")
         if None not in (tok.bos_token_id, tok.eos_token_id):
             self.specials = tuple(hf_symbols([tok.bos_token_id, tok.eos_token_id]))

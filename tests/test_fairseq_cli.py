@@ -193,6 +193,72 @@ def test_fairseq_train_longmem_with_memory_lowers_the_loss_and_saves(sidenet_tra
     assert "num. trained: " in log
 
 
+def streamed_argmax_continues(model, seq, start, window, memory=True):
+    """Does every token of ``seq`` (1-D, </s> first) from ``start`` on equal the argmax, over all but <pad> and
+    </s>, of the full forward's logits before it, the sequence read in windows with memory on or off (the
+    streaming evaluation)?"""
+    d = model.decoder.dictionary
+    with torch.no_grad(), model.memory.configured(slot="eval", enabled=memory):
+        model.memory.reset()
+        logits = torch.cat([model(seq[None, s: s + window])[0][0] for s in range(0, len(seq), window)])
+    logits[:, [d.pad(), d.eos()]] = -float("inf")
+    return torch.equal(logits[start - 1: len(seq) - 1].argmax(-1), seq[start:])
+
+
+def test_hub_interface_generates_greedily_with_a_prompt_longer_than_the_window(sidenet_trained):
+    from fairseq import hub_utils
+
+    root, _, _ = sidenet_trained
+    loaded = hub_utils.from_pretrained(str(root / "longmem_ckpt"), "checkpoint_last.pt", str(root / "bin"),
+                                       user_dir=os.path.join(REPO, "longmem"))
+    hub = hub_utils.GeneratorHubInterface(loaded["args"], loaded["task"], loaded["models"]).eval()
+    model = hub.models[0]
+    assert model.decoder.window == 32 and model.memory.enabled
+    prompt = " ".join(f"w{(7 * i) % 40}" for i in range(45))  # 45 tokens: the window (32) slides into memory
+    tokens = hub.binarize(prompt)[:-1]
+    out = hub.generate([tokens], beam=1, sampling=False, max_len_b=60, min_len=60)[0][0]["tokens"]
+    seq = torch.cat([torch.tensor([hub.task.source_dictionary.eos()]), out[:-1]])  # </s> first, 60 tokens
+    assert len(seq) == 61 and torch.equal(seq[1:46], tokens)
+    assert streamed_argmax_continues(model, seq, 46, 32)
+    sampled = hub.sample(prompt, sampling=True, sampling_topp=0.9, temperature=0.8, max_len_b=50)
+    assert sampled.startswith(prompt) and len(sampled.split()) > 45
+
+
+def test_longmem_generate_streams_a_long_prompt_and_refuses_bad_input(sidenet_trained, tmp_path, run_cli):
+    root, _, _ = sidenet_trained
+    ckpt = root / "longmem_ckpt" / "checkpoint_last.pt"
+    prompt = " ".join(f"w{(3 * i) % 40}" for i in range(70))
+    out = tmp_path / "gen.json"
+    result = run_cli("-m", "longmem.commands.generate", ckpt, "--whitespace", "--prompt", prompt,
+                     "--max-new-tokens", "12", "--ignore-eos", "--json", out, ok=True)
+    record = json.loads(out.read_text())
+    assert record["window"] == 32 and record["memory"] == "on" and len(record["continuation_ids"]) == 12
+    assert result.stdout.strip() == record["continuation"]
+    from fairseq import checkpoint_utils
+
+    model = checkpoint_utils.load_model_ensemble([str(ckpt)])[0][0].eval()
+    seq = torch.tensor([2] + record["prompt_ids"] + record["continuation_ids"])
+    assert streamed_argmax_continues(model, seq, 71, 32)
+    run_cli("-m", "longmem.commands.generate", ckpt, "--whitespace", "--prompt", prompt, "--max-new-tokens",
+            "12", "--ignore-eos", "--memory", "off", "--json", out, ok=True)
+    off = json.loads(out.read_text())
+    assert off["memory"] == "off"
+    seq = torch.tensor([2] + off["prompt_ids"] + off["continuation_ids"])
+    assert streamed_argmax_continues(model, seq, 71, 32, memory=False)
+    bad = {("--prompt", " "): "the prompt is empty",
+           ("--prompt", "w1", "--max-new-tokens", "0"): "--max-new-tokens: must be a positive integer",
+           ("--prompt", "w1", "--sampling", "--topp", "1.5"): "--topp: must be in (0, 1]",
+           ("--prompt", "w1", "--sampling", "--temperature", "0"): "--temperature: must be a finite number > 0",
+           ("--prompt", "w1 w2 w3"): "the tokenizer does not match it"}  # GPT-2 BPE against a word dictionary
+    for flags, message in bad.items():
+        code, _, err = run_cli("-m", "longmem.commands.generate", ckpt, *flags)
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and message in last and last.startswith("longmem-generate: error:"), (flags, err)
+        assert "Traceback" not in err and "Loading" not in err, err  # refused before any model is loaded
+    code, _, err = run_cli("-m", "longmem.commands.generate", root / "bin" / "dict.txt", "--prompt", "w1")
+    assert code == 2 and "is not a readable fairseq checkpoint" in err and "Traceback" not in err
+
+
 def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
     root, backbone, _ = sidenet_trained
     args, _ = resumed_in(tmp_path, sidenet_args(root, backbone, 50), root / "longmem_ckpt")

@@ -95,6 +95,30 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
                for k in before)
 
 
+@pytest.mark.parametrize("mode", ["backbone", "memory-off", "memory-on"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_cached_context_gives_the_uncached_scores(make_sidenet, make_dictionary, mode, batch_size):
+    d = make_dictionary(40)
+    model, backbone = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    for p in model.decoder.layers.parameters():  # a SideNet whose output depends on memory and context
+        torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    model.memory.configure(mode="release", slot="eval", writes=False, enabled=mode == "memory-on")
+    if mode == "memory-on":
+        icl.fill_memory(model, icl.memory_blocks(torch.randint(4, 44, (60,)).tolist(), 16), torch.device("cpu"))
+    net = backbone if mode == "backbone" else model
+    context = torch.randint(4, 44, (30,)).tolist()
+    prompts = [context + torch.randint(4, 44, (n,)).tolist() for n in (3, 7, 1, 5, 2)]
+    cpu = torch.device("cpu")
+    want = icl.predict(net, prompts, d.pad(), cpu, batch_size)
+    got = icl.predict_cached(net, context, prompts, d.pad(), cpu, batch_size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    if mode == "memory-on":  # the memory was read: without it the scores differ
+        with model.memory.configured(enabled=False):
+            assert (icl.predict_cached(net, context, prompts, d.pad(), cpu, batch_size) - got).abs().max() > 1e-3
+
+
 @pytest.mark.slow
 def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data, run_cli):
     from longmem.models.newgpt import build_newgpt

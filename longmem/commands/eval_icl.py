@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    help="with --max-queries: the first N queries, or N spread evenly over the evaluation file (MR, "
                         "MPQA and Subj list one label first: their first 1,000 queries are all label 0)")
     p.add_argument("--batch-size", type=positive_int, default=1, help="queries per forward pass (released: 1)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="run every prompt whole, the in-context demonstrations again for each query (the reference the "
+                        "default is tested against: it computes the demonstrations' keys and values once per seed)")
     p.add_argument("--results-path", type=output_file, help="JSON, rewritten after every finished task")
     p.add_argument("--dump-prompts", type=output_file, metavar="FILE",
                    help="write one task and seed's memory blocks and first 5 query prompts (dictionary indices) "
@@ -206,7 +209,8 @@ def run(argv=None):
             try:
                 accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
                                     args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
-                                    on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True))
+                                    on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True),
+                                    cached=not args.no_prefix_cache)
             except ValueError as e:
                 raise ConfigError(f"{name} {mode}: {e}")
             results[name][mode] = {"accuracies": accs, "mean": statistics.mean(accs),

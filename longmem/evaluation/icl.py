@@ -210,6 +210,44 @@ def predict(model, prompts: Sequence[List[int]], pad: int, device, batch_size: i
     return torch.cat(out)
 
 
+def fork_state(model, incremental_state: dict, rows: int) -> dict:
+    """A new incremental state holding ``rows`` copies of a one-row state, which is left as it was (every
+    decoder's reordering builds new caches)."""
+    forked = dict(incremental_state)
+    model.decoder.reorder_incremental_state_scripting(forked, torch.zeros(rows, dtype=torch.long))
+    return forked
+
+
+@torch.no_grad()
+def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], pad: int, device,
+                   batch_size: int = 1) -> torch.Tensor:
+    """``predict``'s log-probabilities with the shared context computed once: the context's key/value caches
+    (and a LongMem model's memory reads for it) are kept and every prompt runs only its own tokens after it,
+    right-padded in batches (a causal model never reads the padding after a token). A LongMem model reads the
+    memory it holds (``model.memory.bank``, when memory is on) and writes nothing."""
+    P = len(context_ids)
+    if P == 0:
+        return predict(model, prompts, pad, device, batch_size)
+    if any(p[:P] != context_ids for p in prompts):
+        raise ValueError("predict_cached: every prompt must start with the context")
+    state = {}
+    if hasattr(model.decoder, "begin_decoding"):  # LongMem: one segment without end, the memory as it is
+        bank = model.memory.bank if model.memory.enabled else None
+        model.decoder.begin_decoding(state, 1, device, window=None, bank=bank)
+    model(torch.tensor([context_ids], device=device), incremental_state=state)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        lengths = torch.tensor([len(p) - P for p in chunk])
+        tokens = torch.full((len(chunk), P + int(lengths.max())), pad, dtype=torch.long)
+        for row, p in enumerate(chunk):
+            tokens[row, :len(p)] = torch.tensor(p)
+        logits = model(tokens.to(device), incremental_state=fork_state(model, state, len(chunk)))[0]  # (b, w, V)
+        last = logits[torch.arange(len(chunk)), (lengths - 1).to(logits.device)]
+        out.append(torch.log_softmax(last.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
 def score(log_probs: torch.Tensor, golds: List[int], spec: TaskSpec, decode: Callable[[int], str],
           label_first_tokens: List[int], scoring: str) -> float:
     """Accuracy: "vocab" (released: argmax over everything, gold label starts with the decoded token)
@@ -225,25 +263,29 @@ def score(log_probs: torch.Tensor, golds: List[int], spec: TaskSpec, decode: Cal
 
 
 def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, cache_k: int, seed: int,
-                     memory_block: int):
-    """(memory blocks, query prompts) of one seed, as dictionary indices."""
+                     memory_block: int, with_context: bool = False):
+    """(memory blocks, query prompts) of one seed, as dictionary indices; ``with_context``: also the context's
+    ids, with which every prompt begins."""
     context, memory = sample_demonstrations(train, k, cache_k, seed)
     bos, eos = getattr(codec, "bos", dictionary.bos()), getattr(codec, "eos", dictionary.eos())
     context_ids = encode_demonstrations(spec, context, codec.encode, bos, eos)
     blocks = memory_blocks(encode_demonstrations(spec, memory, codec.encode, bos, eos), memory_block)
-    return blocks, [query_ids(spec, context_ids, text, codec.encode, bos) for text, _ in queries]
+    prompts = [query_ids(spec, context_ids, text, codec.encode, bos) for text, _ in queries]
+    return (blocks, prompts, context_ids) if with_context else (blocks, prompts)
 
 
 def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seeds, k: int,
              cache_k: int, memory_block: int, batch_size: int, scoring: str, label_tokens,
-             on_seed: Optional[Callable[[int, float], None]] = None) -> List[float]:
+             on_seed: Optional[Callable[[int, float], None]] = None, cached: bool = True) -> List[float]:
     """Accuracy per seed of one model in one mode ("backbone", "memory-off", "memory-on");
-    ``on_seed(seed, accuracy)`` after each seed."""
+    ``on_seed(seed, accuracy)`` after each seed. ``cached``: the context demonstrations computed once per seed
+    (``predict_cached``); False: every prompt run whole (``predict``, the reference)."""
     from tqdm import tqdm
 
     accs = []
     for seed in tqdm(seeds, desc=f"{spec.name} {mode}", unit="seed"):
-        blocks, prompts = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed, memory_block)
+        blocks, prompts, context = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed,
+                                                    memory_block, with_context=True)
         if mode != "backbone":
             model.memory.configure(enabled=(mode == "memory-on"))
             model.memory.reset()
@@ -252,7 +294,10 @@ def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, diction
                 raise ValueError(f"{cache_k} memory demonstrations of {spec.name} fill no whole block of {memory_block} "
                                  f"tokens: memory would stay empty; raise --cache-k or lower --memory-block")
             fill_memory(model, blocks, device)
-        lp = predict(model, prompts, dictionary.pad(), device, batch_size)
+        if cached:
+            lp = predict_cached(model, context, prompts, dictionary.pad(), device, batch_size)
+        else:
+            lp = predict(model, prompts, dictionary.pad(), device, batch_size)
         acc = score(lp, [gold for _, gold in evaluation], spec, codec.decode, label_tokens, scoring)
         if on_seed is not None:
             on_seed(seed, acc)

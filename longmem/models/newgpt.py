@@ -271,13 +271,10 @@ class NewGPTDecoder(FairseqIncrementalDecoder):
         return self.cfg.max_target_positions
 
     def reorder_incremental_state(self, incremental_state, new_order: torch.Tensor) -> None:
+        """A new cache of the rows ``new_order`` (the old one is left as it was: a prompt's cache can be forked)."""
         cache = self.get_incremental_state(incremental_state, "kv_cache")
-        if cache is None:
-            return
-        for layer_cache in cache:
-            for name in list(layer_cache):
-                layer_cache[name] = layer_cache[name].index_select(0, new_order)
-        self.set_incremental_state(incremental_state, "kv_cache", cache)
+        if cache is not None:
+            self.set_incremental_state(incremental_state, "kv_cache", NewGPTLanguageModel.cache_select(cache, new_order))
 
 
 @register_family("newgpt")

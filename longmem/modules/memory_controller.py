@@ -119,6 +119,18 @@ class MemoryController:
                               "memory would be written and never read; build it with --use-external-memory")
         self.enabled = bool(value)
 
+    def check_segment(self, tokens_per_sample: int, rows: int = 1) -> None:
+        """Refuse, in one line, segments this memory cannot take: a length the chunk size does not divide (the
+        last tokens of every segment would never reach memory), or adds of ``rows`` segments that the release's
+        eviction cannot make room for."""
+        s = self.settings
+        if tokens_per_sample % s.chunk_size:
+            raise ConfigError(f"--tokens-per-sample {tokens_per_sample} is not a multiple of the memory's chunk size "
+                              f"{s.chunk_size}: the last tokens of every segment would never reach memory; choose a "
+                              f"segment length that the chunk size divides")
+        if s.mode == "release":
+            ChunkedMemoryBank.check_release_eviction(s.memory_size, s.chunk_size, rows * tokens_per_sample)
+
     def snapshot(self) -> dict:
         """Every setting and switch, as ``configure`` takes them."""
         return {**{f.name: getattr(self.settings, f.name) for f in fields(MemorySettings)},
