@@ -119,6 +119,23 @@ def test_the_cached_context_gives_the_uncached_scores(make_sidenet, make_diction
             assert (icl.predict_cached(net, context, prompts, d.pad(), cpu, batch_size) - got).abs().max() > 1e-3
 
 
+def test_cached_batches_need_no_padding_mark_when_the_pad_index_is_a_token(llama):
+    """A Hugging Face model whose bos is fairseq's pad index (SmolLM2): prompts run whole one at a time, against
+    the cached context with queries right-padded three to a batch, the padding unmarked."""
+    from longmem.models.hf_causal_lm import HFCausalLM, HFDecoder
+
+    path, d = llama
+    model = HFCausalLM.from_path(str(path), d, 2).eval()
+    for module in model.modules():
+        if isinstance(module, HFDecoder):
+            module.mask_padding = False
+    context = [d.pad()] + torch.randint(4, len(d), (20,)).tolist()  # the model's bos is index 1, as SmolLM2's
+    prompts = [context + [d.pad()] + torch.randint(4, len(d), (n,)).tolist() for n in (4, 1, 6, 2)]
+    cpu = torch.device("cpu")
+    want = icl.predict(model, prompts, d.pad(), cpu, batch_size=1)
+    torch.testing.assert_close(icl.predict_cached(model, context, prompts, d.pad(), cpu, 3), want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data, run_cli):
     from longmem.models.newgpt import build_newgpt
@@ -259,7 +276,7 @@ def test_dump_prompts_with_a_hugging_face_tokenizer_uses_its_ids_and_its_bos_eos
     assert json.loads(out.read_text())["prompts"] == [[1, 4, 5, 6, 7, 8, 2, 1, 4, 9, 6, 7]]
     batched = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py"), "--data-dir", str(tmp_path / "icl"),
                       "--task", "SST-2", "--hf-tokenizer", str(tmp_path / "tok"), "--batch-size", "4", "--dump-prompts",
-                      str(out), timeout=300)
+                      str(out), "--no-prefix-cache", timeout=300)
     assert batched.returncode == 2 and "--batch-size 1" in batched.stderr
 
 

@@ -134,9 +134,10 @@ def run(argv=None):
     dictionary = Dictionary.load(dict_path)
     codec = TextCodec(dictionary, tokenizer=tokenizer)
     no_padding = dictionary.pad() in (codec.bos, codec.eos)
-    if no_padding and args.batch_size > 1:
-        parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts cannot be "
-                     f"padded into batches; use --batch-size 1")
+    if no_padding and args.batch_size > 1 and (args.no_prefix_cache or args.k == 0):
+        parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts run whole "
+                     f"cannot be left-padded into batches; use --batch-size 1 (the cached context batches its queries "
+                     f"right-padded, which needs no padding mark: drop --no-prefix-cache)")
     try:  # every task's files are read, and its text checked against the dictionary, before any model is loaded
         data = {name: icl.load_task(args.data_dir, name) for name in tasks}
         for spec, train, _ in data.values():

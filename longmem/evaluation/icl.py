@@ -223,8 +223,8 @@ def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], 
                    batch_size: int = 1) -> torch.Tensor:
     """``predict``'s log-probabilities with the shared context computed once: the context's key/value caches
     (and a LongMem model's memory reads for it) are kept and every prompt runs only its own tokens after it,
-    right-padded in batches (a causal model never reads the padding after a token). A LongMem model reads the
-    memory it holds (``model.memory.bank``, when memory is on) and writes nothing."""
+    right-padded in batches (a causal model never reads the padding after a token: no position needs marking as
+    padding), the output layer applied to each prompt's last position only. A LongMem model reads the memory it holds (``model.memory.bank``, when memory is on) and writes nothing."""
     P = len(context_ids)
     if P == 0:
         return predict(model, prompts, pad, device, batch_size)
@@ -242,9 +242,10 @@ def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], 
         tokens = torch.full((len(chunk), P + int(lengths.max())), pad, dtype=torch.long)
         for row, p in enumerate(chunk):
             tokens[row, :len(p)] = torch.tensor(p)
-        logits = model(tokens.to(device), incremental_state=fork_state(model, state, len(chunk)))[0]  # (b, w, V)
-        last = logits[torch.arange(len(chunk)), (lengths - 1).to(logits.device)]
-        out.append(torch.log_softmax(last.float(), dim=-1).cpu())
+        features = model(tokens.to(device), incremental_state=fork_state(model, state, len(chunk)),
+                         features_only=True)[0]  # (b, w, C)
+        last = features[torch.arange(len(chunk)), (lengths - 1).to(features.device)]  # the logits of these only
+        out.append(torch.log_softmax(model.decoder.output_layer(last).float(), dim=-1).cpu())
     return torch.cat(out)
 
 

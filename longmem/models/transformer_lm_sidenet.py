@@ -320,7 +320,9 @@ class SideNetDecoder(FairseqIncrementalDecoder):
     def output_layer(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
         # bias; HF Llama's lm_head has none). ``output_projection`` only carries the released state-dict key.
-        return self._frozen(features.device).lm_head(features)
+        # Under bf16 in autocast here too: a caller may apply it alone to features (e.g. of the last position only)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(features.device)):
+            return self._frozen(features.device).lm_head(features)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it."""
