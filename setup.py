@@ -29,6 +29,7 @@ setup(
         "longmem-spm-bpe = longmem.commands.spm_bpe:main",
         "longmem-hf-tokens = longmem.commands.hf_tokens:main",
         "longmem-generate = longmem.commands.generate:main",
+        "longmem-generation-recall = longmem.commands.generation_recall:main",
         "longmem-demo = longmem.demo:main",
         "longmem-launch = longmem.launch:main",
     ]},

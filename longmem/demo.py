@@ -1,6 +1,6 @@
 """``make demo``: the whole LongMem pipeline on a real-text corpus, on CPU, ending in two tables that
 measure what the memory changes: over a tiny backbone trained here, and over SmolLM2-135M, whose memory
-recalls text beyond the window (see the README's results for what each shows and what it does not).
+recalls text beyond the window, in perplexity and in generated text (see the README's results for what each shows and what it does not).
 
 Stages, each cached in its own folder under ``--out`` and skipped when its output is there:
 
@@ -24,7 +24,10 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
               evaluation (held-out long-range set and real text). A backbone that copies inside its window
               is what lets the memory recall beyond it; the tiny backbone does not copy (README).
               ``--skip-smollm2`` leaves it out.
-8. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
+8. generation ``longmem-generation-recall`` on the SmolLM2 stage's model: held-out passages, more than a window
+              of the text after each, then its first tokens; how many of the next 20 greedy tokens are the
+              passage's own, memory on and off (left out with the SmolLM2 stage).
+9. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
               (backbone alone, LongMem memory off, memory on: same weights), overall and on the
               recurring/queried tokens; ``eval_scripts/eval_longmem_icl.py`` on SST-2 (20 demonstrations in
               context, and 2,000 more in memory). Two tables (``results.md``: the tiny models, and SmolLM2's
@@ -209,6 +212,37 @@ def smollm2_stage(out, corpus):
         with open(path, encoding="utf-8") as f:
             evaluation[name] = json.load(f)
     return evaluation
+
+
+def generation_stage(out, prompts=24):
+    """Memory in generation on the SmolLM2 stage's model (``longmem-generation-recall``): a held-out passage, more
+    than a window of the text after it, its first tokens; greedy continuations with memory on and off. Returns
+    the command's JSON (``out/smollm2/eval/generation.json``)."""
+    root = os.path.join(out, "smollm2")
+    path = os.path.join(root, "eval", "generation.json")
+    with Stage("generation", path) as st:
+        if not st.cached:
+            run([sys.executable, "-m", "longmem.commands.generation_recall",
+                 os.path.join(root, "longmem", "checkpoint_last.pt"), "--text", os.path.join(root, "corpus", "test.txt"),
+                 "--prompts", prompts, "--results-path", path, "--cpu"])
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def generation_table(generation) -> str:
+    """The generation stage's table and example, in Markdown."""
+    s, m, ex = generation["summary"], generation["match"], generation["example"]
+    return "\n".join([
+        f"Memory in generation (stage generation, the SmolLM2 stage's model): {generation['prompts']} prompts from "
+        f"held-out plays, each a {generation['passage']}-token passage, the {generation['filler']} tokens after it "
+        f"(the window is {generation['window']}), then the passage's first {generation['cue']} tokens; greedy "
+        f"continuation, {m} tokens compared with the passage's own.", "",
+        f"| SmolLM2-135M LongMem | tokens matching the passage (mean, of {m}) | prompts with all {m} |",
+        "|---|---:|---:|",
+        f"| memory off | {s['off']['mean_matches']:.1f} | {s['off']['all_match']} |",
+        f"| memory on | {s['on']['mean_matches']:.1f} | {s['on']['all_match']} |", "",
+        f"Example. Cue: `{ex['cue']!r}`; the passage goes on `{ex['passage']!r}`; memory on: `{ex['memory_on']!r}`; "
+        f"memory off: `{ex['memory_off']!r}`.", ""])
 
 
 def unigram_perplexity(data_bin, split="test"):
@@ -434,7 +468,8 @@ def run_demo(argv=None):
                    help="long-range benchmark and evaluation preset")
     p.add_argument("--icl-data", default=paths.ICL,
                    help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv; default: data/icl of this repository)")
-    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2"],
+    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2",
+                                       "generation"],
                    help="stop after this stage")
     p.add_argument("--skip-smollm2", action="store_true",
                    help="leave out the SmolLM2 stage (its download of about 90 MB and about 15 minutes)")
@@ -471,6 +506,9 @@ def run_demo(argv=None):
     smollm2 = None if args.skip_smollm2 else smollm2_stage(out, corpus)
     if args.until == "smollm2":
         return
+    generation = None if args.skip_smollm2 else generation_stage(out)
+    if args.until == "generation":
+        return
 
     logger.info("[evaluate] running (always: a few minutes)")
     T = preset["TOKENS_PER_SAMPLE"]
@@ -488,11 +526,12 @@ def run_demo(argv=None):
     }
     if smollm2:
         results["smollm2"] = smollm2
+        results["generation"] = {k: v for k, v in generation.items() if k != "rows"}
     results["sample"] = sample(out, data_bin, bpe, "KING. My lord,")
     results["evaluate_seconds"] = round(time.time() - eval_start)
     table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
     if smollm2:
-        table += "\n" + smollm2_table(smollm2)  # read from JSON files already: JSON keys
+        table += "\n" + smollm2_table(smollm2) + "\n" + generation_table(generation)  # read from JSON files: JSON keys
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as f:
@@ -509,6 +548,9 @@ def run_demo(argv=None):
         r = recall_ratios(smollm2["longrange"])
         print(f"SmolLM2-135M, memory on / memory off: {r['1']:.3f} on recurring tokens, {r['2']:.3f} on queried "
               f"tokens (the long-range claim: at most 0.5)")
+        g = generation["summary"]
+        print(f"SmolLM2-135M generation: {g['on']['mean_matches']:.1f} of {generation['match']} tokens of a passage read "
+              f"more than a window back continued exactly with memory on, {g['off']['mean_matches']:.1f} with memory off")
     print(f"Table: {os.path.join(out, 'results.md')}  plot: {os.path.join(out, 'results.png')}")
     print(f"Checkpoints: {backbone}\n             {longmem_ckpt}")
     print(f"Backbone sample: {results['sample']}")
