@@ -259,6 +259,24 @@ def test_longmem_generate_streams_a_long_prompt_and_refuses_bad_input(sidenet_tr
     assert code == 2 and "is not a readable fairseq checkpoint" in err and "Traceback" not in err
 
 
+def test_fairseq_train_with_the_distillation_criterion_and_a_sidenet_that_starts_as_its_backbone(sidenet_trained,
+                                                                                                   tmp_path, run_cli):
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 6)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "ckpt")
+    args[args.index("--log-interval") + 1] = "1"
+    log = run_cli("-m", "fairseq_cli.train", *args, "--criterion", "longmem_cross_entropy", "--distill-weight", "0.5",
+                  "--start-as-backbone", ok=True).output
+    records = [json.loads(m) for m in re.findall(r"\| (\{.*\"loss\".*\})", log)]
+    steps = [r for r in records if "num_updates" in r and "kl" in r]
+    assert len(steps) == 6, log[-2000:]
+    assert float(steps[0]["kl"]) < 1e-4 < float(steps[-1]["kl"])  # the backbone itself at first, then it adapts
+    for r in steps:  # loss_total = cross-entropy + 0.5 KL, per token, in bits
+        assert abs(float(r["loss_total"]) - float(r["loss"]) - 0.5 * float(r["kl"])) < 2e-3, r
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
+    assert state["cfg"]["model"]["start_as_backbone"] and "decoder.output_gate" in state["model"]
+
+
 def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
     root, backbone, _ = sidenet_trained
     args, _ = resumed_in(tmp_path, sidenet_args(root, backbone, 50), root / "longmem_ckpt")

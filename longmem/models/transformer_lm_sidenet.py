@@ -100,6 +100,10 @@ class SideNetConfig(FairseqDataclass):
                 "(1: one group for all parameters, as the release trains)"})
     memory_gate_no_decay: bool = field(default=False, metadata={
         "help": "no weight decay on the gates (the release decays them with every other parameter)"})
+    start_as_backbone: bool = field(default=False, metadata={
+        "help": "the output is the backbone's final hidden state plus a per-channel gate (starting at 0) times the "
+                "SideNet's: at step 0 the model is the backbone exactly and training only adds to it (the release "
+                "decodes the SideNet's output alone)"})
     precision: PRECISIONS = field(default="fp32", metadata={
         "help": "CPU arithmetic: fp32; bf16 (the backbone in a bf16 copy, the SideNet under autocast with fp32 "
                 "master weights, memory in bf16) where the CPU has native bf16, else fp32 with a warning; auto: "
@@ -126,6 +130,8 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             for i in range(cfg.decoder_layers)
         ])
         self.layer_norm = backbone.sidenet_final_norm()
+        if getattr(cfg, "start_as_backbone", False):  # --start-as-backbone: features = H[L] + g ⊙ LN(x_n), g = 0
+            self.output_gate = nn.Parameter(torch.zeros(cfg.decoder_embed_dim))
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
         # shared, frozen: the released key. The logits come from the backbone's lm_head itself (output_layer)
         self.output_projection.weight = backbone.lm_head.weight
@@ -242,10 +248,16 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             a, b = self.layer_map.residual(i)
             reader = memory.reader if i == self.layer_map.memory_layer else None
             x = layer(x, H[b] - H[a], bb.position, reader)
-        x = self.layer_norm(x)
+        x = self.features(x, H[-1])
         if memory.active:
             memory.write(*bb.retrieval_kv)  # after the read: a segment never retrieves itself
-        return x, {"attn": [None], "inner_states": None}
+        return x, {"attn": [None], "inner_states": None, "backbone_features": H[-1]}
+
+    def features(self, x, backbone_final):
+        """The output features: LN(x_n), the release's; with --start-as-backbone H[L] + g ⊙ LN(x_n)."""
+        x = self.layer_norm(x)
+        gate = getattr(self, "output_gate", None)
+        return x if gate is None else backbone_final + gate * x
 
     # ---------------------------------------------------------------- incremental decoding (docs/design.md §8)
     def begin_decoding(self, incremental_state, batch_size: int, device, window=_DEFAULT, bank=_DEFAULT) -> DecodingState:
@@ -298,7 +310,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             x = layer(x, H[b] - H[a], bb.position, reader, cache=state.layer_caches[i])
         if memory.active and state.window is not None:
             state.pending.append(bb.retrieval_kv)
-        return self.layer_norm(x).float()
+        return self.features(x, H[-1]).float()
 
     def _close_segment(self, state: DecodingState) -> None:
         """The open segment is full: into memory (as the full forward writes a segment), local context empty."""

@@ -1,0 +1,87 @@
+"""Levers against forgetting the backbone: --start-as-backbone and the distillation term."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from longmem.criterions.distillation import LongMemCrossEntropyCriterion, distillation_kl
+
+
+def test_start_as_backbone_gives_the_backbones_log_probs_at_step_0_and_then_learns(make_sidenet, make_dictionary):
+    d = make_dictionary(40)
+    model, backbone = make_sidenet(d, use_external_memory=True, start_as_backbone=True, reload_ptm_layer=True)
+    for p in model.decoder.layers.parameters():  # whatever the SideNet says, its output is gated out at step 0
+        torch.nn.init.normal_(p, std=0.5)
+    model.train()
+    tokens = torch.randint(4, len(d), (2, 12))
+    want = torch.log_softmax(backbone(tokens)[0].double(), -1)
+    got = torch.log_softmax(model(tokens)[0].double(), -1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert "decoder.output_gate" in model.state_dict()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = torch.nn.functional.cross_entropy(model(tokens)[0].flatten(0, 1), torch.randint(4, len(d), (24,)))
+    loss.backward()
+    assert model.decoder.output_gate.grad.abs().sum() > 0  # the gate learns first, then the SideNet through it
+    opt.step()
+    assert (torch.log_softmax(model(tokens)[0].double(), -1) - want).abs().max() > 1e-4
+    without, _ = make_sidenet(d, use_external_memory=True)
+    assert not any("output_gate" in k for k in without.state_dict())  # the release's model: no such key
+
+
+def test_start_as_backbone_over_a_hugging_face_backbone(llama):
+    from longmem.models.transformer_lm_sidenet import SideNetConfig, TransformerLanguageModelSideNet
+
+    path, d = llama
+    cfg = SideNetConfig(decoder_layers=2, decoder_embed_dim=32, decoder_attention_heads=4, decoder_ffn_embed_dim=64,
+                        retrieval_layer_index=2, pretrained_model_path=str(path), dropout=0.0, attention_dropout=0.0,
+                        memory_size=16, k=4, chunk_size=2, memory_backend="torch", use_external_memory=True,
+                        reload_ptm_layer=True, start_as_backbone=True)
+    model = TransformerLanguageModelSideNet.build_model(cfg, SimpleNamespace(target_dictionary=d,
+                                                                             source_dictionary=d)).eval()
+    tokens = torch.randint(4, len(d), (1, 20))
+    with torch.no_grad():
+        model.memory.configure(slot="eval")
+        model.memory.reset()
+        got = torch.cat([model(tokens[:, i: i + 8])[0] for i in range(0, 20, 8)], dim=1)  # memory read, no effect
+        want = torch.cat([model.decoder.pretrained_model(tokens[:, i: i + 8])[0] for i in range(0, 20, 8)], dim=1)
+    torch.testing.assert_close(torch.log_softmax(got, -1), torch.log_softmax(want, -1), rtol=0, atol=1e-5)
+
+
+def test_distillation_kl_and_its_gradient_on_a_hand_made_example():
+    """Two target tokens and a pad, a vocabulary of 3: KL(p ‖ q) = Σ p (log p - log q), its gradient with respect
+    to LongMem's logits p_LongMem - p_backbone on each kept token, nothing from the pad."""
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0], [3.0, 1.0, 0.0]], requires_grad=True)
+    backbone = torch.tensor([[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [0.0, 0.0, 9.0]])
+    keep = torch.tensor([True, True, False])
+    kl = distillation_kl(torch.log_softmax(logits, -1), backbone, keep)
+    p = torch.softmax(backbone, -1)
+    q = torch.softmax(logits.detach(), -1)
+    by_hand = sum(float((p[i] * (p[i].log() - q[i].log())).sum()) for i in (0, 1))
+    assert abs(float(kl) - by_hand) < 1e-6
+    kl.backward()
+    torch.testing.assert_close(logits.grad[:2], q[:2] - p[:2], rtol=0, atol=1e-6)
+    assert torch.equal(logits.grad[2], torch.zeros(3))
+    same = distillation_kl(torch.log_softmax(backbone, -1), backbone, keep)
+    assert abs(float(same)) < 1e-6  # a model that predicts what its backbone predicts: no term
+
+
+def test_the_criterion_adds_the_weighted_term_and_is_zero_for_a_model_that_starts_as_its_backbone(make_sidenet,
+                                                                                                  make_dictionary):
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=False, start_as_backbone=True)
+    task = SimpleNamespace(target_dictionary=d, source_dictionary=d)
+    tokens = torch.randint(4, len(d), (2, 10))
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([10, 10])},
+              "target": torch.randint(4, len(d), (2, 10)), "ntokens": 20}
+    plain = LongMemCrossEntropyCriterion(task, sentence_avg=False)
+    distil = LongMemCrossEntropyCriterion(task, sentence_avg=False, distill_weight=0.5)
+    loss0, _, log0 = plain(model, sample)
+    loss1, _, log1 = distil(model, sample)
+    assert abs(float(log1["kl"])) < 1e-4 and abs(float(loss1) - float(loss0)) < 1e-3
+    with torch.no_grad():
+        model.decoder.output_gate.fill_(1.0)  # now LongMem differs from its backbone
+    loss0, _, _ = plain(model, sample)
+    loss1, _, log1 = distil(model, sample)
+    assert float(log1["kl"]) > 0.01 and abs(float(loss1) - float(loss0) - 0.5 * float(log1["kl"])) < 1e-3
+    with pytest.raises(Exception, match="distill-weight"):
+        LongMemCrossEntropyCriterion(task, sentence_avg=False, distill_weight=float("nan"))
