@@ -125,3 +125,48 @@ def test_a_worker_that_dies_fails_the_run_instead_of_hanging(tmp_path, repo_data
     monkeypatch.setattr(prepare_pile, "read_documents", real)  # and with every worker alive, the same build works
     report = prepare_pile.build(args, WEIGHTS, None, str(tmp_path / "out2"))
     assert report["kept"] == {"Pile-CC": 2, "ArXiv": 4}
+
+
+def test_the_releases_sampling_layout_and_bos_lines_through_prepare_pile(tmp_path, repo_data, run_cli):
+    """preprocess/filter_shard_tnlg.py: the release's layout SOURCE/<subset>/splitNNNNNNNN.jsonl, its sampling
+    (random.seed(2), per subset int(n / total * sampling) of 1..n, one shuffle), written out by hand here, and
+    every encoded line starting with <s>."""
+    import random
+
+    from longmem.commands.filter_shard_tnlg import sample_shards
+
+    table = {"Books": 6, "Web": 3, "Wiki": 1}
+    source = tmp_path / "pile"
+    for subset, count in table.items():
+        (source / subset).mkdir(parents=True)
+        for i in range(1, count + 1):
+            text = f"{subset} shard {i}\nsecond line"
+            (source / subset / f"split{i:08d}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (tmp_path / "subsets.json").write_text(json.dumps(table))
+    rng = random.Random(2)
+    want = [str(source / "Books" / f"split{i:08d}.jsonl") for i in rng.sample([1, 2, 3, 4, 5, 6], 3)]
+    want += [str(source / "Web" / f"split{i:08d}.jsonl") for i in rng.sample([1, 2, 3], 1)]
+    want += [str(source / "Wiki" / f"split{i:08d}.jsonl") for i in rng.sample([1], 0)]
+    rng.shuffle(want)
+    assert sample_shards(str(source), table, 5) == want
+    script = os.path.join(REPO, "preprocess", "filter_shard_tnlg.py")
+    listed = run_cli(script, "--source-path", source, "--subsets", tmp_path / "subsets.json", "--sampling-jsonls", "5",
+                     "--list-only", ok=True).stdout.split()
+    assert listed == want
+    run_cli(script, "--source-path", source, "--subsets", tmp_path / "subsets.json", "--sampling-jsonls", "5",
+            "--destdir", tmp_path / "bin", "--workers", "1", ok=True)
+    encoded = (tmp_path / "bin" / "encoded" / "train.bpe").read_text().splitlines()
+    assert len(encoded) == 3 * len(want) and all(line.startswith("<s> ") for line in encoded)
+    from fairseq.data import Dictionary
+    from longmem.tokenizer import Tokenizer
+
+    d = Dictionary.load(os.path.join(repo_data, "gpt2_bpe", "dict.txt"))
+    first = json.loads(open(want[0]).read())["text"].split("\n")[0]
+    assert encoded[0] == "<s> " + " ".join(Tokenizer(gpt2_bpe=os.path.join(repo_data, "gpt2_bpe")).pieces(first))
+    assert os.path.isfile(tmp_path / "bin" / "train.bin") and d.index("<s>") == d.bos()
+    (source / "Web" / "split00000001.jsonl").unlink()
+    (source / "Web" / "split00000002.jsonl").unlink()
+    (source / "Web" / "split00000003.jsonl").unlink()
+    code, _, err = run_cli(script, "--source-path", source, "--subsets", tmp_path / "subsets.json",
+                           "--sampling-jsonls", "5", "--destdir", tmp_path / "bin2")
+    assert code == 2 and "1 of the 4 sampled shards are not there" in err and "--skip-missing" in err

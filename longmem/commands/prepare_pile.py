@@ -183,6 +183,9 @@ def run(argv=None):
     p.add_argument("--workdir", help="where encoded text goes (default: DESTDIR/encoded)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count())
     p.add_argument("--no-binarize", action="store_true", help="stop after writing the encoded text")
+    p.add_argument("--bos-each-line", action="store_true",
+                   help="begin every encoded line with <s>, as the release's preprocessing does (its `sed 's/^/<s> &/'` "
+                        "on train.bpe, empty lines included)")
     args = p.parse_args(argv)
     if args.gpt2_bpe is None and args.sentencepiece_model is None:
         args.gpt2_bpe = paths.GPT2_BPE
@@ -334,7 +337,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                 for part in parts:
                     with open(part, encoding="utf-8") as f:
                         for line in f:
-                            out.write(line)
+                            out.write("<s> " + line if args.bos_each_line else line)
     if args.no_binarize:
         return report
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", srcdict,
