@@ -183,6 +183,11 @@ def test_released_scoring_and_label_restricted_scoring():
     assert icl.score(lp, golds, spec, vocab.__getitem__, [1, 0], "vocab") == 0.5
     # labels: first tokens are 1 (negative) and 0 (positive): compare only those two
     assert icl.score(lp, golds, spec, vocab.__getitem__, [1, 0], "labels") == 0.75
+    # the mass on the two label tokens (1, 0) per query, by hand: e^5 + e or 1 + e^5 of e^5 + e + 2, or 1 + e of
+    # e^5 + e + 2 for the queries that prefer another token
+    e = torch.e
+    big, small = (e ** 5 + e) / (e ** 5 + e + 2), (1 + e) / (e ** 5 + e + 2)
+    assert abs(icl.label_mass(lp, [1, 0]) - (big + (1 + e ** 5) / (e ** 5 + 3) + 2 / (e ** 5 + 3) + small) / 4) < 1e-6
 
 
 @pytest.mark.slow

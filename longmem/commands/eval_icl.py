@@ -207,15 +207,17 @@ def run(argv=None):
         label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
         results[name] = {}
         for mode, model in models.items():
+            masses = []
             try:
                 accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
                                     args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
                                     on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True),
-                                    cached=not args.no_prefix_cache)
+                                    cached=not args.no_prefix_cache, masses=masses)
             except ValueError as e:
                 raise ConfigError(f"{name} {mode}: {e}")
             results[name][mode] = {"accuracies": accs, "mean": statistics.mean(accs),
-                                   "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0}
+                                   "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+                                   "label_mass": masses, "queries": len(evaluation)}
             print(f"Mean acc across {len(accs)} seeds: {results[name][mode]['mean']:.4f}, "
                   f"std: {results[name][mode]['std']:.4f}   ({name}, {mode})", flush=True)
         if args.results_path:  # every finished task is kept, whatever happens to the next

@@ -249,6 +249,12 @@ def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], 
     return torch.cat(out)
 
 
+def label_mass(log_probs: torch.Tensor, label_first_tokens: List[int]) -> float:
+    """The mean probability the model puts on the label words' first tokens at the answer position: how much it
+    still answers with a label word at all, whichever label it prefers."""
+    return float(log_probs[:, label_first_tokens].exp().sum(-1).mean()) if len(log_probs) else 0.0
+
+
 def score(log_probs: torch.Tensor, golds: List[int], spec: TaskSpec, decode: Callable[[int], str],
           label_first_tokens: List[int], scoring: str) -> float:
     """Accuracy: "vocab" (released: argmax over everything, gold label starts with the decoded token)
@@ -277,10 +283,12 @@ def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, 
 
 def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seeds, k: int,
              cache_k: int, memory_block: int, batch_size: int, scoring: str, label_tokens,
-             on_seed: Optional[Callable[[int, float], None]] = None, cached: bool = True) -> List[float]:
+             on_seed: Optional[Callable[[int, float], None]] = None, cached: bool = True,
+             masses: Optional[List[float]] = None) -> List[float]:
     """Accuracy per seed of one model in one mode ("backbone", "memory-off", "memory-on");
     ``on_seed(seed, accuracy)`` after each seed. ``cached``: the context demonstrations computed once per seed
-    (``predict_cached``); False: every prompt run whole (``predict``, the reference)."""
+    (``predict_cached``); False: every prompt run whole (``predict``, the reference). ``masses``: a list that
+    receives each seed's ``label_mass``."""
     from tqdm import tqdm
 
     accs = []
@@ -300,6 +308,8 @@ def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, diction
         else:
             lp = predict(model, prompts, dictionary.pad(), device, batch_size)
         acc = score(lp, [gold for _, gold in evaluation], spec, codec.decode, label_tokens, scoring)
+        if masses is not None:
+            masses.append(label_mass(lp, label_tokens))
         if on_seed is not None:
             on_seed(seed, acc)
         accs.append(acc)
