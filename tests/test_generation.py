@@ -148,3 +148,16 @@ def test_sampling_with_top_k_1_is_greedy_decoding(make_sidenet, make_dictionary)
         lp[[d.eos(), d.pad()]] = -float("inf")
         seq.append(int(lp.argmax()))
     assert hypo[:-1].tolist() == seq[1:]
+
+
+def test_recall_prompts_cut_from_consecutive_stretches_by_hand():
+    from longmem.commands.generation_recall import build_prompts, exact_matches
+    from longmem.errors import ConfigError
+
+    ids = list(range(100, 130))  # 30 tokens: two stretches of passage 4 + filler 6
+    prompts = build_prompts(ids, count=2, passage=4, filler=6, cue=2, match=2)
+    assert prompts[0] == ([100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 100, 101], [102, 103])
+    assert prompts[1] == ([110, 111, 112, 113, 114, 115, 116, 117, 118, 119, 110, 111], [112, 113])
+    assert exact_matches([102, 7], [102, 103]) == 1
+    with pytest.raises(ConfigError, match="fewer than 4 prompts"):
+        build_prompts(ids, count=4, passage=4, filler=6, cue=2, match=2)
