@@ -116,6 +116,16 @@ def checkpoint_settings(parser, args):
     return kind, state, checkpoint_model_config(state), task
 
 
+def checkpoint_dictionary(parser, args, task_cfg):
+    """(path, Dictionary): --dict, else dict.txt of the data folder the checkpoint was trained on."""
+    from fairseq.data import Dictionary
+
+    dict_path = args.dict or os.path.join(str(task_cfg.get("data") or "").split(":")[0], "dict.txt")
+    if not os.path.isfile(dict_path):
+        parser.error(f"the checkpoint's dictionary {dict_path!r} is not here: pass --dict (the model's dict.txt)")
+    return dict_path, Dictionary.load(dict_path)
+
+
 def choose_tokenizer(args, model_cfg):
     """The tokenizer flags given, else the Hugging Face backbone's own tokenizer, else GPT-2 BPE."""
     from longmem.tokenizer import Tokenizer
@@ -169,13 +179,7 @@ def run(argv=None):
     if kind == "backbone" and args.memory == "on":
         parser.error("--memory on: a backbone checkpoint has no memory (give a LongMem checkpoint)")
     args.memory = args.memory or ("on" if kind == "longmem" else None)
-    data = str(task_cfg.get("data") or "").split(":")[0]
-    dict_path = args.dict or os.path.join(data, "dict.txt")
-    if not os.path.isfile(dict_path):
-        parser.error(f"the checkpoint's dictionary {dict_path!r} is not here: pass --dict (the model's dict.txt)")
-    from fairseq.data import Dictionary
-
-    dictionary = Dictionary.load(dict_path)
+    dict_path, dictionary = checkpoint_dictionary(parser, args, task_cfg)
     tokenizer = choose_tokenizer(args, model_cfg)
     ids = encode_prompt(parser, text, tokenizer, dictionary)
     window = args.tokens_per_sample or task_cfg.get("tokens_per_sample")

@@ -19,7 +19,7 @@ import sys
 import warnings
 from typing import List
 
-from longmem.commands.generate import choose_tokenizer, checkpoint_settings
+from longmem.commands.generate import checkpoint_dictionary, checkpoint_settings, choose_tokenizer
 from longmem.errors import ConfigError
 from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int
 
@@ -86,12 +86,7 @@ def run(argv=None):
     if args.passage + filler < window:
         parser.error(f"--passage + --filler ({args.passage + filler}) must exceed the window {window}, or the passage "
                      f"would still be in the local context")
-    dict_path = args.dict or os.path.join(str(task_cfg.get("data") or "").split(":")[0], "dict.txt")
-    if not os.path.isfile(dict_path):
-        parser.error(f"the checkpoint's dictionary {dict_path!r} is not here: pass --dict")
-    from fairseq.data import Dictionary
-
-    dictionary = Dictionary.load(dict_path)
+    dict_path, dictionary = checkpoint_dictionary(parser, args, task_cfg)
     tokenizer = choose_tokenizer(args, model_cfg)
     with open(args.text, encoding="utf-8") as f:
         text = f.read()
