@@ -337,7 +337,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                 for part in parts:
                     with open(part, encoding="utf-8") as f:
                         for line in f:
-                            out.write("<s> " + line if args.bos_each_line else line)
+                            out.write("<s> " + line if getattr(args, "bos_each_line", False) else line)
     if args.no_binarize:
         return report
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", srcdict,
