@@ -1,4 +1,4 @@
-"""Text generation with a LongMem model (or a backbone alone) by incremental decoding (docs/design.md §8).
+"""Text generation with a LongMem model (or a backbone alone) by incremental decoding (docs/design.md §11).
 
 A prompt of any length is fed in segments: with a LongMem model each full segment of ``window`` tokens
 is written to the model's memory for this generation (a memory per row, empty at the start) and the local

@@ -240,18 +240,23 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                                f"{self.cfg.pretrained_model_path!r} does not exist; pass the backbone checkpoint")
         memory = self.memory.step(tokens.size(0), tokens.device, doc_start)
         bb = self._frozen(tokens.device).frozen_states(tokens, retrieval_kv=memory.active)
+        x, H = self._sidenet(bb, memory, tokens.device)
+        if memory.active:
+            memory.write(*bb.retrieval_kv)  # after the read: a segment never retrieves itself
+        return x, {"attn": [None], "inner_states": None, "backbone_features": H[-1]}
+
+    def _sidenet(self, bb, memory: MemoryStep, device, caches=None):
+        """The SideNet over the backbone's states ``bb`` of some tokens: (output features, the hidden states used).
+        ``caches``: one key/value cache per layer (incremental decoding)."""
         H = bb.hidden
-        if self._bf16(tokens.device):  # the residual stream in fp32 (layers add bf16 outputs to it), as autocast does
+        if self._bf16(device):  # the residual stream in fp32 (layers add bf16 outputs to it), as autocast does
             H = [h.float() for h in H]
         x = H[0]  # (B, T, C)
         for i, layer in enumerate(self.layers):
             a, b = self.layer_map.residual(i)
             reader = memory.reader if i == self.layer_map.memory_layer else None
-            x = layer(x, H[b] - H[a], bb.position, reader)
-        x = self.features(x, H[-1])
-        if memory.active:
-            memory.write(*bb.retrieval_kv)  # after the read: a segment never retrieves itself
-        return x, {"attn": [None], "inner_states": None, "backbone_features": H[-1]}
+            x = layer(x, H[b] - H[a], bb.position, reader, cache=None if caches is None else caches[i])
+        return self.features(x, H[-1]), H
 
     def features(self, x, backbone_final):
         """The output features: LN(x_n), the release's; with --start-as-backbone H[L] + g ⊙ LN(x_n)."""
@@ -259,7 +264,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         gate = getattr(self, "output_gate", None)
         return x if gate is None else backbone_final + gate * x
 
-    # ---------------------------------------------------------------- incremental decoding (docs/design.md §8)
+    # ---------------------------------------------------------------- incremental decoding (docs/design.md §11)
     def begin_decoding(self, incremental_state, batch_size: int, device, window=_DEFAULT, bank=_DEFAULT) -> DecodingState:
         """Start (or restart) incremental decoding of ``batch_size`` streams. ``window``: tokens per segment
         (default ``self.window``, the task's --tokens-per-sample; None: the local context never slides).
@@ -302,15 +307,10 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         memory = MemoryStep(self.memory, state.bank)
         bb = self._frozen(piece.device).frozen_states(state.tokens, retrieval_kv=memory.active,
                                                       cache=state.backbone_cache)
-        H = [h.float() for h in bb.hidden] if self._bf16(piece.device) else bb.hidden
-        x = H[0]
-        for i, layer in enumerate(self.layers):
-            a, b = self.layer_map.residual(i)
-            reader = memory.reader if i == self.layer_map.memory_layer else None
-            x = layer(x, H[b] - H[a], bb.position, reader, cache=state.layer_caches[i])
+        x, _ = self._sidenet(bb, memory, piece.device, state.layer_caches)
         if memory.active and state.window is not None:
             state.pending.append(bb.retrieval_kv)
-        return self.features(x, H[-1]).float()
+        return x.float()
 
     def _close_segment(self, state: DecodingState) -> None:
         """The open segment is full: into memory (as the full forward writes a segment), local context empty."""

@@ -1,4 +1,4 @@
-"""What a LongMem decoder keeps between incremental calls (generation, a cached prompt): docs/design.md §8.
+"""What a LongMem decoder keeps between incremental calls (generation, a cached prompt): docs/design.md §11.
 
 The full forward reads a stream in segments of ``window`` tokens (``--tokens-per-sample``): each segment
 attends locally to itself, reads the memory of the earlier segments, and is then written to memory. An
