@@ -24,6 +24,7 @@ setup(
         "longmem-ablate-memory = longmem.commands.ablate_memory:main",
         "longmem-diagnose-memory = longmem.commands.diagnose_memory:main",
         "longmem-prepare-pile = longmem.commands.prepare_pile:main",
+        "longmem-build-broad-corpus = longmem.commands.build_broad_corpus:main",
         "longmem-make-longrange = longmem.commands.make_longrange:main",
         "longmem-build-shakespeare = longmem.commands.build_shakespeare_corpus:main",
         "longmem-spm-bpe = longmem.commands.spm_bpe:main",

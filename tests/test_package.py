@@ -11,7 +11,8 @@ from longmem.paths import REPO
 
 ENTRY_POINTS = ["longmem-eval-lm", "longmem-eval-icl", "longmem-ablate-memory", "longmem-diagnose-memory",
                 "longmem-prepare-pile", "longmem-make-longrange", "longmem-build-shakespeare", "longmem-spm-bpe",
-                "longmem-hf-tokens", "longmem-demo", "longmem-launch", "longmem-generate", "longmem-generation-recall"]
+                "longmem-hf-tokens", "longmem-demo", "longmem-launch", "longmem-generate", "longmem-generation-recall",
+                "longmem-build-broad-corpus"]
 
 
 def python_files(*folders):

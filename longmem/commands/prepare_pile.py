@@ -6,7 +6,8 @@ Each input line is ``{"text": ..., "meta": {"pile_set_name": ...}}``; shards may
 with probability ``w - floor(w)``, decided by a hash of (seed, shard name, line number), so the sample
 does not depend on the number of worker processes. Blank lines are dropped; each document is written as
 a block of lines followed by an empty line. Lines are encoded with GPT-2 BPE (``encoder.json`` +
-``vocab.bpe``, the ids written as the tokens of fairseq's GPT-2 ``dict.txt``) or a sentencepiece model,
+``vocab.bpe``, the ids written as the tokens of fairseq's GPT-2 ``dict.txt``), a sentencepiece model or a
+Hugging Face model's tokenizer (``--hf-tokenizer``: each document one line, its newlines the model's own tokens),
 in parallel over shards, then binarized with ``fairseq-preprocess --only-source --srcdict``.
 
 Malformed lines (not JSON, no text, wrong types) are counted, skipped and reported, never fatal.
@@ -21,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from longmem import paths
 from longmem.errors import ConfigError
-from longmem.utils.atomic import atomic_open
+from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import exit_on_config_error, non_negative_float, positive_int
 from longmem.utils.processes import die_with_parent, exit_on_sigterm, sigterm_not_lost
 
@@ -136,10 +136,13 @@ class Encoder:
     """A text line -> its symbols joined by spaces, as ``fairseq-preprocess`` reads them (GPT-2 BPE or a
     sentencepiece model: ``longmem.tokenizer.Tokenizer``); a missing file is a ConfigError."""
 
-    def __init__(self, gpt2_bpe: str = None, sentencepiece_model: str = None):
+    def __init__(self, gpt2_bpe: str = None, sentencepiece_model: str = None, hf_tokenizer: str = None):
         from longmem.tokenizer import Tokenizer
 
-        self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model)
+        self.tokenizer = Tokenizer(gpt2_bpe, sentencepiece_model, hf_tokenizer)
+        # a Hugging Face model reads a document as one text, its newlines as its own tokens (as longmem-hf-tokens
+        # writes it); GPT-2 BPE and sentencepiece encode each line, fairseq ending each with </s>
+        self.whole_documents = hf_tokenizer is not None
 
     def encode(self, text: str) -> str:
         return " ".join(self.tokenizer.pieces(text))
@@ -148,8 +151,8 @@ class Encoder:
 def process_shard(job):
     """One shard -> its encoded documents in ``out`` (one line per text line, empty line after each
     document); returns the shard's statistics."""
-    path, out, weights, default_weight, seed, gpt2_bpe, spm_model = job
-    encoder = Encoder(gpt2_bpe, spm_model)
+    path, out, weights, default_weight, seed, tokenizer_files = job
+    encoder = Encoder(*tokenizer_files)
     docs = read_documents(path, weights, default_weight, seed)
     with atomic_open(out, "w", encoding="utf-8") as f:
         while True:
@@ -158,7 +161,7 @@ def process_shard(job):
             except StopIteration as stop:
                 stats = stop.value
                 break
-            for line in lines:
+            for line in ["\n".join(lines)] if encoder.whole_documents else lines:
                 f.write(encoder.encode(line) + "\n")
             f.write("\n")
     return path, stats
@@ -178,7 +181,10 @@ def run(argv=None):
     p.add_argument("--gpt2-bpe", help="folder with encoder.json and vocab.bpe (default: data/gpt2_bpe of this "
                                       "repository, unless --sentencepiece-model is given)")
     p.add_argument("--sentencepiece-model")
-    p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe)")
+    p.add_argument("--hf-tokenizer", help="a Hugging Face model's tokenizer (a .gguf file or a folder): the ids of a "
+                                          "backbone loaded with --hf-model; each document one line")
+    p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe; with --hf-tokenizer, "
+                                     "the tokenizer's ids, written as longmem-hf-tokens dict writes them)")
     p.add_argument("--destdir", required=True, help="fairseq data-bin output")
     p.add_argument("--workdir", help="where encoded text goes (default: DESTDIR/encoded)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count())
@@ -187,7 +193,7 @@ def run(argv=None):
                    help="begin every encoded line with <s>, as the release's preprocessing does (its `sed 's/^/<s> &/'` "
                         "on train.bpe, empty lines included)")
     args = p.parse_args(argv)
-    if args.gpt2_bpe is None and args.sentencepiece_model is None:
+    if args.gpt2_bpe is None and args.sentencepiece_model is None and args.hf_tokenizer is None:
         args.gpt2_bpe = paths.GPT2_BPE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
     if not args.train:
@@ -198,30 +204,31 @@ def run(argv=None):
                 raise ConfigError(f"{split} shard {shard!r} does not exist")
     check_split_paths(args)
     weights = read_weights(args.weights) if args.weights else {}
-    Encoder(args.gpt2_bpe, args.sentencepiece_model)  # fail early on missing files
+    encoder = Encoder(args.gpt2_bpe, args.sentencepiece_model, args.hf_tokenizer)  # fail early on missing files
     srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
+    if srcdict is None and args.hf_tokenizer:
+        srcdict = hf_dictionary(encoder.tokenizer.vocab_size)
     if not args.no_binarize and (not srcdict or not os.path.isfile(srcdict)):
         raise ConfigError(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
 
     # everything is written into a fresh folder beside --destdir, which replaces it only at the end: a
     # failed run leaves the previous output as it was
-    destdir = os.path.abspath(args.destdir)
-    os.makedirs(os.path.dirname(destdir), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".tmp-", dir=os.path.dirname(destdir))
     exit_on_sigterm()  # SystemExit: the staging folder goes too
-    try:
-        report = build(args, weights, srcdict, staging)
-        if os.path.exists(destdir):
-            old = tempfile.mkdtemp(prefix=os.path.basename(destdir) + ".old-", dir=os.path.dirname(destdir))
-            os.replace(destdir, os.path.join(old, "previous"))
-            os.replace(staging, destdir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, destdir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return report
+    with atomic_dir(args.destdir) as staging:
+        return build(args, weights, srcdict, staging)
+
+
+def hf_dictionary(vocab_size: int) -> str:
+    """A temporary dict.txt of a Hugging Face tokenizer's ids (``fairseq-preprocess`` copies it into --destdir)."""
+    import atexit
+
+    from longmem.commands.hf_tokens import write_dictionary
+
+    fd, path = tempfile.mkstemp(prefix="hf-dict-", suffix=".txt")
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    write_dictionary(vocab_size, path)
+    return path
 
 
 def check_split_paths(args) -> None:
@@ -290,7 +297,7 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
     for split in SPLITS:
         for i, shard in enumerate(getattr(args, split)):
             jobs.append((shard, os.path.join(workdir, f"{split}.{i:05d}.bpe"), weights, args.default_weight,
-                         args.seed, args.gpt2_bpe, args.sentencepiece_model))
+                         args.seed, (args.gpt2_bpe, args.sentencepiece_model, getattr(args, "hf_tokenizer", None))))
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
               "undecodable_lines": 0, "kept_per_split": Counter()}
     # a process pool that fails when a worker dies (killed, out of memory) instead of waiting for it forever, as

@@ -23,3 +23,32 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """A fresh staging folder beside ``path``, yielded to be filled; when the block succeeds it replaces
+    ``path`` (the previous folder, if any, is moved aside first and removed only after the swap), and when the
+    block fails (an error, SIGTERM turned into SystemExit, Ctrl-C) the staging folder goes and ``path`` is left
+    as it was."""
+    import shutil
+
+    path = os.path.abspath(path)
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would differ from a plain makedirs()
+    try:
+        yield staging
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=name + ".old-", dir=parent)
+            os.replace(path, os.path.join(old, "previous"))
+            os.replace(staging, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
