@@ -69,7 +69,6 @@ def run(argv=None):
 
     from longmem.evaluation.lm import evaluate, load_split, load_token_marks
     from longmem.utils.atomic import atomic_open
-    from longmem.modules.memory_bank import ChunkedMemoryBank
     from longmem.models.loading import load_model_for_dictionary
 
     dictionary, stream = load_split(args.data, args.gen_subset)
@@ -83,15 +82,9 @@ def run(argv=None):
         try:
             lm.memory.configure(**{name: getattr(args, name) for name in ("memory_size", "k", "chunk_size")
                                    if getattr(args, name) is not None})
-            settings = lm.memory.settings
-            if args.tokens_per_sample % settings.chunk_size:
-                raise ValueError(f"--tokens-per-sample {args.tokens_per_sample} is not a multiple of chunk_size="
-                                 f"{settings.chunk_size}: the last tokens of every segment would never reach memory")
-            if settings.mode == "release":  # each document read as 1 row: its adds are one segment each
-                ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size,
-                                                         args.tokens_per_sample)
         except ValueError as e:
             raise ConfigError(f"--memory-size/--k/--chunk-size: {e}")
+        lm.memory.check_segment(args.tokens_per_sample, rows=1)  # each document read as 1 row
         if args.precision:
             lm.decoder.set_precision(args.precision)
     if args.backbone:

@@ -119,16 +119,16 @@ class MemoryController:
                               "memory would be written and never read; build it with --use-external-memory")
         self.enabled = bool(value)
 
-    def check_segment(self, tokens_per_sample: int, rows: int = 1) -> None:
-        """Refuse, in one line, segments this memory cannot take: a length the chunk size does not divide (the
-        last tokens of every segment would never reach memory), or adds of ``rows`` segments that the release's
-        eviction cannot make room for."""
+    def check_segment(self, tokens_per_sample: int, rows: Optional[int] = 1) -> None:
+        """The one rule for the segments a memory reads (the task, every command): refused in one line, a length the
+        chunk size does not divide (the last tokens of every segment would never reach memory), or adds of ``rows``
+        segments that the release's eviction cannot make room for (``rows=None``: no add size to check)."""
         s = self.settings
         if tokens_per_sample % s.chunk_size:
-            raise ConfigError(f"--tokens-per-sample {tokens_per_sample} is not a multiple of the memory's chunk size "
-                              f"{s.chunk_size}: the last tokens of every segment would never reach memory; choose a "
-                              f"segment length that the chunk size divides")
-        if s.mode == "release":
+            raise ConfigError(f"--tokens-per-sample {tokens_per_sample} is not a multiple of --chunk-size {s.chunk_size}: "
+                              f"memory takes whole chunks, so the last {tokens_per_sample % s.chunk_size} tokens of every "
+                              f"segment would never reach it; choose a segment length that the chunk size divides")
+        if s.mode == "release" and rows:
             ChunkedMemoryBank.check_release_eviction(s.memory_size, s.chunk_size, rows * tokens_per_sample)
 
     def snapshot(self) -> dict:

@@ -24,7 +24,6 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from longmem import optim_groups
 from longmem.errors import ConfigError
-from longmem.modules.memory_bank import ChunkedMemoryBank
 from longmem.tasks.stream_dataset import StreamBatches, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -92,18 +91,13 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
     def _refuse_memory_settings_that_cannot_act(self, memory) -> None:
         """Settings that would be ignored or fail later, refused in one line before any work."""
         settings, T = memory.settings, self.args.tokens_per_sample
-        if T % settings.chunk_size:
-            raise ConfigError(f"--tokens-per-sample {T} is not a multiple of --chunk-size {settings.chunk_size}: memory "
-                              f"takes whole chunks, so the last {T % settings.chunk_size} tokens of every segment would "
-                              f"never reach it; choose a segment length that the chunk size divides")
         if self.args.memory_reset_at_document_boundary and settings.mode != "stream":
             raise ConfigError(f"--memory-reset-at-document-boundary empties one batch row's memory where its document "
                               f"ends, which needs --memory-mode stream (a memory per row); with --memory-mode "
                               f"{settings.mode} the rows share one memory and the flag would do nothing: drop it or use "
                               f"--memory-mode stream")
-        rows = self._most_rows_per_batch() if memory.enabled and settings.mode == "release" else None
-        if rows:
-            ChunkedMemoryBank.check_release_eviction(settings.memory_size, settings.chunk_size, rows * T)
+        memory.check_segment(T, rows=self._most_rows_per_batch() if memory.enabled and settings.mode == "release"
+                             else None)
 
     def _most_rows_per_batch(self):
         """The most rows a batch can hold: --batch-size, or --max-tokens // --tokens-per-sample when only the
