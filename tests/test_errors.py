@@ -190,10 +190,17 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
      "--tokens-per-sample 30 is not a multiple of --chunk-size 4"),
     (["--tokens-per-sample", "32", "--memory-mode", "shared", "--memory-reset-at-document-boundary"],
      "needs --memory-mode stream"),
+    (["--tokens-per-sample", "32", "--memory-gate-init", "nan"], "--memory-gate-init must be a finite logit"),
+    (["--tokens-per-sample", "32", "--memory-gate-init=-inf"], "--memory-gate-init must be a finite logit"),
+    (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "inf"], "--memory-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "1e30"], "--memory-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--retrieval-layer-index", "2", "--memory-layer-from-retrieval-block"],
+     "only --reload-ptm-layer copies"),
 ])
 def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle, run_cli):
-    """A segment the chunk size does not divide (its last tokens would never reach memory) and a per-row reset
-    asked of a memory the rows share (it would do nothing): one line, before training."""
+    """A segment the chunk size does not divide (its last tokens would never reach memory), a per-row reset
+    asked of a memory the rows share (it would do nothing), gate values that cannot mean anything (nan, inf, a
+    learning-rate scale of 1e30) and a flag that does nothing without another: one line, before training."""
     code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
                            "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
                            "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",

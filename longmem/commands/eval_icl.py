@@ -198,6 +198,9 @@ def run(argv=None):
     results = {}
     for name in tasks:
         spec, train, evaluation = data[name]
+        if args.max_queries and args.max_queries > len(evaluation):
+            print(f"note: {name}: --max-queries {args.max_queries} but the evaluation file holds {len(evaluation)} "
+                  f"queries: evaluating all {len(evaluation)}", file=sys.stderr, flush=True)
         evaluation = icl.query_subset(evaluation, args.max_queries, args.query_subset)
         if len({label for _, label in evaluation}) == 1 and len(spec.labels) > 1:
             print(f"warning: {name}: the {len(evaluation)} queries evaluated all hold label "

@@ -20,6 +20,7 @@ and ``lm_head`` weights, shared, frozen) and the whole backbone under ``decoder.
 import contextlib
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -110,6 +111,10 @@ class SideNetConfig(FairseqDataclass):
                 "bf16 where native. On a GPU use fairseq's --fp16 (longmem/precision.py)"})
 
 
+MAX_GATE_LR_SCALE = 1e4
+MAX_GATE_INIT = 20.0
+
+
 class SideNetDecoder(FairseqIncrementalDecoder):
     def __init__(self, cfg: SideNetConfig, dictionary, backbone: FrozenBackbone):
         super().__init__(dictionary)
@@ -137,6 +142,9 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.output_projection.weight = backbone.lm_head.weight
         self.register_buffer("version", torch.Tensor([3]))  # the released checkpoints carry decoder.version
         self._init_sidenet()
+        if getattr(cfg, "memory_layer_from_retrieval_block", False) and not cfg.reload_ptm_layer:
+            raise ConfigError("--memory-layer-from-retrieval-block chooses the backbone block the memory layer starts "
+                              "from, which only --reload-ptm-layer copies: add --reload-ptm-layer or drop the flag")
         if cfg.reload_ptm_layer:
             self.reload_from_backbone()
         self._init_gates(cfg)
@@ -192,12 +200,17 @@ class SideNetDecoder(FairseqIncrementalDecoder):
     def _init_gates(self, cfg):
         """The gates' start (--memory-gate-init) and their optimizer group (longmem/optim_groups.py)."""
         scale = float(getattr(cfg, "memory_gate_lr_scale", 1.0))
-        if not scale > 0:
-            raise ConfigError(f"--memory-gate-lr-scale must be positive, got {scale}")
+        if not (math.isfinite(scale) and 0 < scale <= MAX_GATE_LR_SCALE):
+            raise ConfigError(f"--memory-gate-lr-scale must be in (0, {MAX_GATE_LR_SCALE:g}], got {scale}: it multiplies "
+                              f"the learning rate of the gates (30 in the SmolLM2 recipe)")
+        init = float(getattr(cfg, "memory_gate_init", 0.0))
+        if not (math.isfinite(init) and abs(init) <= MAX_GATE_INIT):
+            raise ConfigError(f"--memory-gate-init must be a finite logit in [-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}], got "
+                              f"{init}: σ(±{MAX_GATE_INIT:g}) is already 0 or 1 to 9 digits")
         for layer in self.layers:
             gate = getattr(layer.self_attn, "memory_bias", None)
             if gate is not None:
-                gate.fill_(float(getattr(cfg, "memory_gate_init", 0.0)))
+                gate.fill_(init)
                 optim_groups.request(gate, lr_scale=scale, no_weight_decay=bool(getattr(cfg, "memory_gate_no_decay",
                                                                                        False)))
 

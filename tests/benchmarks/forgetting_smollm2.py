@@ -14,7 +14,7 @@ and for the model as initialised (update 0: built from the run's config, not tra
 The backbone alone is scored once. Every score is cached in ``OUT/forgetting/`` (delete a file to redo it).
 Writes the table (Markdown) and a PNG beside it, and prints both paths.
 
-    python tests/benchmarks/forgetting_smollm2.py demo_out/smollm2 [--queries 200] [--tasks sst2 mr]
+    python tests/benchmarks/forgetting_smollm2.py demo_out/smollm2 [--queries 200] [--tasks sst2 mr] [--updates 0 600]
 """
 import argparse
 import glob
@@ -100,11 +100,14 @@ def main():
     p.add_argument("out", help="a SmolLM2 recipe's output folder (configs/longmem_smollm2.sh OUT, or demo_out/smollm2)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--tasks", nargs="+", default=["sst2", "mr"])
+    p.add_argument("--updates", nargs="+", type=int, help="score only these checkpoints (by update; default: all)")
     args = p.parse_args()
     os.makedirs(os.path.join(args.out, "forgetting"), exist_ok=True)
     backbone = icl(args.out, "backbone", None, args.tasks, args.queries, ["backbone"])
     rows = []
     for updates, ckpt in checkpoints(args.out):
+        if args.updates and updates not in args.updates:
+            continue
         name = f"u{updates}"
         scores = icl(args.out, name, ckpt, args.tasks, args.queries, ["memory-off", "memory-on"])
         real = perplexity(args.out, name, ckpt, "real")
