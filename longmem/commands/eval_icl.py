@@ -105,34 +105,11 @@ def run(argv=None):
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
-    import torch
-    from fairseq.data import Dictionary
-
     from longmem.evaluation import icl
-    from longmem.evaluation.codec import TextCodec
-    from longmem.tokenizer import Tokenizer
 
-    try:
-        tasks = [icl.task_name(t) for t in args.tasks]
-        for name in tasks:  # the release's --subset: SST-2 and SST-5 are read from their dev files whatever it says
-            if args.subset and args.subset != "test" and name not in ("sst2", "sst5"):
-                raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is test")
-    except ValueError as e:
-        parser.error(str(e))
-    try:
-        tokenizer = Tokenizer(args.gpt2_bpe, args.sentencepiece_model, args.hf_tokenizer)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
-    dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
-    if dict_path is None and args.hf_tokenizer:  # the model's ids, as hf_causal_lm's `dict` writes them
-        scratch = tempfile.TemporaryDirectory(prefix="longmem_icl_")  # removed when main returns
-        dict_path = os.path.join(scratch.name, "dict.txt")
-        with open(dict_path, "w", encoding="utf-8") as f:
-            f.writelines(f"{i} 1\n" for i in range(4, tokenizer.vocab_size))
-    if not dict_path or not os.path.isfile(dict_path):
-        parser.error(f"dictionary {dict_path!r} not found: pass --dict")
-    dictionary = Dictionary.load(dict_path)
-    codec = TextCodec(dictionary, tokenizer=tokenizer)
+    tasks = checked_tasks(parser, args)
+    scratch = tempfile.TemporaryDirectory(prefix="longmem_icl_")  # a dictionary written for the run; removed at return
+    dict_path, dictionary, codec = text_setup(parser, args, scratch.name)
     no_padding = dictionary.pad() in (codec.bos, codec.eos)
     if no_padding and args.batch_size > 1 and (args.no_prefix_cache or args.k == 0):
         parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts run whole "
@@ -146,14 +123,73 @@ def run(argv=None):
         raise ConfigError(str(e)) from None
     if args.dump_prompts:
         return dump_prompts(parser, args, tasks, data, dictionary, codec)
+    models, device = load_models(parser, args, dictionary, os.path.dirname(os.path.abspath(dict_path)))
+    if no_padding:  # the pad index is a real token of every prompt (the model's bos): no position is padding
+        from longmem.models.hf_causal_lm import HFDecoder
 
-    from longmem.utils.atomic import atomic_open
+        for model in models.values():
+            for module in model.modules():
+                if isinstance(module, HFDecoder):
+                    module.mask_padding = False
+    results = {}
+    for name in tasks:
+        results[name] = evaluate_task(args, name, data[name], models, codec, dictionary, device)
+        if args.results_path:  # every finished task is kept, whatever happens to the next
+            from longmem.utils.atomic import atomic_open
+
+            with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+                json.dump({"config": vars(args), "results": results}, f, indent=2)
+    print_table(args, tasks, models, results)
+    return results
+
+
+def checked_tasks(parser, args) -> list:
+    """Our names of the tasks asked for; the release's --subset is refused where a task has no such split."""
+    from longmem.evaluation import icl
+
+    try:
+        tasks = [icl.task_name(t) for t in args.tasks]
+        for name in tasks:  # the release's --subset: SST-2 and SST-5 are read from their dev files whatever it says
+            if args.subset and args.subset != "test" and name not in ("sst2", "sst5"):
+                raise ValueError(f"{name} has no {args.subset} split here; its evaluation split is test")
+    except ValueError as e:
+        parser.error(str(e))
+    return tasks
+
+
+def text_setup(parser, args, scratch: str):
+    """(dict.txt's path, the dictionary, the text codec): the tokenizer asked for and its dictionary (with
+    --hf-tokenizer and no --dict, the model's ids written into ``scratch`` as hf_causal_lm's ``dict`` writes them)."""
+    from fairseq.data import Dictionary
+
+    from longmem.evaluation.codec import TextCodec
+    from longmem.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(args.gpt2_bpe, args.sentencepiece_model, args.hf_tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
+    if dict_path is None and args.hf_tokenizer:
+        dict_path = os.path.join(scratch, "dict.txt")
+        with open(dict_path, "w", encoding="utf-8") as f:
+            f.writelines(f"{i} 1\n" for i in range(4, tokenizer.vocab_size))
+    if not dict_path or not os.path.isfile(dict_path):
+        parser.error(f"dictionary {dict_path!r} not found: pass --dict")
+    dictionary = Dictionary.load(dict_path)
+    return dict_path, dictionary, TextCodec(dictionary, tokenizer=tokenizer)
+
+
+def load_models(parser, args, dictionary, dict_dir: str):
+    """({mode: model}, device) for the modes asked for, each checkpoint read once; with --path, the checkpoint's
+    kind (not its file name) picks its role and mode."""
+    import torch
+
     from longmem.models.loading import checkpoint_kind, load_model_for_dictionary, read_checkpoint
 
-    dict_dir = os.path.dirname(os.path.abspath(dict_path))
     lm_overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
     already_read = {}  # role -> the checkpoint as load_model_for_dictionary would read it (a file is read once)
-    if args.path:  # the release's form: the checkpoint's kind picks the checkpoint's role and mode
+    if args.path:  # the release's form
         state = read_checkpoint(args.path, {"data": dict_dir, **lm_overrides})
         kind = checkpoint_kind(state)
         if kind is None:
@@ -187,45 +223,43 @@ def run(argv=None):
         models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
         built = lm.decoder.backbone_file or "the checkpoint's config (no backbone file)"
         print(f"LongMem {args.longmem}: backbone built from {built}, then the weights the checkpoint holds", flush=True)
+    return models, device
 
-    if no_padding:  # the pad index is a real token of every prompt (the model's bos): no position is padding
-        from longmem.models.hf_causal_lm import HFDecoder
 
-        for model in models.values():
-            for module in model.modules():
-                if isinstance(module, HFDecoder):
-                    module.mask_padding = False
-    results = {}
-    for name in tasks:
-        spec, train, evaluation = data[name]
-        if args.max_queries and args.max_queries > len(evaluation):
-            print(f"note: {name}: --max-queries {args.max_queries} but the evaluation file holds {len(evaluation)} "
-                  f"queries: evaluating all {len(evaluation)}", file=sys.stderr, flush=True)
-        evaluation = icl.query_subset(evaluation, args.max_queries, args.query_subset)
-        if len({label for _, label in evaluation}) == 1 and len(spec.labels) > 1:
-            print(f"warning: {name}: the {len(evaluation)} queries evaluated all hold label "
-                  f"{spec.labels[evaluation[0][1]]!r}: the accuracy measures a bias, not the task "
-                  f"(--query-subset spread)", file=sys.stderr, flush=True)
-        head = spec.query_template.split("{text}")[1].strip()  # e.g. "Sentiment:"
-        label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
-        results[name] = {}
-        for mode, model in models.items():
-            masses = []
-            try:
-                accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
-                                    args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
-                                    on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True),
-                                    cached=not args.no_prefix_cache, masses=masses)
-            except ValueError as e:
-                raise ConfigError(f"{name} {mode}: {e}")
-            results[name][mode] = {"accuracies": accs, "mean": statistics.mean(accs),
-                                   "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-                                   "label_mass": masses, "queries": len(evaluation)}
-            print(f"Mean acc across {len(accs)} seeds: {results[name][mode]['mean']:.4f}, "
-                  f"std: {results[name][mode]['std']:.4f}   ({name}, {mode})", flush=True)
-        if args.results_path:  # every finished task is kept, whatever happens to the next
-            with atomic_open(args.results_path, "w", encoding="utf-8") as f:
-                json.dump({"config": vars(args), "results": results}, f, indent=2)
+def evaluate_task(args, name, task_data, models, codec, dictionary, device) -> dict:
+    """{mode: accuracies, mean, std, label mass, queries} of one task, each seed's line printed as the release's."""
+    from longmem.evaluation import icl
+
+    spec, train, evaluation = task_data
+    if args.max_queries and args.max_queries > len(evaluation):
+        print(f"note: {name}: --max-queries {args.max_queries} but the evaluation file holds {len(evaluation)} "
+              f"queries: evaluating all {len(evaluation)}", file=sys.stderr, flush=True)
+    evaluation = icl.query_subset(evaluation, args.max_queries, args.query_subset)
+    if len({label for _, label in evaluation}) == 1 and len(spec.labels) > 1:
+        print(f"warning: {name}: the {len(evaluation)} queries evaluated all hold label "
+              f"{spec.labels[evaluation[0][1]]!r}: the accuracy measures a bias, not the task "
+              f"(--query-subset spread)", file=sys.stderr, flush=True)
+    head = spec.query_template.split("{text}")[1].strip()  # e.g. "Sentiment:"
+    label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
+    out = {}
+    for mode, model in models.items():
+        masses = []
+        try:
+            accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
+                                args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
+                                on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True),
+                                cached=not args.no_prefix_cache, masses=masses)
+        except ValueError as e:
+            raise ConfigError(f"{name} {mode}: {e}")
+        out[mode] = {"accuracies": accs, "mean": statistics.mean(accs),
+                     "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "label_mass": masses,
+                     "queries": len(evaluation)}
+        print(f"Mean acc across {len(accs)} seeds: {out[mode]['mean']:.4f}, std: {out[mode]['std']:.4f}   "
+              f"({name}, {mode})", flush=True)
+    return out
+
+
+def print_table(args, tasks, models, results) -> None:
     print(f"\nICL accuracy (%), k={args.k} in context, cache_k={args.cache_k} in memory, seeds {args.seeds}, "
           f"scoring={args.scoring}")
     print("| task | " + " | ".join(models) + " |")
@@ -233,7 +267,6 @@ def run(argv=None):
     for name in tasks:
         print(f"| {name} | " + " | ".join(f"{100 * results[name][m]['mean']:.1f} ± {100 * results[name][m]['std']:.1f}"
                                           for m in models) + " |")
-    return results
 
 
 def dump_prompts(parser, args, tasks, data, dictionary, codec):
