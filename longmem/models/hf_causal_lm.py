@@ -131,10 +131,17 @@ def new_cache(config):
 
 def select_cache_rows(cache, index: torch.Tensor):
     """A new Hugging Face key/value cache of the rows ``index`` of ``cache``, which is left as it was (its layers
-    rebind their tensors when they change, so shallow copies of the layers are enough)."""
+    rebind their tensors when they change, so shallow copies of the layers are enough; one row copied to a batch
+    is a broadcast view, ``take_rows``)."""
+    from longmem.modules.decoding_state import take_rows
+
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
-    new.reorder_cache(index)
+    for layer in new.layers:
+        if type(layer).__name__ != "DynamicLayer":
+            layer.reorder_cache(index)  # a layer kind with more state than keys and values: its own rule
+        elif layer.get_seq_length() > 0:
+            layer.keys, layer.values = take_rows(layer.keys, index), take_rows(layer.values, index)
     return new
 
 

@@ -370,7 +370,9 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
     @staticmethod
     def cache_select(cache, index: torch.Tensor):
         """A new cache of the rows ``index`` of ``cache`` (beams reordered, a prefix copied to a batch)."""
-        return [{name: t.index_select(0, index) for name, t in layer.items()} for layer in cache]
+        from longmem.modules.decoding_state import take_rows
+
+        return [{name: take_rows(t, index) for name, t in layer.items()} for layer in cache]
 
     @property
     def token_embedding(self) -> nn.Embedding:

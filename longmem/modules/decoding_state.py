@@ -15,6 +15,15 @@ import torch
 from longmem.modules.memory_bank import ChunkedMemoryBank
 
 
+def take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The rows ``index`` of ``t``: a new tensor, or, when one row is copied to a batch (a shared prefix forked
+    for every prompt of a batch), a broadcast view of it that copies nothing (caches grow by concatenation,
+    which materializes it; nothing writes into a cache in place)."""
+    if t.size(0) == 1 and index.numel() and not bool(index.any()):
+        return t.expand(index.numel(), *t.shape[1:])
+    return t.index_select(0, index)
+
+
 @dataclass
 class DecodingState:
     window: Optional[int]                 # tokens per segment; None: the local context never slides
@@ -35,8 +44,8 @@ class DecodingState:
         """A new state of the rows ``index`` (beams reordered or dropped); ``cache_select`` is the backbone's."""
         return DecodingState(
             window=self.window, backbone_cache=cache_select(self.backbone_cache, index),
-            layer_caches=[{name: t.index_select(0, index) for name, t in c.items()} for c in self.layer_caches],
+            layer_caches=[{name: take_rows(t, index) for name, t in c.items()} for c in self.layer_caches],
             bank=None if self.bank is None else self.bank.select_streams(index),
-            tokens=self.tokens.index_select(0, index), consumed=self.consumed,
-            pending=[(k.index_select(0, index), v.index_select(0, index)) for k, v in self.pending],
+            tokens=take_rows(self.tokens, index), consumed=self.consumed,
+            pending=[(take_rows(k, index), take_rows(v, index)) for k, v in self.pending],
         )
