@@ -78,15 +78,18 @@ def build_data(run, demo, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="-- then extra fairseq-train flags")
     p.add_argument("demo", help="the demo's SmolLM2 folder (demo_out/smollm2)")
     p.add_argument("run", help="this run's folder")
     p.add_argument("--broad-encoded", help="longmem-prepare-pile --hf-tokenizer's encoded/train.bpe")
     p.add_argument("--broad-share", type=float, default=0.0, help="share of the training tokens from the broad corpus")
     p.add_argument("--piece-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then extra fairseq-train flags")
-    args = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    flags = argv[cut + 1:]  # after --: fairseq-train's
     if not 0 <= args.broad_share < 1 or (args.broad_share and not args.broad_encoded):
         p.error("--broad-share in [0, 1), with --broad-encoded")
     demo, run = os.path.abspath(args.demo), os.path.abspath(args.run)
@@ -95,7 +98,6 @@ def main():
         if not os.path.exists(os.path.join(run, name)):
             os.symlink(os.path.join(demo, name), os.path.join(run, name))
     data = build_data(run, demo, args)
-    flags = [f for f in args.flags if f != "--"]
     if not os.path.isfile(os.path.join(run, "longmem", "adapt.done")):
         env = dict(os.environ, PRESET=os.path.join(REPO, "configs", "longmem_smollm2_demo.sh"), PYTHON=sys.executable,
                    LOG_FORMAT="simple", SEED=str(args.seed), PYTHONWARNINGS="ignore")
