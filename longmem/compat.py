@@ -26,6 +26,7 @@ def apply() -> None:
     _one_line_config_errors()
     _parameter_groups()
     _resume_from_an_intact_checkpoint()
+    _one_run_per_save_dir()
 
 
 def _resume_from_an_intact_checkpoint() -> None:
@@ -65,6 +66,29 @@ def _resume_from_an_intact_checkpoint() -> None:
 
     load_checkpoint._longmem = True
     checkpoint_utils.load_checkpoint = load_checkpoint
+
+
+def _one_run_per_save_dir() -> None:
+    """fairseq-train's master checks its --save-dir before any work (``verify_checkpoint_directory``): take the
+    folder's lock there (``longmem/utils/save_lock.py``), so a second run into it refuses in one line."""
+    import importlib.util
+
+    if importlib.util.find_spec("fairseq") is None:
+        return
+    from fairseq import checkpoint_utils
+
+    if getattr(checkpoint_utils.verify_checkpoint_directory, "_longmem", False):
+        return
+    verify = checkpoint_utils.verify_checkpoint_directory
+
+    def verify_checkpoint_directory(save_dir: str) -> None:
+        from longmem.utils.save_lock import hold
+
+        hold(save_dir)
+        verify(save_dir)
+
+    verify_checkpoint_directory._longmem = True
+    checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
 
 
 def _parameter_groups() -> None:

@@ -51,6 +51,7 @@ from longmem import paths
 from longmem.errors import CommandFailed, ConfigError
 from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import check_writable, exit_on_config_error, positive_int
+from longmem.utils.processes import die_with_parent
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,8 @@ def run(cmd, env=None, capture=False):
     ``capture`` (otherwise it goes straight to the terminal, progress bars included)."""
     env = dict(os.environ if env is None else env, PYTHONWARNINGS="ignore")
     logger.info("$ %s", " ".join(map(str, cmd)))
-    proc = subprocess.run(list(map(str, cmd)), env=env, text=True, capture_output=capture)
+    proc = subprocess.run(list(map(str, cmd)), env=env, text=True, capture_output=capture,
+                          preexec_fn=die_with_parent)  # a killed demo leaves no trainer writing into its folders
     if proc.returncode != 0:
         if capture:
             sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])

@@ -211,6 +211,31 @@ def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, need
     assert not (tiny / "never" / "crash.pt").exists()
 
 
+def test_fairseq_train_refuses_a_save_dir_another_run_holds(tiny, tmp_path, run_cli):
+    """Two runs into one --save-dir would overwrite each other's checkpoints: the second refuses in one line naming
+    the PID of the first (here a process holding the folder's lock as a run does), before any work."""
+    import subprocess
+    import sys
+
+    from longmem.utils.save_lock import LOCK_NAME
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from longmem.utils.save_lock import hold; "
+                               "hold(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(tmp_path / "ckpt")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                               "--task", "language_modeling", "--arch", "newgpt-tiny",
+                               "--batch-size", "2", "--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3",
+                               "--max-update", "1", "--cpu", "--save-dir", tmp_path / "ckpt")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert_one_line_error(code, err, f"in use by another training run (PID {holder.pid}, lock "
+                                     f"{tmp_path / 'ckpt' / LOCK_NAME})")
+    assert not list((tmp_path / "ckpt").glob("*.pt"))
+
+
 @pytest.mark.parametrize("script", ["lm", "icl", "diagnose", "ablate"])
 def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script, run_cli):
     """An output under a file (a folder that can never be made) or naming a folder: refused by argparse in one
