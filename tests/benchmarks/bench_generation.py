@@ -12,7 +12,7 @@ One model (transformer_lm_sidenet_smollm2_135m as the SmolLM2 recipe builds it: 
 - **Generation**: a prompt of three windows of 256 tokens (streamed into memory), then 64 new tokens greedily,
   one at a time; tokens per second of those 64, memory on (three windows held) and off, in alternate rounds.
 
-Skipped, with a line, when the GGUF file is not there (``make demo`` or ``bash configs/longmem_smollm2.sh``
+Skipped, with a line, when the GGUF file is not there (``make demo`` or ``longmem-recipe smollm2``
 download it; or pass ``--gguf``). Writes its table into docs/benchmarks.md.
 
     python tests/benchmarks/bench_generation.py [--gguf PATH] [--uncached 6] [--cached 60] [--no-write]

@@ -12,7 +12,7 @@ model per precision (``--precision fp32`` / ``bf16``), every column of both time
 - the floor: the sum of those two;
 - the full LongMem training step, memory off and memory on (full).
 
-Skipped, with a line, when the GGUF file is not there (``bash configs/longmem_smollm2.sh`` downloads it
+Skipped, with a line, when the GGUF file is not there (``longmem-recipe smollm2`` downloads it
 to ``smollm2_out/model/``; or pass ``--gguf``). Writes its table into docs/benchmarks.md.
 
     python tests/benchmarks/bench_smollm2.py [--gguf PATH] [--repeats 5] [--no-write]
@@ -118,7 +118,7 @@ def main():
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if not os.path.isfile(args.gguf):
-        print(f"bench_smollm2: skipped: {args.gguf} is not there (bash configs/longmem_smollm2.sh downloads it)")
+        print(f"bench_smollm2: skipped: {args.gguf} is not there (longmem-recipe smollm2 downloads it)")
         return
     if not precision.native_bf16():
         print("bench_smollm2: this CPU has no native bf16: only fp32 is timed")

