@@ -270,6 +270,26 @@ def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table
     assert "marks no recurring (1) tokens" in table
 
 
+def test_ablate_memory_refuses_a_segment_memory_cannot_take_before_any_row_and_leaves_out_rows_that_cannot(
+        tiny, tmp_path, run_cli):
+    """The trained chunk (4) does not divide 31: refused in one line before any row is scored, as longmem-eval-lm
+    refuses it. With 36 tokens, the chunk-size row 8 cannot run: left out with a line, the others scored."""
+    lines = (tiny / "docs.txt").read_text().splitlines()
+    (tmp_path / "m.mask").write_text("".join(" ".join(["1"] * len(line.split())) + "\n" for line in lines))
+    script = os.path.join(REPO, "eval_scripts", "ablate_memory.py")
+    common = [tiny / "bin", "--longmem", tiny / "longmem.pt", "--token-mask", tmp_path / "m.mask", "--knobs",
+              "chunk_size", "--output", tmp_path / "abl.md"]
+    code, stdout, err = run_cli(script, *common, "--tokens-per-sample", "31")
+    assert_one_line_error(code, err, "--tokens-per-sample 31 is not a multiple of --chunk-size 4")
+    assert not (tmp_path / "abl.md").exists() and "| memory off" not in stdout
+    code, stdout, err = run_cli(script, *common, "--tokens-per-sample", "36")
+    assert code == 0, err[-2000:]
+    assert "row chunk_size=8 left out: --tokens-per-sample 36 is not a multiple of --chunk-size 8" in err
+    values = [line.split("|")[2].strip() for line in (tmp_path / "abl.md").read_text().splitlines()
+              if line.startswith("| chunk_size |")]
+    assert values == ["1", "2", "4 (trained)"]
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--min-gap", "4000", "--doc-tokens", "512"], "leaves no room for a recurrence"),
     (["--pool-size", "2", "--pairs", "5"], "cannot be drawn from a pool of 2 words"),

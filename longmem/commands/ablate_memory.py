@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import time
+import sys
 import warnings
 
+from longmem.errors import ConfigError
 from longmem.utils.cli import exit_on_config_error, output_file, positive_int
 
 GRID = {"memory_size": [256, 512, 1024, 2048, 8192], "chunk_size": [1, 2, 4, 8], "k": [4, 8, 16, 32, 64]}
@@ -51,6 +53,7 @@ def run(argv=None):
         rows += [(knob, value, {**trained, knob: value}) for value in GRID[knob]
                  if value >= 1 and not (knob == "k" and value % trained["chunk_size"])
                  and not (knob == "chunk_size" and trained["k"] % value)]
+    rows = rows_that_can_run(model, rows, args.tokens_per_sample)
     results = []
     for knob, value, settings in tqdm(rows, desc="ablation rows", unit="row"):
         start = time.time()
@@ -82,6 +85,23 @@ def run(argv=None):
         with atomic_open(os.path.splitext(args.output)[0] + ".json", "w", encoding="utf-8") as f:
             json.dump({"trained": trained, "rows": results}, f, indent=2)
     return results
+
+
+def rows_that_can_run(model, rows, tokens_per_sample: int) -> list:
+    """The rows whose memory can read segments of ``tokens_per_sample`` tokens (``MemoryController.check_segment``,
+    the rule training and longmem-eval-lm apply), checked before any row is scored: the trained settings refused in
+    one line when they cannot; another row that cannot is left out with a line saying why."""
+    model.memory.check_segment(tokens_per_sample, rows=1)  # the trained settings: a ConfigError ends the command
+    kept = []
+    for knob, value, settings in rows:
+        try:
+            with model.memory.configured(**(settings or {})):
+                model.memory.check_segment(tokens_per_sample, rows=1)
+        except ConfigError as e:
+            print(f"row {knob}={value} left out: {e}", file=sys.stderr, flush=True)
+            continue
+        kept.append((knob, value, settings))
+    return kept
 
 
 def fmt(ppl) -> str:
