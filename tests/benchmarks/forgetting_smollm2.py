@@ -57,6 +57,7 @@ def initial_checkpoint(out):
         return path
     import torch
     from fairseq import checkpoint_utils, tasks
+    from omegaconf import OmegaConf
 
     import longmem  # noqa: F401
     from longmem.utils.atomic import atomic_open
@@ -66,6 +67,8 @@ def initial_checkpoint(out):
     torch.manual_seed(cfg.common.seed)
     model = tasks.setup_task(cfg.task).build_model(cfg.model)
     state["model"] = model.state_dict()
+    # as fairseq's trainer saves it: a plain container (a DictConfig would not load under weights_only)
+    state["cfg"] = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     state["last_optimizer_state"] = None
     state["optimizer_history"][-1]["num_updates"] = 0
     with atomic_open(path, "wb") as f:
