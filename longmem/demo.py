@@ -48,7 +48,7 @@ from collections import Counter
 
 from longmem import paths
 from longmem.errors import ConfigError
-from longmem.utils.atomic import atomic_open
+from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import check_writable, exit_on_config_error, positive_int
 from longmem.stages import Stage, read_preset, run
 
@@ -117,13 +117,10 @@ def binarize(out, bpe, longrange, workers):
                     (data_bin, (backbone_train, os.path.join(bpe, "valid.bpe"), os.path.join(bpe, "test.bpe")), []),
                     (lr_bin, [os.path.join(longrange, f"{x}.bpe") for x in ("train", "valid", "test")],
                      ["--srcdict", os.path.join(data_bin, "dict.txt")])):
-                tmp = dest + ".tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", prefixes[0],
-                     "--validpref", prefixes[1], "--testpref", prefixes[2], "--destdir", tmp, "--workers", workers,
-                     *extra])
-                shutil.rmtree(dest, ignore_errors=True)
-                os.replace(tmp, dest)  # the stage's output appears whole or not at all
+                with atomic_dir(dest) as tmp:  # the stage's output appears whole or not at all
+                    run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", prefixes[0],
+                         "--validpref", prefixes[1], "--testpref", prefixes[2], "--destdir", tmp, "--workers",
+                         workers, *extra])
     return data_bin, lr_bin
 
 

@@ -28,12 +28,10 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections import Counter
 
 from longmem.errors import ConfigError
-from longmem.utils.atomic import atomic_open
+from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import exit_on_config_error
 from longmem.utils.processes import exit_on_sigterm
 
@@ -323,24 +321,12 @@ def run(argv=None):
         if not os.path.isfile(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
-    out = os.path.abspath(args.out)
     # built in a staging folder beside --out, which replaces --out only when everything is written: a failed
     # run leaves the previous output whole, never a mix of two runs
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    args.out = tempfile.mkdtemp(prefix=os.path.basename(out) + ".staging-", dir=os.path.dirname(out))
     exit_on_sigterm()  # SystemExit: the staging folder goes too
-    try:
+    with atomic_dir(args.out) as staging:
+        args.out = staging
         build(args)
-        old = out + ".old" if os.path.exists(out) else None
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(args.out, out)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(args.out, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

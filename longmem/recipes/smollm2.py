@@ -15,13 +15,12 @@ adaptation resumes):
 """
 import argparse
 import os
-import shutil
 import sys
 import zipfile
 
 from longmem.errors import ConfigError
 from longmem.stages import Stage, read_preset, run
-from longmem.utils.atomic import atomic_open
+from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,12 +108,9 @@ def data_stage(out: str, tokens: str) -> None:
         if st.cached:
             return
         for name, prefixes in sets.items():
-            dest = os.path.join(out, f"data-bin-{name}")
-            shutil.rmtree(dest + ".tmp", ignore_errors=True)
-            run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
-                 os.path.join(tokens, "dict.txt"), "--destdir", dest + ".tmp", "--workers", "2", *prefixes])
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(dest + ".tmp", dest)
+            with atomic_dir(os.path.join(out, f"data-bin-{name}")) as staging:
+                run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
+                     os.path.join(tokens, "dict.txt"), "--destdir", staging, "--workers", "2", *prefixes])
 
 
 def longmem_stage(out: str, model: str, cfg: dict, preset: str, seed: int) -> str:
