@@ -175,9 +175,10 @@ def text_setup(parser, args, scratch: str):
         parser.error(str(e))
     dict_path = args.dict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
     if dict_path is None and args.hf_tokenizer:
+        from longmem.commands.hf_tokens import write_dictionary
+
         dict_path = os.path.join(scratch, "dict.txt")
-        with open(dict_path, "w", encoding="utf-8") as f:
-            f.writelines(f"{i} 1\n" for i in range(4, tokenizer.vocab_size))
+        write_dictionary(tokenizer.vocab_size, dict_path)
     if not dict_path or not os.path.isfile(dict_path):
         parser.error(f"dictionary {dict_path!r} not found: pass --dict")
     dictionary = Dictionary.load(dict_path)
