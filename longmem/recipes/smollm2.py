@@ -113,7 +113,7 @@ def data_stage(out: str, tokens: str) -> None:
                      os.path.join(tokens, "dict.txt"), "--destdir", staging, "--workers", "2", *prefixes])
 
 
-def longmem_stage(out: str, model: str, cfg: dict, preset: str, seed: int) -> str:
+def longmem_stage(out: str, model: str, preset: str, seed: int) -> str:
     save = os.path.join(out, "longmem")
     with Stage("longmem", os.path.join(save, "adapt.done")) as st:
         if not st.cached:
@@ -164,7 +164,7 @@ def run_recipe(args, cfg: dict) -> str:
     steps = [("corpus", lambda: corpus_stage(out)),
              ("tokens", lambda: tokens_stage(out, model, os.path.join(out, "corpus"), cfg, args.seed)),
              ("data-bin", lambda: data_stage(out, os.path.join(out, "tokens"))),
-             ("longmem", lambda: longmem_stage(out, model, cfg, args.preset, args.seed)),
+             ("longmem", lambda: longmem_stage(out, model, args.preset, args.seed)),
              ("evaluate", lambda: evaluate_stage(out, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
     if args.until == "model":
         return out
