@@ -194,6 +194,8 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--memory-gate-init=-inf"], "--memory-gate-init must be a finite logit"),
     (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "inf"], "--memory-gate-lr-scale must be in (0, 10000]"),
     (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "1e30"], "--memory-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--start-as-backbone", "--output-gate-lr-scale", "0"],
+     "--output-gate-lr-scale must be in (0, 10000]"),
     (["--tokens-per-sample", "32", "--retrieval-layer-index", "2", "--memory-layer-from-retrieval-block"],
      "only --reload-ptm-layer copies"),
 ])

@@ -85,3 +85,38 @@ def test_the_criterion_adds_the_weighted_term_and_is_zero_for_a_model_that_start
     assert float(log1["kl"]) > 0.01 and abs(float(loss1) - float(loss0) - 0.5 * float(log1["kl"])) < 1e-3
     with pytest.raises(Exception, match="distill-weight"):
         LongMemCrossEntropyCriterion(task, sentence_avg=False, distill_weight=float("nan"))
+
+
+def test_the_output_gate_gets_its_own_learning_rate_and_no_decay(make_sidenet, make_dictionary):
+    """--output-gate-lr-scale s: the output gate leaves fairseq's one group for a group of its own whose learning
+    rate is s times the schedule's and whose weight decay is 0, so Adam's first step moves it by s * lr (Adam's
+    first step is lr * g / |g| per coordinate) while a SideNet weight moves by lr."""
+    from longmem import optim_groups
+    from longmem.errors import ConfigError
+
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=False, start_as_backbone=True, reload_ptm_layer=True,
+                            output_gate_lr_scale=10.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = 1e-3
+    wrapped = SimpleNamespace(optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.1, eps=1e-16))
+    wrapped.param_groups = wrapped.optimizer.param_groups
+    optim_groups.split(wrapped)
+    gate = model.decoder.output_gate
+    own = [g for g in wrapped.param_groups if any(p is gate for p in g["params"])]
+    assert len(own) == 1 and own[0]["params"] == [gate] and own[0]["weight_decay"] == 0.0
+    assert own[0]["lr"] == pytest.approx(10 * lr) and wrapped.param_groups[0]["lr"] == pytest.approx(lr)
+    tokens = torch.randint(4, len(d), (2, 12))
+    # the gate starts at 0, so the SideNet's weights get no gradient yet: nudge the gate to see both move
+    with torch.no_grad():
+        gate.fill_(0.5)
+    before = {id(p): p.detach().clone() for p in params}
+    torch.nn.functional.cross_entropy(model(tokens)[0].flatten(0, 1), torch.randint(4, len(d), (24,))).backward()
+    wrapped.optimizer.step()
+    moved = (gate.detach() - before[id(gate)]).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 10 * lr), rtol=1e-4, atol=0)
+    weight = next(p for p in model.decoder.layers.parameters() if p.dim() == 2)
+    step = (weight.detach() - before[id(weight)] * (1 - lr * 0.1)).abs()  # decoupled decay, then lr * sign
+    assert float(step[step > 0].max()) == pytest.approx(lr, rel=1e-3)
+    with pytest.raises(ConfigError, match="--output-gate-lr-scale must be in"):
+        make_sidenet(d, use_external_memory=False, start_as_backbone=True, output_gate_lr_scale=float("inf"))

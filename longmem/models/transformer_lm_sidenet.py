@@ -105,6 +105,10 @@ class SideNetConfig(FairseqDataclass):
         "help": "the output is the backbone's final hidden state plus a per-channel gate (starting at 0) times the "
                 "SideNet's: at step 0 the model is the backbone exactly and training only adds to it (the release "
                 "decodes the SideNet's output alone)"})
+    output_gate_lr_scale: float = field(default=1.0, metadata={
+        "help": "with --start-as-backbone: the output gate's learning rate is the schedule's times this, with no "
+                "weight decay (1: the gate trains with every other parameter). Adam moves a parameter about one "
+                "learning rate a step, so a gate starting at 0 stays small unless this is large"})
     precision: PRECISIONS = field(default="fp32", metadata={
         "help": "CPU arithmetic: fp32; bf16 (the backbone in a bf16 copy, the SideNet under autocast with fp32 "
                 "master weights, memory in bf16) where the CPU has native bf16, else fp32 with a warning; auto: "
@@ -207,6 +211,12 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if not (math.isfinite(init) and abs(init) <= MAX_GATE_INIT):
             raise ConfigError(f"--memory-gate-init must be a finite logit in [-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}], got "
                               f"{init}: σ(±{MAX_GATE_INIT:g}) is already 0 or 1 to 9 digits")
+        output_scale = float(getattr(cfg, "output_gate_lr_scale", 1.0))
+        if not (math.isfinite(output_scale) and 0 < output_scale <= MAX_GATE_LR_SCALE):
+            raise ConfigError(f"--output-gate-lr-scale must be in (0, {MAX_GATE_LR_SCALE:g}], got {output_scale}: it "
+                              f"multiplies the learning rate of --start-as-backbone's output gate")
+        if getattr(self, "output_gate", None) is not None and output_scale != 1.0:
+            optim_groups.request(self.output_gate, lr_scale=output_scale, no_weight_decay=True)
         for layer in self.layers:
             gate = getattr(layer.self_attn, "memory_bias", None)
             if gate is not None:
