@@ -24,7 +24,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -206,29 +205,20 @@ def run(argv=None):
     weights = read_weights(args.weights) if args.weights else {}
     encoder = Encoder(args.gpt2_bpe, args.sentencepiece_model, args.hf_tokenizer)  # fail early on missing files
     srcdict = args.srcdict or (os.path.join(args.gpt2_bpe, "dict.txt") if args.gpt2_bpe else None)
-    if srcdict is None and args.hf_tokenizer:
-        srcdict = hf_dictionary(encoder.tokenizer.vocab_size)
-    if not args.no_binarize and (not srcdict or not os.path.isfile(srcdict)):
+    hf_vocab = encoder.tokenizer.vocab_size if srcdict is None and args.hf_tokenizer else None
+    if not args.no_binarize and hf_vocab is None and (not srcdict or not os.path.isfile(srcdict)):
         raise ConfigError(f"dictionary {srcdict!r} does not exist: pass --srcdict (the backbone's dict.txt)")
 
     # everything is written into a fresh folder beside --destdir, which replaces it only at the end: a
     # failed run leaves the previous output as it was
     exit_on_sigterm()  # SystemExit: the staging folder goes too
     with atomic_dir(args.destdir) as staging:
+        if hf_vocab is not None:  # the tokenizer's ids, written into the output (fairseq-preprocess keeps it there)
+            from longmem.commands.hf_tokens import write_dictionary
+
+            srcdict = os.path.join(staging, "dict.txt")
+            write_dictionary(hf_vocab, srcdict)
         return build(args, weights, srcdict, staging)
-
-
-def hf_dictionary(vocab_size: int) -> str:
-    """A temporary dict.txt of a Hugging Face tokenizer's ids (``fairseq-preprocess`` copies it into --destdir)."""
-    import atexit
-
-    from longmem.commands.hf_tokens import write_dictionary
-
-    fd, path = tempfile.mkstemp(prefix="hf-dict-", suffix=".txt")
-    os.close(fd)
-    atexit.register(lambda: os.path.exists(path) and os.remove(path))
-    write_dictionary(vocab_size, path)
-    return path
 
 
 def check_split_paths(args) -> None:
@@ -289,8 +279,6 @@ def stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
     """Encode every shard, check the splits, binarize into ``destdir``; returns the report."""
-    from tqdm import tqdm
-
     workdir = args.workdir or os.path.join(destdir, "encoded")
     os.makedirs(workdir, exist_ok=True)
     jobs = []
@@ -298,11 +286,37 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
         for i, shard in enumerate(getattr(args, split)):
             jobs.append((shard, os.path.join(workdir, f"{split}.{i:05d}.bpe"), weights, args.default_weight,
                          args.seed, (args.gpt2_bpe, args.sentencepiece_model, getattr(args, "hf_tokenizer", None))))
+    report = encode_shards(jobs, args.workers)
+    report["weights_for_unseen_subsets"] = sorted(set(weights) - set(report["seen"]))
+    with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+        json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
+    log_report(report)
+    empty = [split for split in SPLITS if getattr(args, split) and not report["kept_per_split"][split]]
+    if empty:
+        raise ConfigError(f"split(s) {', '.join(empty)} kept no document (see the subsets seen and kept above): "
+                         f"check the shards and --weights / --default-weight; nothing was written to --destdir")
+    for split in SPLITS:  # one text file per split, shards in the order given
+        parts = [j[1] for j in jobs if os.path.basename(j[1]).startswith(split + ".")]
+        if parts:
+            with atomic_open(os.path.join(workdir, f"{split}.bpe"), "w", encoding="utf-8") as out:
+                for part in parts:
+                    with open(part, encoding="utf-8") as f:
+                        for line in f:
+                            out.write("<s> " + line if getattr(args, "bos_each_line", False) else line)
+    if not args.no_binarize:
+        binarize(args, srcdict, destdir, workdir)
+    return report
+
+
+def encode_shards(jobs, workers: int) -> dict:
+    """Every shard encoded (``process_shard``) by a pool of processes; the counts summed over shards."""
+    from tqdm import tqdm
+
     report = {"malformed": 0, "malformed_examples": [], "seen": Counter(), "kept": Counter(), "lines": 0,
               "undecodable_lines": 0, "kept_per_split": Counter()}
     # a process pool that fails when a worker dies (killed, out of memory) instead of waiting for it forever, as
     # multiprocessing.Pool does; with fork, the first submit starts every worker, from this thread
-    workers = max(1, min(args.workers, len(jobs)))
+    workers = max(1, min(workers, len(jobs)))
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=die_with_parent)
     try:
         with sigterm_not_lost():  # a SIGTERM handled inside the fork would be lost
@@ -321,9 +335,10 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
                           f"{workers} workers each hold one shard's documents); rerun with fewer --workers") from None
     finally:
         stop_pool(pool)
-    report["weights_for_unseen_subsets"] = sorted(set(weights) - set(report["seen"]))
-    with atomic_open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({k: dict(v) if isinstance(v, Counter) else v for k, v in report.items()}, f, indent=2)
+    return report
+
+
+def log_report(report: dict) -> None:
     logger.info("%d lines read, %d malformed (skipped), %d with bytes that are not UTF-8 (replaced)%s",
                 report["lines"], report["malformed"], report["undecodable_lines"],
                 "".join(f"\n  {e}" for e in report["malformed_examples"][:5]))
@@ -332,21 +347,10 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
     if report["weights_for_unseen_subsets"]:
         logger.warning("--weights names %d subset(s) that no shard holds (ignored): %s",
                        len(report["weights_for_unseen_subsets"]), ", ".join(report["weights_for_unseen_subsets"]))
-    empty = [split for split in SPLITS if getattr(args, split) and not report["kept_per_split"][split]]
-    if empty:
-        raise ConfigError(f"split(s) {', '.join(empty)} kept no document (see the subsets seen and kept above): "
-                         f"check the shards and --weights / --default-weight; nothing was written to --destdir")
 
-    for split in SPLITS:  # one text file per split, shards in the order given
-        parts = [j[1] for j in jobs if os.path.basename(j[1]).startswith(split + ".")]
-        if parts:
-            with atomic_open(os.path.join(workdir, f"{split}.bpe"), "w", encoding="utf-8") as out:
-                for part in parts:
-                    with open(part, encoding="utf-8") as f:
-                        for line in f:
-                            out.write("<s> " + line if getattr(args, "bos_each_line", False) else line)
-    if args.no_binarize:
-        return report
+
+def binarize(args, srcdict: str, destdir: str, workdir: str) -> None:
+    """``fairseq-preprocess`` of the splits' encoded text into ``destdir``, a child that dies with this process."""
     cmd = [sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", srcdict,
            "--destdir", destdir, "--workers", str(args.workers)]
     for split, flag in (("train", "--trainpref"), ("valid", "--validpref"), ("test", "--testpref")):
@@ -365,7 +369,6 @@ def build(args, weights: dict, srcdict: str, destdir: str) -> dict:
         raise
     if returncode != 0:
         raise ConfigError("fairseq-preprocess failed (its message is above); nothing was written to --destdir")
-    return report
 
 
 if __name__ == "__main__":
