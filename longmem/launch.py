@@ -89,8 +89,8 @@ def port_number(text: str) -> int:
     return port
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv):
+    """(launcher arguments, fairseq-train's arguments), checked; a free port found when none is given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 usage="%(prog)s [--nproc N ...] -- FAIRSEQ_TRAIN_ARGS...")
     p.add_argument("--nproc", type=positive_int, default=1, help="processes on this node (one per GPU on GPUs)")
@@ -105,7 +105,6 @@ def main(argv=None):
         p.error("give fairseq-train's arguments after --")
     cut = argv.index("--")
     args = p.parse_args(argv[:cut])
-    train_args = argv[cut + 1:]
     if not 0 <= args.node_rank < args.nnodes:
         p.error(f"--node-rank {args.node_rank} must be in [0, {args.nnodes - 1}]")
     if args.nnodes > 1 and not args.master_port:
@@ -115,16 +114,25 @@ def main(argv=None):
         p.error(f"--master-port {args.master_port} is already in use on {args.master_addr}: choose another, or leave "
                 f"it out and a free one is found")
     args.master_port = args.master_port or free_port()
+    return args, argv[cut + 1:]
+
+
+def main(argv=None):
+    args, train_args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    cuda = torch.cuda.is_available() and "--cpu" not in train_args
-    procs = commands(args, train_args, cuda)
+    procs = commands(args, train_args, torch.cuda.is_available() and "--cpu" not in train_args)
     if args.dry_run:
         for _, cmd in procs:
             print(" ".join(cmd))
         return 0
     if len(procs) == 1 and procs[0][0] is None:
         os.execv(sys.executable, procs[0][1])
+    return supervise(procs)
+
+
+def supervise(procs) -> int:
+    """Start every rank, relay its output, stop them all when one fails or a signal arrives; the exit code."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _raise_stopped)
     running = []
@@ -151,7 +159,6 @@ def main(argv=None):
         print(f"longmem.launch: rank {failed[0]} failed with exit code {failed[1]}; the other ranks were stopped",
               file=sys.stderr)
     return failed[1] if failed else 0
-
 
 def _wait(running):
     """Until every rank ended (None) or one failed ((rank, code)); ended ranks leave ``running``."""

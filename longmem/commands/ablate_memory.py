@@ -10,14 +10,12 @@ settings and reads every document from an empty memory. Writes a Markdown table 
 """
 import argparse
 import json
-import logging
 import os
 import time
 import sys
-import warnings
 
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int, quiet_libraries
 
 GRID = {"memory_size": [256, 512, 1024, 2048, 8192], "chunk_size": [1, 2, 4, 8], "k": [4, 8, 16, 32, 64]}
 
@@ -36,8 +34,7 @@ def run(argv=None):
     p.add_argument("--knobs", nargs="+", default=list(GRID), choices=list(GRID))
     p.add_argument("--output", type=output_file, help="Markdown file for the table (a .json beside it)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     from tqdm import tqdm
 
     from longmem.evaluation.lm import evaluate, load_split, load_token_marks
@@ -64,6 +61,17 @@ def run(argv=None):
                         "recurring": r["ppl_by_mark"].get(1), "queried": r["ppl_by_mark"].get(2),
                         "seconds": round(time.time() - start, 1)})
 
+    table = ablation_table(results, trained, args)
+    print(table)
+    if args.output:
+        with atomic_open(args.output, "w", encoding="utf-8") as f:
+            f.write(table)
+        with atomic_open(os.path.splitext(args.output)[0] + ".json", "w", encoding="utf-8") as f:
+            json.dump({"trained": trained, "rows": results}, f, indent=2)
+    return results
+
+
+def ablation_table(results, trained, args) -> str:
     lines = [f"Checkpoint trained with memory_size={trained['memory_size']}, chunk_size={trained['chunk_size']}, "
              f"k={trained['k']}; each row changes one knob at evaluation. Held-out long-range set "
              f"({args.gen_subset}), segments of {args.tokens_per_sample} tokens, memory emptied per document.",
@@ -78,13 +86,7 @@ def run(argv=None):
                if results[0][key] is None]
     if missing:
         table += f"\n(The mask marks no {' and no '.join(missing)} tokens: those columns are empty.)\n"
-    print(table)
-    if args.output:
-        with atomic_open(args.output, "w", encoding="utf-8") as f:
-            f.write(table)
-        with atomic_open(os.path.splitext(args.output)[0] + ".json", "w", encoding="utf-8") as f:
-            json.dump({"trained": trained, "rows": results}, f, indent=2)
-    return results
+    return table
 
 
 def rows_that_can_run(model, rows, tokens_per_sample: int) -> list:

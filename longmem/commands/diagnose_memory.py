@@ -18,11 +18,9 @@ and with both. Retrieval is what the oracle fixes, the gate what forcing fixes, 
 """
 import argparse
 import json
-import logging
-import warnings
 
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int, quiet_libraries
 
 
 def main(argv=None):
@@ -45,8 +43,7 @@ def run(argv=None):
     args = p.parse_args(argv)
     if not 0.0 < args.finding_hit_rate <= 1.0:
         p.error(f"--finding-hit-rate must be in (0, 1], got {args.finding_hit_rate}")
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     from longmem.evaluation.diagnostics import retrieval_hits
     from longmem.evaluation.lm import load_split, load_token_marks
     from longmem.utils.atomic import atomic_open

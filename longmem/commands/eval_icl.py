@@ -21,22 +21,20 @@ GPT-2 BPE and the datasets shipped in data/, chunk size 2 and the release's memo
 """
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
 import tempfile
-import warnings
 
 from longmem import paths
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, non_negative_int, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, non_negative_int, output_file, positive_int, quiet_libraries
 
 MODES = ["backbone", "memory-off", "memory-on"]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p) -> None:
+    """What is scored: the tasks, the modes, the checkpoints and their tokenizer."""
     p.add_argument("--data-dir", default=paths.ICL,
                    help="the ICL datasets in the released layout (default: data/icl of this repository)")
     p.add_argument("--tasks", nargs="+", help="default: all five; with --path, SST-2 as in the release")
@@ -51,6 +49,10 @@ def parse_args(argv=None):
                    help="a Hugging Face model's own tokenizer (its .gguf file or folder), instead of GPT-2 BPE, for "
                         "hf_causal_lm backbones and their LongMem checkpoints: the model's ids, its bos/eos in place of "
                         "<s>/</s> (default --dict: the model's ids, as `longmem-hf-tokens dict`)")
+
+
+def add_protocol_arguments(p) -> None:
+    """How it is scored: demonstrations in context and in memory, the memory, seeds, queries, batching."""
     p.add_argument("--k", type=non_negative_int, default=20, help="demonstrations in context")
     p.add_argument("--cache-k", type=non_negative_int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=positive_int, default=1024, help="tokens per block written to memory")
@@ -74,6 +76,12 @@ def parse_args(argv=None):
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="run every prompt whole, the in-context demonstrations again for each query (the reference the "
                         "default is tested against: it computes the demonstrations' keys and values once per seed)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    add_protocol_arguments(p)
     p.add_argument("--results-path", type=output_file, help="JSON, rewritten after every finished task")
     p.add_argument("--dump-prompts", type=output_file, metavar="FILE",
                    help="write one task and seed's memory blocks and first 5 query prompts (dictionary indices) "
@@ -107,8 +115,7 @@ def main(argv=None):
 
 def run(argv=None):
     parser, args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     from longmem.evaluation import icl
 
     tasks = checked_tasks(parser, args)

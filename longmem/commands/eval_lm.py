@@ -10,12 +10,10 @@ LongMem with memory on (--longmem, same weights). Writes a JSON file and a PNG o
 """
 import argparse
 import json
-import logging
 import os
-import warnings
 
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, output_file, positive_int, quiet_libraries
 
 
 def plot(results, path):
@@ -43,7 +41,7 @@ def main(argv=None):
     return exit_on_config_error(run, argv)
 
 
-def run(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="fairseq data-bin folder (dict.txt and the split)")
     p.add_argument("--gen-subset", default="test")
@@ -61,21 +59,15 @@ def run(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
                    help="LongMem: CPU arithmetic at evaluation (default: the checkpoint's --precision)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
     if not (args.backbone or args.longmem):
         raise ConfigError("nothing to evaluate: pass --backbone and/or --longmem")
-    from tqdm import tqdm
+    return args
 
-    from longmem.evaluation.lm import evaluate, load_split, load_token_marks
-    from longmem.utils.atomic import atomic_open
+
+def load_models(args, dictionary, device) -> dict:
+    """{row name: (model, memory on?)}: the backbone alone, LongMem with memory off and on (one model)."""
     from longmem.models.loading import load_model_for_dictionary
 
-    dictionary, stream = load_split(args.data, args.gen_subset)
-    marks = load_token_marks(args.token_mask, stream, args.gen_subset) if args.token_mask else None
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     models = {}
     if args.longmem:  # first: a bad memory setting is refused before any model is scored
         lm = load_model_for_dictionary(args.longmem, dictionary, args.data, device, expect="longmem")
@@ -93,33 +85,52 @@ def run(argv=None):
     if args.longmem:
         models["LongMem, memory off"] = (lm, False)
         models["LongMem, memory on"] = (lm, True)
-    results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm, marks=marks)
+    return models
 
+
+def print_table(results, args, marked: bool) -> None:
     names = list(results["models"])
     print(f"\n{results['documents']} documents of {args.gen_subset}, segments of {args.tokens_per_sample} tokens")
     print("| perplexity | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
-    print("| all | " + " | ".join(f"{results['models'][n]['ppl']:.2f}" for n in names) + " |")
+
+    def row(label, value):
+        print(f"| {label} | " + " | ".join(f"{value(results['models'][n]):.2f}" for n in names) + " |")
+
+    row("all", lambda r: r["ppl"])
     first = results["models"][names[0]]
-    if marks is not None:
-        print(f"| marked tokens ({first['tokens_marked']:,}) | "
-              + " | ".join(f"{results['models'][n]['ppl_marked']:.2f}" for n in names) + " |")
+    if marked:
+        row(f"marked tokens ({first['tokens_marked']:,})", lambda r: r["ppl_marked"])
         for value, count in first["tokens_by_mark"].items():
-            print(f"| tokens marked {value} ({count:,}) | "
-                  + " | ".join(f"{results['models'][n]['ppl_by_mark'][value]:.2f}" for n in names) + " |")
-        print("| other tokens | " + " | ".join(f"{results['models'][n]['ppl_unmarked']:.2f}" for n in names) + " |")
+            row(f"tokens marked {value} ({count:,})", lambda r, v=value: r["ppl_by_mark"][v])
+        row("other tokens", lambda r: r["ppl_unmarked"])
     for bucket, count in first["tokens_by_length"].items():
-        print(f"| documents {bucket} ({count:,} tokens) | "
-              + " | ".join(f"{results['models'][n]['by_length'][bucket]:.2f}" for n in names) + " |")
+        row(f"documents {bucket} ({count:,} tokens)", lambda r, b=bucket: r["by_length"][b])
     for pos in first["by_position"]:
-        print(f"| position {pos} | " + " | ".join(f"{results['models'][n]['by_position'][pos]:.2f}" for n in names) + " |")
+        row(f"position {pos}", lambda r, p=pos: r["by_position"][p])
+
+
+def run(argv=None):
+    args = parse_args(argv)
+    quiet_libraries()
+    import torch
+    from tqdm import tqdm
+
+    from longmem.evaluation.lm import evaluate, load_split, load_token_marks
+    from longmem.utils.atomic import atomic_open
+
+    dictionary, stream = load_split(args.data, args.gen_subset)
+    marks = load_token_marks(args.token_mask, stream, args.gen_subset) if args.token_mask else None
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    models = load_models(args, dictionary, device)
+    results = evaluate(models, stream, args.tokens_per_sample, dictionary.eos(), progress=tqdm, marks=marks)
+    print_table(results, args, marks is not None)
     if args.results_path:
         with atomic_open(args.results_path, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
     if args.plot:
         plot(results, args.plot)
     return results
-
 
 if __name__ == "__main__":
     main()

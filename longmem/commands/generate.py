@@ -14,15 +14,13 @@ dictionary: --dict, default dict.txt of the data folder the checkpoint was train
 """
 import argparse
 import json
-import logging
 import math
 import os
 import sys
-import warnings
 
 from longmem import paths
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int, quiet_libraries
 
 MAX_UNKNOWN_SHARE = 0.05  # <unk> in the prompt past this: the tokenizer does not match the dictionary
 
@@ -172,8 +170,7 @@ def main(argv=None):
 
 def run(argv=None):
     parser, args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     text = read_prompt(parser, args)
     kind, state, model_cfg, task_cfg = checkpoint_settings(parser, args)
     if kind == "backbone" and args.memory == "on":

@@ -13,15 +13,13 @@ the backbone's own tokenizer and the checkpoint's data folder's dict.txt).
 """
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from typing import List
 
 from longmem.commands.generate import checkpoint_dictionary, checkpoint_settings, choose_tokenizer
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int
+from longmem.utils.cli import exit_on_config_error, input_file, output_file, positive_int, quiet_libraries
 
 
 def parse_args(argv=None):
@@ -74,8 +72,7 @@ def main(argv=None):
 
 def run(argv=None):
     parser, args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     kind, state, model_cfg, task_cfg = checkpoint_settings(parser, args)
     if kind != "longmem":
         parser.error(f"{args.checkpoint} is a backbone checkpoint: give a LongMem checkpoint")

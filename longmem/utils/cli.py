@@ -114,3 +114,12 @@ def check_writable(parser: argparse.ArgumentParser, flag: str, path: str) -> Non
         output_file(path)
     except argparse.ArgumentTypeError as e:
         parser.error(f"{flag}: {e}")
+
+
+def quiet_libraries() -> None:
+    """A command's output is its own: library warnings off, library logging from WARNING up."""
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
