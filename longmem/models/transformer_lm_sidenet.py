@@ -37,6 +37,7 @@ from omegaconf import DictConfig, open_dict
 
 from longmem import optim_groups, precision
 from longmem.errors import ConfigError
+from longmem.models.arch_defaults import arch_defaults
 from longmem.models.backbone import FAMILIES, FrozenBackbone, load_backbone
 from longmem.models.layer_map import LayerMap
 from longmem.modules.decoding_state import DecodingState
@@ -417,17 +418,9 @@ class TransformerLanguageModelSideNet(FairseqLanguageModel):
 
 
 def _sidenet_arch(layers, embed, heads, ffn, retrieval_layer_index, memory_mode):
-    def arch(args):
-        args.decoder_layers = getattr(args, "decoder_layers", layers)
-        args.decoder_embed_dim = getattr(args, "decoder_embed_dim", embed)
-        args.decoder_attention_heads = getattr(args, "decoder_attention_heads", heads)
-        args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", ffn)
-        args.retrieval_layer_index = getattr(args, "retrieval_layer_index", retrieval_layer_index)
-        args.layer_reduction_factor = getattr(args, "layer_reduction_factor", 2)
-        args.dropout = getattr(args, "dropout", 0.1)
-        args.attention_dropout = getattr(args, "attention_dropout", 0.1)
-        args.memory_mode = getattr(args, "memory_mode", memory_mode)
-    return arch
+    return arch_defaults(decoder_layers=layers, decoder_embed_dim=embed, decoder_attention_heads=heads,
+                         decoder_ffn_embed_dim=ffn, retrieval_layer_index=retrieval_layer_index,
+                         layer_reduction_factor=2, dropout=0.1, attention_dropout=0.1, memory_mode=memory_mode)
 
 
 # released: 12 layers, 1024 wide, 16 heads over newgpt-medium, the release's memory; tiny (this
