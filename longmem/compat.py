@@ -27,6 +27,7 @@ def apply() -> None:
     _parameter_groups()
     _resume_from_an_intact_checkpoint()
     _one_run_per_save_dir()
+    _checkpoints_survive_a_full_disk()
 
 
 def _resume_from_an_intact_checkpoint() -> None:
@@ -89,6 +90,79 @@ def _one_run_per_save_dir() -> None:
 
     verify_checkpoint_directory._longmem = True
     checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
+
+
+class _AtomicCopies:
+    """fairseq's PathManager as ``checkpoint_utils`` sees it, except that ``copy`` (checkpoint_N.pt to
+    checkpoint_last.pt) writes a temporary file beside the target and renames it over: a copy that fails halfway
+    (a full disk, a kill) leaves the previous target whole. Remote paths (``scheme://``) go to fairseq's own."""
+
+    def __init__(self, manager):
+        self._manager = manager
+
+    def __getattr__(self, name):
+        return getattr(self._manager, name)
+
+    def copy(self, src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        import shutil
+
+        if "://" in src_path or "://" in dst_path or (not overwrite and os.path.exists(dst_path)):
+            return self._manager.copy(src_path, dst_path, overwrite)
+        tmp = dst_path + ".tmp"
+        try:
+            shutil.copyfile(src_path, tmp)
+            os.replace(tmp, dst_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        return True
+
+
+def _checkpoints_survive_a_full_disk() -> None:
+    """A save-dir that fills up while saving: the checkpoints written before stay whole (fairseq writes a file
+    to ``.tmp`` and renames it, and copies it to checkpoint_last.pt through :class:`_AtomicCopies`), the
+    half-written ``.tmp`` files go, and training ends in one line (``no space left on DIR``), without fairseq's
+    three retries and their traceback."""
+    import errno
+    import importlib.util
+
+    if importlib.util.find_spec("fairseq") is None:
+        return
+    from fairseq import checkpoint_utils
+
+    if getattr(checkpoint_utils.save_checkpoint, "_longmem", False):
+        return
+    from longmem.errors import ConfigError
+
+    checkpoint_utils.PathManager = _AtomicCopies(checkpoint_utils.PathManager)
+    save, persist = checkpoint_utils.save_checkpoint, checkpoint_utils._torch_persistent_save
+
+    def persist_once_when_full(obj, f):
+        if not isinstance(f, str):
+            try:
+                return torch.save(obj, f)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise
+        return persist(obj, f)
+
+    def save_checkpoint(cfg, trainer, epoch_itr, val_loss):
+        try:
+            return save(cfg, trainer, epoch_itr, val_loss)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            for name in os.listdir(cfg.save_dir):
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(cfg.save_dir, name))
+            raise ConfigError(f"no space left on {cfg.save_dir} while saving a checkpoint: the checkpoints saved "
+                              f"before are whole (checkpoint_last.pt included); free space, then run the same "
+                              f"command to resume") from None
+
+    save_checkpoint._longmem = True
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    checkpoint_utils._torch_persistent_save = persist_once_when_full
 
 
 def _parameter_groups() -> None:

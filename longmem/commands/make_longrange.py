@@ -32,7 +32,7 @@ from collections import Counter
 
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_dir, atomic_open
-from longmem.utils.cli import exit_on_config_error
+from longmem.utils.cli import exit_on_config_error, output_folder
 from longmem.utils.processes import exit_on_sigterm
 
 logger = logging.getLogger("make_longrange")
@@ -289,7 +289,7 @@ def run(argv=None):
     p.add_argument("--train-text", required=True, help="real text for training documents (and word pools)")
     p.add_argument("--valid-text", required=True, help="held-out real text for validation documents")
     p.add_argument("--test-text", required=True, help="held-out real text for test documents")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, type=output_folder)
     p.add_argument("--train-docs", type=int, default=300)
     p.add_argument("--eval-docs", type=int, default=24, help="documents in valid and in test (half each kind)")
     p.add_argument("--doc-tokens", type=int, default=2048, help="approximate length of a document")

@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from longmem import paths
 from longmem.errors import ConfigError
 from longmem.utils.atomic import atomic_dir, atomic_open
-from longmem.utils.cli import exit_on_config_error, non_negative_float, positive_int
+from longmem.utils.cli import exit_on_config_error, non_negative_float, output_folder, positive_int
 from longmem.utils.processes import die_with_parent, exit_on_sigterm, sigterm_not_lost
 
 logger = logging.getLogger("prepare_pile")
@@ -184,8 +184,8 @@ def run(argv=None):
                                           "backbone loaded with --hf-model; each document one line")
     p.add_argument("--srcdict", help="fairseq dict.txt (default: dict.txt inside --gpt2-bpe; with --hf-tokenizer, "
                                      "the tokenizer's ids, written as longmem-hf-tokens dict writes them)")
-    p.add_argument("--destdir", required=True, help="fairseq data-bin output")
-    p.add_argument("--workdir", help="where encoded text goes (default: DESTDIR/encoded)")
+    p.add_argument("--destdir", required=True, type=output_folder, help="fairseq data-bin output")
+    p.add_argument("--workdir", type=output_folder, help="where encoded text goes (default: DESTDIR/encoded)")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count())
     p.add_argument("--no-binarize", action="store_true", help="stop after writing the encoded text")
     p.add_argument("--bos-each-line", action="store_true",

@@ -19,9 +19,11 @@ def atomic_open(path: str, mode: str = "w", **kwargs):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would differ from a plain open()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one it was for
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 

@@ -21,6 +21,26 @@ positive_int = int_at_least(1, "a positive integer")
 non_negative_int = int_at_least(0, "an integer >= 0")
 
 
+def can_write_in(folder: str) -> bool:
+    """Can this process create a file in ``folder``? Tried (a nameless temporary file), not asked: access(2) can
+    answer yes where a write fails."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _nearest_existing(path: str) -> str:
+    import os
+
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def output_file(text: str) -> str:
     """An argparse type: a file this process can write (it, or the nearest folder above it that exists, is
     writable; not a folder itself), checked before any work is done rather than after it."""
@@ -29,20 +49,36 @@ def output_file(text: str) -> str:
     path = os.path.abspath(text)
     if os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
-    if os.path.exists(path):
-        if not os.access(path, os.W_OK):
-            raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
-        return text
-    folder = os.path.dirname(path)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = _nearest_existing(os.path.dirname(path))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot create {text}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not writable")
+    if not can_write_in(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not writable (read-only or "
+                                         f"no permission)")
     return text
 
 
+def output_folder(text: str) -> str:
+    """An argparse type: a folder this process can make, or replace through a staging folder beside it (so the
+    folder above it must be writable), checked before any work."""
+    import os
+
+    path = os.path.abspath(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text} is a file: give a folder")
+    parent = _nearest_existing(os.path.dirname(path))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {parent} is a file, not a folder")
+    for folder in (parent, path) if os.path.isdir(path) else (parent,):
+        if not can_write_in(folder):
+            raise argparse.ArgumentTypeError(f"cannot write {text}: the folder {folder} is not writable (read-only "
+                                             f"or no permission)")
+    return text
+
+
+output_folder.__name__ = "a writable folder"
 output_file.__name__ = "a writable file path"
 
 
@@ -98,10 +134,19 @@ def exit_on_config_error(run, argv=None):
 
     from longmem.errors import CommandFailed, ConfigError
 
+    import errno
+
     try:
         result = run(argv)
     except (ConfigError, CommandFailed) as e:
         sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'longmem'}: error: {e}\n")
+        sys.exit(2)
+    except OSError as e:  # a disk that fills up, or turns read-only, while writing: the outputs are written
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # atomically, so the previous ones are whole
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'longmem'}: error: {e.strerror}{where}: the files "
+                         f"written before are whole; free space (or choose another place) and run it again\n")
         sys.exit(2)
     # an entry point exits with what main returns: a result (a dict of figures) would be printed and exit 1
     return result if isinstance(result, int) and not isinstance(result, bool) else None

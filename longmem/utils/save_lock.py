@@ -29,13 +29,17 @@ def _alive(pid: int) -> bool:
 
 def hold(save_dir: str) -> None:
     """Take the lock of ``save_dir`` (created if missing) for the rest of this process, or raise a ConfigError
-    naming the PID that holds it."""
-    os.makedirs(save_dir, exist_ok=True)
+    naming the PID that holds it (or saying why the folder cannot be written: before any work)."""
     key = os.path.realpath(save_dir)
     if key in _held:
         return
     path = os.path.join(save_dir, LOCK_NAME)
-    f = open(path, "a+", encoding="utf-8")
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"--save-dir {save_dir} cannot be written ({e.strerror}): checkpoints could not be saved "
+                          f"there; choose a writable folder") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
