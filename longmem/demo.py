@@ -355,9 +355,8 @@ def plot_results(results, path):
                          "½ × memory off", "%.1f")
         axes[2].set_title("SmolLM2-135M: long-range recall (perplexity)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return fig
 

