@@ -390,6 +390,9 @@ def main(argv=None):
     return exit_on_config_error(run_demo, argv)
 
 
+# measured on the plays: 587 one-piece lowercase words at 2,000 pieces, 747 at 2,500; make_longrange takes 2 x 300
+# after the 40 most frequent (configs/longrange_tiny.sh leaves --pool-size and --pool-skip at their defaults)
+MIN_VOCAB = 2500
 STAGES = ("corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2", "generation")
 
 
@@ -410,6 +413,10 @@ def parse_args(argv=None):
     p.add_argument("--skip-smollm2", action="store_true",
                    help="leave out the SmolLM2 stage (its download of about 90 MB and about 15 minutes)")
     args = p.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB:
+        p.error(f"--vocab-size {args.vocab_size} is too small for the long-range set: its key and value pools need "
+                f"640 frequent words that are one BPE piece each, which about {MIN_VOCAB} pieces give on the plays "
+                f"(2,000 give 587): use --vocab-size {MIN_VOCAB} or more (default 8000)")
     # every stage writes under --out: a folder that cannot be made or written is refused before the first
     check_writable(p, "--out", os.path.join(args.out, "results.md"))
     if args.until is None and not os.path.isfile(os.path.join(args.icl_data, "SST-2", "dev.tsv")):

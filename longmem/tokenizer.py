@@ -76,7 +76,16 @@ class Tokenizer:
 
         if not (os.path.isdir(path) or is_hf_path(path)):
             raise ConfigError(f"--hf-tokenizer {path!r} is neither a .gguf file nor a model folder")
-        tok = load_hf_tokenizer(path)
+        files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in files):
+            raise ConfigError(f"--hf-tokenizer {path} holds no tokenizer files ({', '.join(files)}): give the model's "
+                              f".gguf file or the folder it was saved to")
+        try:
+            tok = load_hf_tokenizer(path)
+        except Exception as e:  # transformers' and gguf's own errors: many kinds, many lines
+            detail = " ".join(str(e).split())[:160]
+            raise ConfigError(f"--hf-tokenizer {path}: no tokenizer could be read from it ({type(e).__name__}: "
+                              f"{detail}); give the model's .gguf file or the folder it was saved to") from None
         self.vocab_size = len(tok)
         self.pieces = lambda text: hf_symbols(tok.encode(text, add_special_tokens=False))
         self._word = lambda w: self.pieces(" " + w)

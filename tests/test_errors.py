@@ -160,6 +160,8 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "1e30"], "--memory-gate-lr-scale must be in (0, 10000]"),
     (["--tokens-per-sample", "32", "--start-as-backbone", "--output-gate-lr-scale", "0"],
      "--output-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--precision", "bf32"], "argument --precision: invalid choice: 'bf32'"),
+    (["--tokens-per-sample", "32", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--tokens-per-sample", "32", "--retrieval-layer-index", "2", "--memory-layer-from-retrieval-block"],
      "only --reload-ptm-layer copies"),
 ])
@@ -545,6 +547,12 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
      "argument --master-port: must be a TCP port (0-65535), got 70000"),
     ("-m", ["longmem.launch", "--node-rank", "-1", "--", "DATA"], "argument --node-rank: must be an integer >= 0"),
     ("-m", ["longmem.demo", "--workers", "0"], "argument --workers: must be a positive integer, got 0"),
+    ("-m", ["longmem.demo", "--vocab-size", "1000"], "use --vocab-size 2500 or more"),
+    ("-m", ["longmem.demo", "--until", "data-bn"], "argument --until: invalid choice: 'data-bn'"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--until", "data-bn"], "argument --until: invalid choice"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/none.sh"], "preset {tmp}/none.sh does not exist"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/file.txt"], "OUT: "),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
@@ -552,3 +560,58 @@ def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, need
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle.format(tmp=tmp_path))
+
+
+def test_checkpoints_of_the_wrong_kind_are_refused_in_one_line(tiny, run_cli, assert_one_line_error):
+    """fairseq-train given a LongMem checkpoint as its backbone, longmem-eval-lm given a LongMem checkpoint of
+    another dictionary (GPT-2's 51,200 symbols on data of 40): one line naming the file and what it holds."""
+    code, _, err = run_cli("-m", "fairseq_cli.train", tiny / "bin", "--user-dir", os.path.join(REPO, "longmem"),
+                           "--task", "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny",
+                           "--pretrained-model-path", tiny / "longmem.pt", "--use-external-memory", "--batch-size", "2",
+                           "--optimizer", "adam", "--lr", "1e-3", "--max-update", "1", "--cpu", "--save-dir",
+                           tiny / "never_wrong_kind")
+    assert_one_line_error(code, err, f"--pretrained-model-path {tiny / 'longmem.pt'} is not a backbone checkpoint",
+                          "transformer_lm_sidenet_gpt2_small")
+    code, _, err = run_cli(LM, tiny / "bin", "--longmem", tiny / "longmem_gpt2.pt")
+    assert_one_line_error(code, err, "longmem_gpt2.pt predicts 51200 symbols", "dict.txt has")
+
+
+@pytest.mark.parametrize("mask, needle", [
+    ("1 0 1\n", "marks 4 tokens but split 'test' has"),  # another split's, or a line short
+    ("x\n", "expected space-separated integer marks"),
+    ("", "marks 0 tokens"),
+    (None, "marks no token (every mark is 0)"),  # the right length, no mark
+])
+def test_diagnose_memory_checks_its_mask_before_loading_the_model(tiny, tmp_path, mask, needle, run_cli,
+                                                                  assert_one_line_error):
+    from fairseq.data import Dictionary, data_utils
+
+    if mask is None:
+        d = Dictionary.load(str(tiny / "bin" / "dict.txt"))
+        lines = [len(t) - 1 for t in data_utils.load_indexed_dataset(str(tiny / "bin" / "test"), d)]
+        mask = "".join(" ".join(["0"] * n) + "\n" for n in lines)
+    (tmp_path / "split.mask").write_text(mask)
+    code, out, err = run_cli("-m", "longmem.commands.diagnose_memory", tiny / "bin", "--longmem", tiny / "longmem.pt",
+                             "--split", tmp_path / "split.mask", "--tokens-per-sample", "32")
+    assert_one_line_error(code, err, "split.mask", needle)
+    assert "positions with a unique earlier" not in out  # nothing scored
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("junk.gguf", "no tokenizer could be read from it (ValueError"),
+    ("junk_json", "no tokenizer could be read from it (JSONDecodeError"),
+    ("empty_folder", "holds no tokenizer files"),
+    ("missing.gguf", "is neither a .gguf file nor a model folder"),
+])
+def test_eval_icl_names_a_hugging_face_tokenizer_it_cannot_read(tmp_path, kind, needle, run_cli,
+                                                                assert_one_line_error):
+    path = tmp_path / kind
+    if kind == "junk.gguf":
+        path.write_bytes(b"not a gguf file\n")
+    elif kind == "junk_json":
+        path.mkdir()
+        (path / "tokenizer.json").write_text("{bad")
+    elif kind == "empty_folder":
+        path.mkdir()
+    code, _, err = run_cli(ICL, "--task", "SST-2", "--hf-tokenizer", path, "--dump-prompts", tmp_path / "p.json")
+    assert_one_line_error(code, err, str(path), needle)

@@ -581,6 +581,39 @@ def test_fairseq_train_with_precision_bf16_keeps_the_checkpoint_fp32(sidenet_tra
     assert models[0].decoder.autocast_dtype is None
 
 
+def test_a_bf16_run_resumes_in_fp32_and_scores_alike_in_both_and_bf16_trains_over_faiss(sidenet_trained, tmp_path,
+                                                                                         run_cli):
+    """Trained 10 updates with --precision bf16, resumed to 14 with --precision fp32: it goes on from update 10 and
+    the checkpoint stays fp32; longmem-eval-lm scores it within 2% in fp32 and in bf16. --precision bf16 with the
+    faiss backend (which searches fp32 vectors) trains with a finite loss."""
+    import math
+
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 10)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "run")
+    run_cli("-m", "fairseq_cli.train", *args, "--precision", "bf16", ok=True)
+    args[args.index("--max-update") + 1] = "14"
+    log = run_cli("-m", "fairseq_cli.train", *args, "--precision", "fp32", ok=True).output
+    assert "num_updates\": 10" in log or "@ 10 updates" in log, log[-2000:]  # resumed, not restarted
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)
+    assert state["optimizer_history"][-1]["num_updates"] == 14
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    ppl = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.json"
+        run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), root / "bin", "--gen-subset", "valid",
+                "--longmem", tmp_path / "run" / "checkpoint_last.pt", "--tokens-per-sample", "32", "--precision",
+                precision, "--results-path", out, "--cpu", ok=True)
+        ppl[precision] = json.loads(out.read_text())["models"]["LongMem, memory on"]["ppl"]
+    assert abs(ppl["bf16"] / ppl["fp32"] - 1) < 0.02, ppl
+    args[args.index("--memory-backend") + 1] = "faiss"
+    args[args.index("--save-dir") + 1] = str(tmp_path / "faiss")
+    args[args.index("--max-update") + 1] = "4"
+    args[args.index("--log-interval") + 1] = "1"
+    losses = train_losses(run_cli("-m", "fairseq_cli.train", *args, "--precision", "bf16", ok=True).output)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
 @pytest.mark.parametrize("gate_flags", [[], ["--memory-gate-lr-scale", "10", "--memory-gate-no-decay",
                                              "--memory-gate-init", "1.5"]])
 def test_the_gate_options_reach_the_optimizer_through_fairseq_train(gate_flags, sidenet_trained, tmp_path, run_cli):

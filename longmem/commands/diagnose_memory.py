@@ -51,6 +51,9 @@ def run(argv=None):
 
     d, stream = load_split(args.data, args.gen_subset)
     marks = load_token_marks(args.split, stream, args.gen_subset) if args.split else None
+    if marks is not None and not (marks != 0).any():
+        raise ConfigError(f"--split {args.split} marks no token (every mark is 0): the split needs the marks of "
+                          f"longmem-make-longrange's .mask (1 recurring, 2 queried)")
     model = load_model_for_dictionary(args.longmem, d, args.data, expect="longmem")
     try:
         result = retrieval_hits(model, stream, d.eos(), args.tokens_per_sample, args.context, args.max_documents)
