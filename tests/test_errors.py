@@ -615,3 +615,26 @@ def test_eval_icl_names_a_hugging_face_tokenizer_it_cannot_read(tmp_path, kind, 
         path.mkdir()
     code, _, err = run_cli(ICL, "--task", "SST-2", "--hf-tokenizer", path, "--dump-prompts", tmp_path / "p.json")
     assert_one_line_error(code, err, str(path), needle)
+
+
+def test_eval_lm_killed_while_replacing_its_results_leaves_them_valid_and_the_next_run_no_temporary_file(
+        tiny, tmp_path, run_cli):
+    """kill -9 during a run that would replace --results-path: the previous file is still the valid JSON it was; a
+    temporary file such a kill leaves (its writer's PID dead) is removed by the next run that writes there."""
+    import time
+
+    results = tmp_path / "results.json"
+    results.write_text('{"previous": 1}\n')
+    cmd = [sys.executable, LM, str(tiny / "bin"), "--backbone", str(tiny / "backbone.pt"), "--longmem",
+           str(tiny / "longmem.pt"), "--tokens-per-sample", "32", "--results-path", str(results), "--cpu"]
+    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(4)
+    victim.kill()
+    victim.wait()
+    assert json.loads(results.read_text()) == {"previous": 1}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"tmp-results.json.{dead.stdout.strip()}.x1y2z3"
+    orphan.write_text('{"half')
+    run_cli(*cmd[1:], ok=True)
+    assert "LongMem, memory on" in json.loads(results.read_text())["models"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

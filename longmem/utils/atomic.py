@@ -4,12 +4,25 @@ import os
 import tempfile
 
 
+def remove_orphans(directory: str, prefix: str) -> None:
+    """Temporary files ``<prefix><pid>.<random>`` whose writer is gone (a ``kill -9`` mid-write): removed."""
+    from longmem.utils.processes import alive
+
+    for name in os.listdir(directory):
+        pid = name[len(prefix):].split(".", 1)[0]
+        if name.startswith(prefix) and pid.isdigit() and not alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs):
     """Open a temporary file beside ``path``; it replaces ``path`` only if the block succeeds."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="tmp-" + os.path.basename(path) + ".", dir=directory)
+    prefix = f"tmp-{os.path.basename(path)}."
+    remove_orphans(directory, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}.", dir=directory)
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f

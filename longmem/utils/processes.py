@@ -1,5 +1,6 @@
 """Child processes that do not outlive their parent, and a SIGTERM that is not lost while they start."""
 import contextlib
+import os
 import signal
 import sys
 
@@ -42,3 +43,14 @@ def sigterm_not_lost():
     yield
     if _stopped_by:
         sys.exit(128 + _stopped_by[0])
+
+
+def alive(pid: int) -> bool:
+    """Is a process of this PID running (someone's, even where this user may not signal it)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -11,20 +11,11 @@ import logging
 import os
 
 from longmem.errors import ConfigError
+from longmem.utils.processes import alive
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = ".longmem-train.lock"
 _held = {}  # save dir (real path) -> the open lock file, kept open for the life of the process
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def hold(save_dir: str) -> None:
@@ -51,7 +42,7 @@ def hold(save_dir: str) -> None:
     f.seek(0)
     previous = f.read().strip()
     if previous.isdigit() and int(previous) != os.getpid():
-        state = "no longer running" if not _alive(int(previous)) else "running, but not holding it"
+        state = "no longer running" if not alive(int(previous)) else "running, but not holding it"
         logger.warning("--save-dir %s: took over the lock of PID %s (%s)", save_dir, previous, state)
     f.seek(0)
     f.truncate()
