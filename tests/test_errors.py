@@ -263,6 +263,11 @@ def test_ablate_memory_refuses_a_segment_memory_cannot_take_before_any_row_and_l
     (["--pool-size", "2", "--pairs", "5"], "cannot be drawn from a pool of 2 words"),
     (["--passage", "96", "32"], "--passage MIN MAX needs 1 <= MIN <= MAX"),
     (["--text-fraction", "1.5"], "--text-fraction must be in [0, 1)"),
+    (["--train-pairs", "0"], "--train-pairs must be at least 1, got 0"),
+    (["--train-pairs", "-3"], "--train-pairs must be at least 1, got -3"),
+    (["--pool-size", "3", "--pairs", "2", "--train-pairs", "9"], "--train-pairs 9 distinct two-word keys cannot be drawn"),
+    (["--train-query-fill", "48", "8"], "--train-query-fill MIN MAX needs 0 <= MIN <= MAX, got 48 8"),
+    (["--train-query-fill", "-1", "8"], "--train-query-fill MIN MAX needs 0 <= MIN <= MAX, got -1 8"),
 ])
 def test_make_longrange_refuses_requests_it_cannot_meet(tmp_path, flags, needle, run_cli, assert_one_line_error):
     """Used to: exit 0 with 20 marked tokens in 52,797 (a gap longer than the document), loop forever (more
