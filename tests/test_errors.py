@@ -160,6 +160,8 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "1e30"], "--memory-gate-lr-scale must be in (0, 10000]"),
     (["--tokens-per-sample", "32", "--start-as-backbone", "--output-gate-lr-scale", "0"],
      "--output-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--required-batch-size-multiple", "1", "--valid-subset", "nosuch"],
+     "split 'nosuch' not found in"),
     (["--tokens-per-sample", "32", "--precision", "bf32"], "argument --precision: invalid choice: 'bf32'"),
     (["--tokens-per-sample", "32", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--tokens-per-sample", "32", "--retrieval-layer-index", "2", "--memory-layer-from-retrieval-block"],

@@ -122,7 +122,9 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
         split_path = f"{data_path}/{split}"
         dataset = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
         if dataset is None:
-            raise FileNotFoundError(f"dataset not found: {split} ({split_path})")
+            raise ConfigError(f"split {split!r} not found in {data_path} (no {split}.bin/.idx): binarize it "
+                              f"(fairseq-preprocess --{split if split in ('train', 'valid', 'test') else 'valid'}pref), choose another "
+                              f"with --valid-subset, or pass --disable-validation")
         self.datasets[split] = TokenStream(dataset, self.dictionary.eos())
         logger.info("%s: %d tokens, %d documents as one stream", split, len(self.datasets[split]),
                     int(self.datasets[split].doc_start.sum()))
