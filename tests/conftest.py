@@ -146,11 +146,12 @@ class CLIResult(NamedTuple):
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """``run_cli(*args, ok=False, timeout=600, cwd=REPO, env=None) -> CLIResult``: ``python ARGS`` (a script path or
-    ``-m module`` and its arguments) from the repository's root, warnings silenced, output captured. ``ok=True``
-    fails the test, showing the output's end, when the exit code is not 0."""
-    def run(*args, ok=False, timeout=600, cwd=REPO, env=None):
-        proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+    """``run_cli(*args, ok=False, timeout=600, cwd=REPO, env=None, program=None) -> CLIResult``: ``python ARGS`` (a
+    script path or ``-m module`` and its arguments; ``program="bash"``: a shell script) from the repository's root,
+    warnings silenced, output captured. ``ok=True`` fails the test, showing the output's end, when the exit code
+    is not 0."""
+    def run(*args, ok=False, timeout=600, cwd=REPO, env=None, program=None):
+        proc = subprocess.run([program or sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
         result = CLIResult(proc.returncode, proc.stdout, proc.stderr)
         if ok and proc.returncode != 0:
@@ -170,13 +171,31 @@ def _assert_one_line_error(code, err, *needles):
         assert needle in last, (needle, last)
 
 
+def _save_tiny_backbone(path, dict_path: str, data: str):
+    """A newgpt-tiny checkpoint (width 64, 4 layers, 4 heads, retrieval layer 2) on ``dict_path``, recording the
+    data folder ``data``: what fairseq-train would have saved, untrained."""
+    from longmem.models.newgpt import build_newgpt
+    from longmem.utils.checkpoints import save_fairseq_checkpoint
+
+    sizes = {"embed_dim": 64, "num_layers": 4, "num_attention_heads": 4, "ffn_embed_dim": 256,
+             "retrieval_layer_index": 2}
+    backbone = build_newgpt("newgpt-tiny", dict_path, **sizes)
+    save_fairseq_checkpoint(path, backbone.state_dict(), cfg={"model": {"_name": "newgpt-tiny", **sizes},
+                                                              "task": {"_name": "language_modeling", "data": data}})
+    return backbone
+
+
+@pytest.fixture(scope="session")
+def save_tiny_backbone():
+    """``save_tiny_backbone(path, dict_path, data) -> model``."""
+    return _save_tiny_backbone
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, run_cli):
     """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
     backbone records a data path that does not exist."""
-    from longmem.models.newgpt import build_newgpt
     from longmem.released import write_released_style_checkpoint
-    from longmem.utils.checkpoints import save_fairseq_checkpoint
 
     root = tmp_path_factory.mktemp("errors")
     words = [f"w{i}" for i in range(30)]
@@ -185,12 +204,7 @@ def tiny(tmp_path_factory, run_cli):
     run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt", "--testpref",
             root / "docs.txt", "--destdir", root / "bin", "--workers", "1", ok=True)
     d = str(root / "bin" / "dict.txt")
-    backbone = build_newgpt("newgpt-tiny", d, embed_dim=64, num_layers=4, num_attention_heads=4, ffn_embed_dim=256,
-                            retrieval_layer_index=2)
-    save_fairseq_checkpoint(root / "backbone.pt", backbone.state_dict(), cfg={
-        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
-                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
-        "task": {"_name": "language_modeling", "data": "relative/path/that/is/not/here"}})
+    _save_tiny_backbone(root / "backbone.pt", d, "relative/path/that/is/not/here")
     write_released_style_checkpoint(str(root / "longmem.pt"), d)
     from longmem import paths
 

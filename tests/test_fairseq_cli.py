@@ -4,7 +4,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -317,18 +316,16 @@ def test_release_memory_with_a_token_budget_is_checked_before_any_update(sidenet
 
 
 @pytest.mark.parametrize("preset", ["longmem_paper.sh", "longmem_tiny.sh"])
-def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_data, tmp_path):
+def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_data, tmp_path, run_cli):
     """The script's command, parsed by fairseq-train's own parser (no training)."""
     from fairseq import options
 
     backbone = tmp_path / "backbone.pt"
     backbone.write_bytes(b"")
-    env = dict(os.environ, DRY_RUN="1", PRESET=os.path.join(REPO, "configs", preset))
     data = os.path.join(repo_data, "gpt2_bpe")
-    out = subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), data, str(backbone),
-                          str(tmp_path / "save")], env=env, capture_output=True, timeout=60)
-    assert out.returncode == 0, out.stderr.decode()
-    cmd = out.stdout.decode().split("\0")[:-1]
+    out = run_cli(os.path.join(REPO, "train_scripts", "train_longmem.sh"), data, backbone, tmp_path / "save",
+                  program="bash", env={"DRY_RUN": "1", "PRESET": os.path.join(REPO, "configs", preset)}, ok=True)
+    cmd = out.stdout.split("\0")[:-1]
     assert cmd[1:3] == ["-m", "fairseq_cli.train"]
     args = options.parse_args_and_arch(options.get_training_parser(), cmd[3:])
     expected = {"longmem_paper.sh": ("transformer_lm_sidenet_gpt2_small", 65536, 64, 4, 17, 1024, 2e-4),
@@ -345,7 +342,7 @@ def test_train_longmem_script_flags_are_accepted_by_fairseq_train(preset, repo_d
         assert args.memory_mode == "stream" and not args.data_no_shuffle
 
 
-def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_path):
+def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_path, run_cli):
     """The paper preset's command (fp16 and GPU search included), tiny sizes swapped in, on this CPU:
     it trains, and its batches are the release's (docs/design.md §5.1), computed here from the data."""
     import math as _math
@@ -353,10 +350,10 @@ def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_pa
     from fairseq.data import Dictionary, data_utils
 
     root, backbone, _ = sidenet_trained
-    env = dict(os.environ, DRY_RUN="1", PRESET=os.path.join(REPO, "configs", "longmem_paper.sh"))
-    out = subprocess.run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), str(root / "bin"),
-                          str(backbone), str(tmp_path / "save")], env=env, capture_output=True, timeout=60)
-    cmd = out.stdout.decode().split("\0")[:-1]
+    out = run_cli(os.path.join(REPO, "train_scripts", "train_longmem.sh"), root / "bin", backbone, tmp_path / "save",
+                  program="bash", env={"DRY_RUN": "1", "PRESET": os.path.join(REPO, "configs", "longmem_paper.sh")},
+                  ok=True)
+    cmd = out.stdout.split("\0")[:-1]
     swap = {"--arch": "transformer_lm_sidenet_tiny", "--memory-size": "1024", "--k": "8", "--chunk-size": "2",
             "--retrieval-layer-index": "1", "--tokens-per-sample": "32", "--max-update": "3",
             "--total-num-update": "3"}
@@ -364,9 +361,7 @@ def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_pa
         cmd[cmd.index(flag) + 1] = value
     cmd += ["--decoder-layers", "1", "--decoder-embed-dim", "64", "--decoder-attention-heads", "4",
             "--decoder-ffn-embed-dim", "128", "--cpu", "--log-format", "json", "--log-interval", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
+    log = run_cli(*cmd[1:], ok=True).output  # cmd[0]: the python the script found
     assert "--fp16 needs a CUDA GPU" in log and "--use-gpu-to-search: no CUDA GPU here" in log
     assert len(train_losses(log)) == 3
     d = Dictionary.load(str(root / "bin" / "dict.txt"))
@@ -408,19 +403,18 @@ def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_
 
 
 # ---------------------------------------------------------------- two processes (gloo), per-rank memory
-def launch_two_ranks(root, backbone, save, probe, *extra):
-    env = dict(os.environ, NPROC="2", PRESET=os.path.join(REPO, "configs", "longmem_tiny.sh"),
-               EXTRA_FLAGS="--cpu --memory-backend torch", LONGMEM_PROBE_DIR=str(probe), PYTHONWARNINGS="ignore")
+def launch_two_ranks(run_cli, root, backbone, save, probe, *extra):
     probe.mkdir(exist_ok=True)
-    proc = subprocess.run(
-        ["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), str(root / "small_bin"), str(backbone),
-         str(save), "--user-dir", os.path.join(REPO, "tests", "ddp_probe"), "--task", "longmem_probe",
-         "--arch", "transformer_lm_sidenet_tiny", "--decoder-layers", "1", "--decoder-embed-dim", "64",
-         "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "128", "--retrieval-layer-index", "1",
-         "--memory-size", "1024", "--k", "8", "--chunk-size", "2", "--tokens-per-sample", "32", "--batch-size", "2",
-         "--required-batch-size-multiple", "1", "--disable-validation", "--log-format", "json", "--log-interval", "1",
-         *extra], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = run_cli(
+        os.path.join(REPO, "train_scripts", "train_longmem.sh"), root / "small_bin", backbone, save, "--user-dir",
+        os.path.join(REPO, "tests", "ddp_probe"), "--task", "longmem_probe",
+        "--arch", "transformer_lm_sidenet_tiny", "--decoder-layers", "1", "--decoder-embed-dim", "64",
+        "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "128", "--retrieval-layer-index", "1",
+        "--memory-size", "1024", "--k", "8", "--chunk-size", "2", "--tokens-per-sample", "32", "--batch-size", "2",
+        "--required-batch-size-multiple", "1", "--disable-validation", "--log-format", "json", "--log-interval", "1",
+        *extra, program="bash", timeout=300, ok=True,
+        env={"NPROC": "2", "PRESET": os.path.join(REPO, "configs", "longmem_tiny.sh"),
+             "EXTRA_FLAGS": "--cpu --memory-backend torch", "LONGMEM_PROBE_DIR": str(probe)})
     records = {r: [json.loads(line) for line in open(probe / f"rank{r}.jsonl")] for r in (0, 1)}
     return proc.stdout + proc.stderr, records
 
@@ -463,8 +457,8 @@ def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_
     # 1. per-row streams: stop after 4 updates, then resume to the end of the epoch
     probe = tmp_path / "probe"
     save = tmp_path / "ckpt"
-    launch_two_ranks(tmp_path, backbone_path, save, probe, "--max-update", "4")
-    log, records = launch_two_ranks(tmp_path, backbone_path, save, probe, "--max-epoch", "1", "--max-update", "1000")
+    launch_two_ranks(run_cli, tmp_path, backbone_path, save, probe, "--max-update", "4")
+    log, records = launch_two_ranks(run_cli, tmp_path, backbone_path, save, probe, "--max-epoch", "1", "--max-update", "1000")
     assert re.search(r"resuming epoch 1 at batch 4 of \d+: every row of every rank continues", log), log[-3000:]
     for r in (0, 1):
         assert [rec["update"] for rec in records[r]] == list(range(batches))  # 4 updates, then 4 .. end
@@ -485,7 +479,7 @@ def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_
 
     # 2. the release's order and memory: the blocks the release's rule assigns, once, one bank per rank
     probe2 = tmp_path / "probe_release"
-    _, records = launch_two_ranks(tmp_path, backbone_path, tmp_path / "ckpt_release", probe2, "--max-epoch", "1",
+    _, records = launch_two_ranks(run_cli, tmp_path, backbone_path, tmp_path / "ckpt_release", probe2, "--max-epoch", "1",
                                   "--max-update", "1000", "--data-no-shuffle", "--memory-mode", "release")
     blocks = -(-len(stream) // T)
     total = blocks - 1

@@ -137,20 +137,13 @@ def test_cached_batches_need_no_padding_mark_when_the_pad_index_is_a_token(llama
 
 
 @pytest.mark.slow
-def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data, run_cli):
-    from longmem.models.newgpt import build_newgpt
+def test_script_end_to_end_on_the_shipped_data_and_clear_errors(tmp_path, repo_data, run_cli, save_tiny_backbone):
     from longmem.released import write_released_style_checkpoint
-    from longmem.utils.checkpoints import save_fairseq_checkpoint
 
     bpe = os.path.join(repo_data, "gpt2_bpe")
     longmem_ckpt = tmp_path / "longmem.pt"
     write_released_style_checkpoint(str(longmem_ckpt), os.path.join(bpe, "dict.txt"))
-    backbone = build_newgpt("newgpt-tiny", os.path.join(bpe, "dict.txt"), embed_dim=64, num_layers=4,
-                            num_attention_heads=4, ffn_embed_dim=256, retrieval_layer_index=2)
-    save_fairseq_checkpoint(tmp_path / "backbone.pt", backbone.state_dict(), cfg={
-        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
-                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
-        "task": {"_name": "language_modeling", "data": bpe}})
+    save_tiny_backbone(tmp_path / "backbone.pt", os.path.join(bpe, "dict.txt"), bpe)
     script = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
     common = ["--data-dir", os.path.join(repo_data, "icl"), "--gpt2-bpe", bpe, "--cpu", "--k", "2",
               "--cache-k", "20", "--memory-block", "64", "--max-queries", "6", "--seeds", "1", "2"]
@@ -222,23 +215,16 @@ def test_dump_prompts_gives_the_release_protocols_token_ids_without_a_model(tmp_
 
 
 @pytest.mark.slow
-def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data, run_cli):
+def test_the_releases_evaluation_commands_run_as_written(tmp_path, repo_data, run_cli, save_tiny_backbone):
     """The release's README commands, `--path CKPT` and `--path LONGMEM --pretrained-model-path CKPT`, on
     tiny checkpoints whose file names say nothing; --max-queries is the one flag added, for time."""
     import re
 
-    from longmem.models.newgpt import build_newgpt
     from longmem.released import write_released_style_checkpoint
-    from longmem.utils.checkpoints import save_fairseq_checkpoint
 
     dict_path = os.path.join(repo_data, "gpt2_bpe", "dict.txt")
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    backbone = build_newgpt("newgpt-tiny", dict_path, embed_dim=64, num_layers=4, num_attention_heads=4,
-                            ffn_embed_dim=256, retrieval_layer_index=2)
-    save_fairseq_checkpoint(tmp_path / "a" / "checkpoint_last.pt", backbone.state_dict(), cfg={
-        "model": {"_name": "newgpt-tiny", "embed_dim": 64, "num_layers": 4, "num_attention_heads": 4,
-                  "ffn_embed_dim": 256, "retrieval_layer_index": 2},
-        "task": {"_name": "language_modeling", "data": os.path.dirname(dict_path)}})
+    save_tiny_backbone(tmp_path / "a" / "checkpoint_last.pt", dict_path, os.path.dirname(dict_path))
     write_released_style_checkpoint(str(tmp_path / "b" / "checkpoint_last.pt"), dict_path)
     script = os.path.join(REPO, "eval_scripts", "eval_longmem_icl.py")
     outputs = {}
