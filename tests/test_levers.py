@@ -120,3 +120,26 @@ def test_the_output_gate_gets_its_own_learning_rate_and_no_decay(make_sidenet, m
     assert float(step[step > 0].max()) == pytest.approx(lr, rel=1e-3)
     with pytest.raises(ConfigError, match="--output-gate-lr-scale must be in"):
         make_sidenet(d, use_external_memory=False, start_as_backbone=True, output_gate_lr_scale=float("inf"))
+
+
+def test_distill_on_backbone_better_leaves_out_the_tokens_longmem_predicts_better():
+    """Two tokens, a vocabulary of 3. Token 0: the backbone gives its target 0.5, LongMem less: kept, its KL and
+    gradient as with every token kept. Token 1: LongMem gives its target more than the backbone (a recalled token):
+    left out, no term and no gradient, where the plain term would pull LongMem back toward the backbone."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    backbone = torch.tensor([[0.0, -9.0, 0.0], [1.0, 0.0, 1.0]])
+    targets = torch.tensor([0, 1])
+    keep = torch.tensor([True, True])
+    p, q = torch.softmax(backbone, -1), torch.softmax(logits.detach(), -1)
+    assert p[0, 0] > q[0, 0] and q[1, 1] > p[1, 1]  # the example is what the docstring says
+    kl = distillation_kl(torch.log_softmax(logits, -1), backbone, keep, targets)
+    assert abs(float(kl) - float((p[0] * (p[0].log() - q[0].log())).sum())) < 1e-6
+    kl.backward()
+    torch.testing.assert_close(logits.grad[0], q[0] - p[0], rtol=0, atol=1e-6)
+    assert torch.equal(logits.grad[1], torch.zeros(3))
+    both = distillation_kl(torch.log_softmax(logits.detach(), -1), backbone, keep)
+    assert float(both) > float(kl) + 0.1  # with every token kept, token 1 counts too
+    from longmem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--distill-on must be one of all, backbone-better"):
+        LongMemCrossEntropyCriterion(SimpleNamespace(target_dictionary=None), False, 1.0, distill_on="recalled")

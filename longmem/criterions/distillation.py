@@ -8,6 +8,10 @@ and a softmax; no gradient flows into it. λ (``--distill-weight``) 0 gives fair
 release's criterion) exactly. The gradient of the KL term with respect to LongMem's logits is
 ``λ · (p_LongMem - p_backbone)``: zero where LongMem predicts what its backbone predicts. A lever against
 forgetting the backbone's skills while the SideNet adapts (docs/ablations.md).
+
+``--distill-on backbone-better`` keeps only the tokens whose target the backbone gives at least the probability
+LongMem gives it: the term holds the model where it would fall below its backbone and lets it go where it does
+better, as on a token memory recalls (the backbone, which cannot see beyond its window, would pull it back there).
 """
 import math
 from dataclasses import dataclass, field
@@ -24,24 +28,37 @@ from longmem.errors import ConfigError
 class LongMemCrossEntropyConfig(CrossEntropyCriterionConfig):
     distill_weight: float = field(default=0.0, metadata={
         "help": "λ: weight of KL(backbone ‖ LongMem) per target token, added to the cross-entropy (0: none)"})
+    distill_on: str = field(default="all", metadata={
+        "help": "which target tokens the KL term covers: all; backbone-better: those whose target the backbone gives "
+                "at least LongMem's probability (the term then never pulls back a token LongMem predicts better)"})
 
 
-def distillation_kl(lprobs: torch.Tensor, backbone_logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+DISTILL_ON = ("all", "backbone-better")
+
+
+def distillation_kl(lprobs: torch.Tensor, backbone_logits: torch.Tensor, keep: torch.Tensor,
+                    targets: torch.Tensor = None) -> torch.Tensor:
     """Σ over the kept positions of KL(softmax(backbone_logits) ‖ exp(lprobs)). lprobs, backbone_logits (N, V);
-    keep (N,) bool. The backbone's side carries no gradient."""
+    keep (N,) bool. With ``targets`` (N,), only the positions whose target the backbone gives at least LongMem's
+    probability are kept (``--distill-on backbone-better``). The backbone's side and the choice carry no gradient."""
     with torch.no_grad():
-        target = torch.log_softmax(backbone_logits.float(), dim=-1)
-    kl = (target.exp() * (target - lprobs.float())).sum(-1)  # (N,)
+        reference = torch.log_softmax(backbone_logits.float(), dim=-1)
+        if targets is not None:
+            index = targets.clamp(min=0).unsqueeze(-1)
+            keep = keep & (reference.gather(-1, index) >= lprobs.detach().float().gather(-1, index)).squeeze(-1)
+    kl = (reference.exp() * (reference - lprobs.float())).sum(-1)  # (N,)
     return kl[keep].sum()
 
 
 @register_criterion("longmem_cross_entropy", dataclass=LongMemCrossEntropyConfig)
 class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
-    def __init__(self, task, sentence_avg, distill_weight=0.0):
+    def __init__(self, task, sentence_avg, distill_weight=0.0, distill_on="all"):
         super().__init__(task, sentence_avg)
         if not (math.isfinite(distill_weight) and distill_weight >= 0):
             raise ConfigError(f"--distill-weight must be a finite number >= 0, got {distill_weight}")
-        self.distill_weight = distill_weight
+        if distill_on not in DISTILL_ON:
+            raise ConfigError(f"--distill-on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
+        self.distill_weight, self.distill_on = distill_weight, distill_on
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
@@ -56,7 +73,7 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
             lprobs = model.get_normalized_probs(net_output, log_probs=True).view(-1, net_output[0].size(-1))
             target = model.get_targets(sample, net_output).view(-1)
             kl = distillation_kl(lprobs, decoder.output_layer(features).view(-1, lprobs.size(-1)),
-                                 target.ne(self.padding_idx))
+                                 target.ne(self.padding_idx), target if self.distill_on == "backbone-better" else None)
             loss = nll + self.distill_weight * kl
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {"loss": loss.data, "nll": nll.data, "ntokens": sample["ntokens"],
