@@ -192,7 +192,7 @@ def save_tiny_backbone():
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory, run_cli):
+def tiny(tmp_path_factory, binarize):
     """A data-bin of three documents, a newgpt backbone and a LongMem checkpoint on its dictionary; the
     backbone records a data path that does not exist."""
     from longmem.released import write_released_style_checkpoint
@@ -201,8 +201,7 @@ def tiny(tmp_path_factory, run_cli):
     words = [f"w{i}" for i in range(30)]
     docs = ["\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12)) for j in range(20)) for d in range(3)]
     (root / "docs.txt").write_text("\n\n".join(docs) + "\n")
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "docs.txt", "--testpref",
-            root / "docs.txt", "--destdir", root / "bin", "--workers", "1", ok=True)
+    binarize(root / "bin", train=root / "docs.txt", test=root / "docs.txt")
     d = str(root / "bin" / "dict.txt")
     _save_tiny_backbone(root / "backbone.pt", d, "relative/path/that/is/not/here")
     write_released_style_checkpoint(str(root / "longmem.pt"), d)
@@ -216,3 +215,18 @@ def tiny(tmp_path_factory, run_cli):
 def assert_one_line_error():
     """``assert_one_line_error(code, stderr, *needles)``."""
     return _assert_one_line_error
+
+
+@pytest.fixture(scope="session")
+def binarize(run_cli):
+    """``binarize(destdir, srcdict=None, train=None, valid=None, test=None) -> destdir``: ``fairseq-preprocess
+    --only-source`` of the text files given (one worker; its own dictionary unless ``srcdict``)."""
+    def run(destdir, srcdict=None, **splits):
+        args = ["--srcdict", srcdict] if srcdict else []
+        for split, path in splits.items():
+            if path is not None:
+                args += [f"--{split}pref", path]
+        run_cli("-m", "fairseq_cli.preprocess", "--only-source", *args, "--destdir", destdir, "--workers", "1", ok=True)
+        return destdir
+
+    return run

@@ -18,12 +18,11 @@ TINY = ["--arch", "newgpt-tiny", "--embed-dim", "64", "--num-layers", "2", "--nu
 
 
 @pytest.fixture(scope="module")
-def data_bin(tmp_path_factory, synthetic_text, run_cli):
+def data_bin(tmp_path_factory, synthetic_text, binarize):
     root = tmp_path_factory.mktemp("cli")
     (root / "train.txt").write_text(synthetic_text(600, 1))
     (root / "valid.txt").write_text(synthetic_text(60, 2))
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", root / "train.txt", "--validpref",
-            root / "valid.txt", "--destdir", root / "bin", "--workers", "1", ok=True).output
+    binarize(root / "bin", train=root / "train.txt", valid=root / "valid.txt")
     return root
 
 
@@ -374,12 +373,12 @@ def test_paper_preset_trains_in_the_releases_batch_order(sidenet_trained, tmp_pa
     assert json.loads(first.group(2)) == [row * passage + 1 for row in range(8)]
 
 
-def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path, synthetic_text, run_cli):
+def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_path, synthetic_text, run_cli,
+                                                            binarize):
     root, backbone, _ = sidenet_trained
     docs = [synthetic_text(n, seed).strip() for n, seed in ((30, 5), (12, 6), (50, 7))]
     (tmp_path / "multi.txt").write_text("\n\n".join(docs) + "\n")
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--testpref",
-            tmp_path / "multi.txt", "--destdir", tmp_path / "multi_bin", "--workers", "1", ok=True).output
+    binarize(tmp_path / "multi_bin", srcdict=root / "bin" / "dict.txt", test=tmp_path / "multi.txt")
     out = tmp_path / "eval.json"
     proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), str(tmp_path / "multi_bin"), "--backbone",
                    str(backbone), "--longmem", str(root / "longmem_ckpt" / "checkpoint_last.pt"), "--tokens-per-sample",
@@ -395,8 +394,7 @@ def test_eval_longmem_lm_script_on_a_multi_document_corpus(sidenet_trained, tmp_
     assert (tmp_path / "eval.png").stat().st_size > 1000
     # a checkpoint whose dictionary does not match the data
     (tmp_path / "other.txt").write_text("alpha beta gamma\n")
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", tmp_path / "other.txt", "--testpref",
-            tmp_path / "other.txt", "--destdir", tmp_path / "other_bin", "--workers", "1", ok=True).output
+    binarize(tmp_path / "other_bin", train=tmp_path / "other.txt", test=tmp_path / "other.txt")
     proc = run_cli(os.path.join(REPO, "eval_scripts", "eval_longmem_lm.py"), str(tmp_path / "other_bin"), "--backbone",
                    str(backbone), "--cpu", timeout=300)
     assert proc.returncode != 0 and "predicts" in proc.stderr and "dict.txt has" in proc.stderr
@@ -427,7 +425,8 @@ def rank_memory_keys(probe, rank):
                   for s in range(bank.num_banks)]  # per stream: (tokens, H*d), oldest first
 
 
-def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path, synthetic_text, run_cli):
+def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_trained, tmp_path, synthetic_text, run_cli,
+                                                                         binarize):
     """2 ranks x 2 rows, 32-token segments, gloo. The split's tokens are cut here, by hand, into the rows
     each rank should read; the ranks' records, memories and weights are checked against that."""
     from fairseq.data import Dictionary, data_utils
@@ -436,8 +435,7 @@ def test_two_processes_train_together_each_with_its_own_rows_and_memory(sidenet_
 
     root, backbone_path, _ = sidenet_trained
     (tmp_path / "small.txt").write_text(synthetic_text(90, 11))
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", root / "bin" / "dict.txt", "--trainpref",
-            tmp_path / "small.txt", "--destdir", tmp_path / "small_bin", "--workers", "1", ok=True).output
+    binarize(tmp_path / "small_bin", srcdict=root / "bin" / "dict.txt", train=tmp_path / "small.txt")
     d = Dictionary.load(str(tmp_path / "small_bin" / "dict.txt"))
     stream = torch.cat(list(data_utils.load_indexed_dataset(str(tmp_path / "small_bin" / "train"), d)))
     T, rows = 32, 4

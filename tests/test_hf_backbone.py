@@ -123,12 +123,11 @@ def test_checkpoint_saves_and_reloads_without_the_model_folder(llama, tmp_path):
 
 
 @pytest.mark.slow
-def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path, run_cli):
+def test_fairseq_train_adapts_a_sidenet_over_a_hugging_face_folder(llama, tmp_path, run_cli, binarize):
     path, d = llama
     words = " ".join(f"w{i}" for i in range(60))
     (tmp_path / "train.txt").write_text("\n".join(words for _ in range(40)) + "\n")
-    run_cli("-m", "fairseq_cli.preprocess", "--only-source", "--srcdict", tmp_path / "dict.txt", "--trainpref",
-            tmp_path / "train.txt", "--destdir", tmp_path / "bin", "--workers", "1", ok=True)
+    binarize(tmp_path / "bin", srcdict=tmp_path / "dict.txt", train=tmp_path / "train.txt")
     proc = run_cli("-m", "fairseq_cli.train", tmp_path / "bin", "--user-dir", os.path.join(REPO, "longmem"), "--task",
                    "longmem_language_modeling", "--arch", "transformer_lm_sidenet_tiny", "--decoder-layers", "2",
                    "--decoder-embed-dim", "32", "--decoder-attention-heads", "4", "--decoder-ffn-embed-dim", "64",
