@@ -550,6 +550,7 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
                                                             "--default-weight", "-1"],
      "argument --default-weight: must be a number >= 0, got -1"),
     (ICL, ["--backbone", "{tmp}/b.pt", "--seeds", "-1"], "argument --seeds: must be an integer >= 0, got -1"),
+    (ICL, ["--backbone", "{tmp}/b.pt", "--max-queries", "0"], "argument --max-queries: must be a positive integer, got 0"),
     ("-m", ["longmem.launch", "--master-port", "70000", "--", "DATA"],
      "argument --master-port: must be a TCP port (0-65535), got 70000"),
     ("-m", ["longmem.launch", "--node-rank", "-1", "--", "DATA"], "argument --node-rank: must be an integer >= 0"),
@@ -645,3 +646,16 @@ def test_eval_lm_killed_while_replacing_its_results_leaves_them_valid_and_the_ne
     run_cli(*cmd[1:], ok=True)
     assert "LongMem, memory on" in json.loads(results.read_text())["models"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_icl_with_more_max_queries_than_the_file_holds_scores_them_all_and_says_how_many(tiny, tmp_path, run_cli):
+    data = tmp_path / "icl" / "SST-2"
+    data.mkdir(parents=True)
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"good film {i}\t1\nbad film {i}\t0\n" for i in range(4)))
+    (data / "dev.tsv").write_text("sentence\tlabel\nfine film\t1\nawful film\t0\ndull film\t0\n")
+    out = tmp_path / "icl.json"
+    proc = run_cli(ICL, "--data-dir", tmp_path / "icl", "--tasks", "sst2", "--longmem", tiny / "longmem_gpt2.pt",
+                   "--modes", "memory-off", "--k", "2", "--cache-k", "0", "--seeds", "1", "--max-queries", "50",
+                   "--results-path", out, "--cpu", ok=True)
+    assert "--max-queries 50 but the evaluation file holds 3" in proc.output
+    assert json.loads(out.read_text())["results"]["sst2"]["memory-off"]["queries"] == 3
