@@ -129,12 +129,11 @@ def exit_on_config_error(run, argv=None):
     entry point exits with what main returns), where a ``ConfigError`` (a setting or input that cannot work) or a
     ``CommandFailed`` (a program it started failed) ends the program with ``prog: error: message`` and exit code
     2, as argparse ends, through the normal exit path (``finally`` blocks, atexit, logging flushed)."""
+    import errno
     import os
     import sys
 
     from longmem.errors import CommandFailed, ConfigError
-
-    import errno
 
     try:
         result = run(argv)
