@@ -128,7 +128,8 @@ def exit_on_config_error(run, argv=None):
     """What a command's ``main(argv)`` does: ``run(argv)``, returning its exit status when it returns an int (an
     entry point exits with what main returns), where a ``ConfigError`` (a setting or input that cannot work) or a
     ``CommandFailed`` (a program it started failed) ends the program with ``prog: error: message`` and exit code
-    2, as argparse ends, through the normal exit path (``finally`` blocks, atexit, logging flushed)."""
+    2, as argparse ends, through the normal exit path (``finally`` blocks, atexit, logging flushed). A disk that
+    fills up or turns read-only while an output is written ends it the same way, naming the file."""
     import errno
     import os
     import sys
