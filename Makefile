@@ -24,14 +24,15 @@ $(STAMP): requirements.txt setup.py Makefile
 	$(PY) -c "import fairseq" 2>/dev/null || env -u CUDA_HOME $(PIP) install -q --no-cache-dir --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 	# 4. the rest, pinned; no torchaudio.
 	$(PIP) install -q hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3 \
-	    bitarray cffi regex sacrebleu tqdm scikit-learn faiss-cpu==1.15.1 sentencepiece zstandard matplotlib pytest
+	    bitarray cffi regex sacrebleu tqdm scikit-learn faiss-cpu==1.15.1 sentencepiece zstandard matplotlib pytest pytest-xdist==3.8.0
 	# 5. the [hf] extra: Hugging Face backbones, loaded offline (torch already satisfies accelerate)
 	$(PIP) install -q transformers==5.24.0 gguf==0.19.0 accelerate==1.15.0
 	$(PIP) install -q --no-deps -e .
 	@touch $@
 
+# two workers (JOBS), one thread each (tests/conftest.py): 9.5 min here where one worker took 19
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(JOBS) tests
 
 demo: $(STAMP)
 	$(PY) -m longmem.demo --out $(DEMO_DIR) --workers $(JOBS)

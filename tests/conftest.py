@@ -130,6 +130,12 @@ def tiny_backbone_file():
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # `make test` runs two workers on two cores: one thread each, for this process and the ones it starts
+        # (two torch processes with two threads each slow each other many times over)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "slow: starts processes or trains (`pytest -m 'not slow'` skips them)")
 
 
