@@ -18,45 +18,24 @@ until they are ``--broad-share`` of the training tokens, all shuffled at the doc
 """
 import argparse
 import os
-import random
 import subprocess
 import sys
+
+from longmem.corpus.mix import mix, read_documents, write_documents
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 LINKED = ("model", "tokens", "data-bin-real", "data-bin-longrange")
 
 
-def documents(path):
-    """The non-empty lines of an encoded file (one document per line), as lists of symbols."""
-    with open(path, encoding="utf-8") as f:
-        return [line.split() for line in f if line.strip()]
-
-
-def broad_pieces(path, piece_tokens, rng):
-    """Every document of the broad corpus cut into consecutive pieces of at most ``piece_tokens``, shuffled."""
-    pieces = []
-    for doc in documents(path):
-        pieces += [doc[i:i + piece_tokens] for i in range(0, len(doc), piece_tokens) if len(doc[i:i + piece_tokens]) > 16]
-    rng.shuffle(pieces)
-    return pieces
-
-
-def mix(demo, broad, share, piece_tokens, seed):
-    """The training documents: the demo's long-range set plus broad pieces up to ``share`` of all tokens."""
-    rng = random.Random(seed)
-    docs = documents(os.path.join(demo, "tokens", "longrange", "train.bpe"))
-    longrange_tokens = sum(map(len, docs))
-    wanted = share / (1 - share) * longrange_tokens if share < 1 else float("inf")
-    taken = 0
-    if share > 0:
-        for piece in broad_pieces(broad, piece_tokens, rng):
-            if taken >= wanted:
-                break
-            docs.append(piece)
-            taken += len(piece)
-    rng.shuffle(docs)
-    print(f"mix: {longrange_tokens:,} long-range tokens + {taken:,} broad tokens ({taken / (taken + longrange_tokens):.0%})")
+def training_documents(demo, args):
+    """The demo's long-range training documents, with broad pieces mixed in (``longmem.corpus.mix``)."""
+    longrange = read_documents(os.path.join(demo, "tokens", "longrange", "train.bpe"))
+    if not args.broad_share:
+        return longrange
+    docs = mix(longrange, read_documents(args.broad_encoded), args.broad_share, args.piece_tokens, args.seed)
+    lr, total = sum(map(len, longrange)), sum(map(len, docs))
+    print(f"mix: {lr:,} long-range tokens + {total - lr:,} broad tokens ({(total - lr) / total:.0%})")
     return docs
 
 
@@ -64,11 +43,8 @@ def build_data(run, demo, args):
     out = os.path.join(run, "data-bin-mix")
     if os.path.isfile(os.path.join(out, "train.bin")):
         return out
-    docs = mix(demo, args.broad_encoded, args.broad_share, args.piece_tokens, args.seed) if args.broad_share else None
     text = os.path.join(run, "mix_train.bpe")
-    with open(text, "w", encoding="utf-8") as f:
-        for n, doc in enumerate(docs or documents(os.path.join(demo, "tokens", "longrange", "train.bpe"))):
-            f.write(("\n" if n else "") + " ".join(doc) + "\n")
+    write_documents(text, training_documents(demo, args))
     subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
                     os.path.join(demo, "tokens", "dict.txt"), "--destdir", out + ".tmp", "--workers", "2",
                     "--trainpref", text, "--validpref", os.path.join(demo, "tokens", "longrange", "valid.bpe")],
