@@ -37,5 +37,10 @@ COPY_DOCS=6
 TRAIN_PAIRS=24
 TRAIN_QUERY_FILL="8 48"
 REAL_TEXT_TOKENS=20000
+# broad real text in the training mix (the recipe's stage broad: longmem-build-broad-corpus through
+# longmem-prepare-pile; docs/data.md): its share of the training tokens, in pieces of at most BROAD_PIECE_TOKENS
+# (0: long-range documents only; docs/ablations.md §5)
+BROAD_SHARE=0
+BROAD_PIECE_TOKENS=2048
 # what the evaluate stage runs: copy (the backbone's in-window copying), longrange, real, diagnose (diagnose_memory.py)
 EVAL_SETS="copy longrange real diagnose"

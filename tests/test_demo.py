@@ -236,3 +236,13 @@ def test_smollm2_icl_table_holds_each_modes_accuracy():
     assert rows["SmolLM2-135M"] == ["sst2", "mr"] and "100 queries" in lines[0]
     assert rows["backbone alone"] == ["58.0", "78.0"]
     assert rows["LongMem, memory off"] == ["62.0", "70.0"] and rows["LongMem, memory on"] == ["60.0", "69.0"]
+
+
+def test_a_preset_elsewhere_names_its_parent_by_an_absolute_path(tmp_path, monkeypatch):
+    """The training script and the recipe both read PARENT as a path (absolute, or relative to the preset's folder):
+    the preset's values win, the parent's fill the rest."""
+    preset = tmp_path / "mine.sh"
+    preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMAX_UPDATE=7\n")
+    train, _ = run_recipe_dry(tmp_path, monkeypatch, str(preset))
+    assert train[train.index("--max-update") + 1] == "7"
+    assert train[train.index("--retrieval-layer-index") + 1] == preset_values("longmem_smollm2.sh")["RETRIEVAL_LAYER_INDEX"]

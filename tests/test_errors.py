@@ -561,10 +561,13 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--seed", "one"], "argument --seed: invalid int value: 'one'"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/none.sh"], "preset {tmp}/none.sh does not exist"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/file.txt"], "OUT: "),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/broad.sh"],
+     "preset {tmp}/broad.sh: BROAD_SHARE must be a number in [0, 1)"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
+    (tmp_path / "broad.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nBROAD_SHARE=1.5\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle.format(tmp=tmp_path))

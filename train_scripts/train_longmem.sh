@@ -31,9 +31,10 @@ DATA=$1; BACKBONE=$2; SAVE=$3; shift 3
 ENV_EXTRA_FLAGS=${EXTRA_FLAGS-__unset__}
 # shellcheck disable=SC1090
 source "$PRESET"
-# a preset that changes another names it (PARENT=file beside it): the parent's lines, then the preset's again
+# a preset that changes another names it (PARENT=a path, relative to the preset's folder): the parent's lines, then
+# the preset's again
 if [[ -n ${PARENT:-} ]]; then
-  PARENT_FILE=$(dirname "$PRESET")/$PARENT
+  if [[ $PARENT == /* ]]; then PARENT_FILE=$PARENT; else PARENT_FILE=$(dirname "$PRESET")/$PARENT; fi
   [[ -f $PARENT_FILE ]] || { echo "preset $PRESET: PARENT $PARENT_FILE not found" >&2; exit 2; }
   # shellcheck disable=SC1090
   source "$PARENT_FILE"

