@@ -246,3 +246,21 @@ def test_a_preset_elsewhere_names_its_parent_by_an_absolute_path(tmp_path, monke
     train, _ = run_recipe_dry(tmp_path, monkeypatch, str(preset))
     assert train[train.index("--max-update") + 1] == "7"
     assert train[train.index("--retrieval-layer-index") + 1] == preset_values("longmem_smollm2.sh")["RETRIEVAL_LAYER_INDEX"]
+
+
+def test_the_broad_preset_builds_the_broad_stage_and_trains_with_distillation(tmp_path, monkeypatch):
+    """configs/longmem_smollm2_broad.sh: stage broad runs (BROAD_SHARE 0.5 reaches it), and fairseq-train gets the
+    parent's flags, the criterion's and the preset's update count."""
+    from longmem.recipes import smollm2
+    from longmem.stages import read_preset
+
+    shares = []
+    monkeypatch.setattr(smollm2, "broad_stage", lambda pipe, model, cfg: shares.append(cfg["BROAD_SHARE"]))
+    train, _ = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2_broad.sh")
+    assert shares == ["0.5"]
+    assert train[train.index("--max-update") + 1] == "1200"
+    assert train[train.index("--criterion") + 1] == "longmem_cross_entropy"
+    assert train[train.index("--distill-on") + 1] == "backbone-better"
+    parent = read_preset(f"{REPO}/configs/longmem_smollm2.sh")
+    assert all(flag in train for flag in parent["EXTRA_FLAGS"].split())
+    assert train[train.index("--retrieval-layer-index") + 1] == parent["RETRIEVAL_LAYER_INDEX"]
