@@ -98,12 +98,15 @@ def broad_stage(pipe: Pipeline, model: str, cfg: dict) -> str:
 
 
 TOKENS_SETTINGS = ("TRAIN_DOCS", "EVAL_DOCS", "DOC_TOKENS", "MIN_GAP", "COPY_DOCS", "TRAIN_PAIRS", "TRAIN_QUERY_FILL",
-                   "REAL_TEXT_TOKENS", "BROAD_SHARE", "BROAD_PIECE_TOKENS")
+                   "REAL_TEXT_TOKENS")
+# stamped only when broad text is mixed in: without it the stage builds what it built before they existed
+BROAD_SETTINGS = ("BROAD_SHARE", "BROAD_PIECE_TOKENS")
 
 
 def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict, seed: int) -> str:
     tokens = os.path.join(pipe.out, "tokens")
-    with pipe.stage("tokens", seed=seed, **{k: cfg[k] for k in TOKENS_SETTINGS}) as st:
+    keys = TOKENS_SETTINGS + (BROAD_SETTINGS if float(cfg["BROAD_SHARE"]) else ())
+    with pipe.stage("tokens", seed=seed, **{k: cfg[k] for k in keys}) as st:
         if not st.cached:
             os.makedirs(tokens, exist_ok=True)
             run([sys.executable, "-m", "longmem.commands.hf_tokens", "dict", "--model", model, "--out",
@@ -131,7 +134,10 @@ def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict,
 def data_stage(pipe: Pipeline, tokens: str) -> None:
     """data-bin-longrange (train/valid/test), data-bin-copy (the in-window recurrences), data-bin-real."""
     lr = os.path.join(tokens, "longrange")
-    sets = {"longrange": ["--trainpref", os.path.join(tokens, "train_mix.bpe"), "--validpref", os.path.join(lr, "valid.bpe"),
+    train = os.path.join(tokens, "train_mix.bpe")
+    if not os.path.isfile(train):  # a tokens stage finished before the mix existed: no broad text in it
+        train = os.path.join(lr, "train.bpe")
+    sets = {"longrange": ["--trainpref", train, "--validpref", os.path.join(lr, "valid.bpe"),
                           "--testpref", os.path.join(lr, "test.bpe")],
             "copy": ["--testpref", os.path.join(lr, "pretrain.bpe")],
             "real": ["--testpref", os.path.join(tokens, "real_test.ids")]}
