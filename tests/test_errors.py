@@ -629,26 +629,34 @@ def test_eval_icl_names_a_hugging_face_tokenizer_it_cannot_read(tmp_path, kind, 
 
 
 def test_eval_lm_killed_while_replacing_its_results_leaves_them_valid_and_the_next_run_no_temporary_file(
-        tiny, tmp_path, run_cli):
+        tiny, tmp_path, run_cli, binarize):
     """kill -9 during a run that would replace --results-path: the previous file is still the valid JSON it was; a
     temporary file such a kill leaves (its writer's PID dead) is removed by the next run that writes there."""
     import time
 
+    # the victim scores 200 documents (48k tokens, about 30 s of work here): the kill lands while it works, never
+    # after it wrote (the fixture's 3 documents are scored in about a second)
+    words = [f"w{i}" for i in range(30)]
+    (tmp_path / "many.txt").write_text("\n\n".join("\n".join(" ".join(words[(d + 7 * j + i) % 30] for i in range(12))
+                                                              for j in range(20)) for d in range(200)) + "\n")
+    many = binarize(tmp_path / "many", srcdict=tiny / "bin" / "dict.txt", test=tmp_path / "many.txt")
+    (tmp_path / "many.txt").unlink()
     results = tmp_path / "results.json"
     results.write_text('{"previous": 1}\n')
-    cmd = [sys.executable, LM, str(tiny / "bin"), "--backbone", str(tiny / "backbone.pt"), "--longmem",
-           str(tiny / "longmem.pt"), "--tokens-per-sample", "32", "--results-path", str(results), "--cpu"]
-    victim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tail = ["--backbone", str(tiny / "backbone.pt"), "--longmem", str(tiny / "longmem.pt"), "--tokens-per-sample", "32",
+            "--results-path", str(results), "--cpu"]
+    victim = subprocess.Popen([sys.executable, LM, str(many), *tail], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     time.sleep(4)
     victim.kill()
-    victim.wait()
+    assert victim.wait() == -9, "eval-lm finished before the kill"
     assert json.loads(results.read_text()) == {"previous": 1}
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = tmp_path / f"tmp-results.json.{dead.stdout.strip()}.x1y2z3"
     orphan.write_text('{"half')
-    run_cli(*cmd[1:], ok=True)
+    run_cli(LM, tiny / "bin", *tail, ok=True)
     assert "LongMem, memory on" in json.loads(results.read_text())["models"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many", "results.json"]
 
 
 def test_icl_with_more_max_queries_than_the_file_holds_scores_them_all_and_says_how_many(tiny, tmp_path, run_cli):
