@@ -107,6 +107,8 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
     monkeypatch.setattr(smollm2, "shakespeare_corpus", lambda pipe: str(out / "corpus"))
     monkeypatch.setattr(smollm2, "tokens_stage", lambda pipe, *a: str(out / "tokens"))
     monkeypatch.setattr(smollm2, "data_stage", lambda pipe, tokens: None)
+    if smollm2.broad_stage.__module__ == smollm2.__name__:  # a test's own stand-in is kept
+        monkeypatch.setattr(smollm2, "broad_stage", lambda pipe, model, cfg: str(out / smollm2.BROAD_ENCODED))
     calls, train = [], []
 
     def fake_run(cmd, env=None, capture=False):
@@ -147,12 +149,15 @@ def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path, mo
     assert train[train.index("--max-update") + 1] == demo["MAX_UPDATE"]
     assert train[train.index("--retrieval-layer-index") + 1] == recipe["RETRIEVAL_LAYER_INDEX"]
     assert "--memory-layer-from-retrieval-block" in train
+    assert "--distill-weight" not in train  # the demo keeps its measured values, without the levers against forgetting
+    assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["BROAD_SHARE"] == "0"
     assert calls == [("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
 
 
 def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, monkeypatch):
     train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
+    assert train[train.index("--distill-on") + 1] == "backbone-better"
     assert calls == [("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
                      ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
@@ -249,8 +254,9 @@ def test_a_preset_elsewhere_names_its_parent_by_an_absolute_path(tmp_path, monke
 
 
 def test_the_broad_preset_builds_the_broad_stage_and_trains_with_distillation(tmp_path, monkeypatch):
-    """configs/longmem_smollm2_broad.sh: stage broad runs (BROAD_SHARE 0.5 reaches it), and fairseq-train gets the
-    parent's flags, the criterion's and the preset's update count."""
+    """configs/longmem_smollm2_broad.sh (the recipe's levers at 1,200 updates): stage broad runs (the recipe's
+    BROAD_SHARE 0.5 reaches it), and fairseq-train gets the recipe's flags, its criterion and the preset's update
+    count."""
     from longmem.recipes import smollm2
     from longmem.stages import read_preset
 
