@@ -90,7 +90,8 @@ def test_plot_has_smollm2_panel_with_half_memory_off_targets(tmp_path):
 def run_recipe_dry(tmp_path, monkeypatch, preset):
     """``longmem-recipe smollm2 OUT --preset configs/PRESET`` with every data stage's output already there and a
     ``run`` that records each command instead of running it (the training script run for real with DRY_RUN=1):
-    returns fairseq-train's command and the evaluate stage's (command, data) calls."""
+    returns fairseq-train's command and the calls: ("broad", its BROAD_SHARE), then the evaluate stage's (command,
+    data)."""
     import os
     import subprocess
 
@@ -107,9 +108,9 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
     monkeypatch.setattr(smollm2, "shakespeare_corpus", lambda pipe: str(out / "corpus"))
     monkeypatch.setattr(smollm2, "tokens_stage", lambda pipe, *a: str(out / "tokens"))
     monkeypatch.setattr(smollm2, "data_stage", lambda pipe, tokens: None)
-    if smollm2.broad_stage.__module__ == smollm2.__name__:  # a test's own stand-in is kept
-        monkeypatch.setattr(smollm2, "broad_stage", lambda pipe, model, cfg: str(out / smollm2.BROAD_ENCODED))
     calls, train = [], []
+    # stage broad: the share it was given is recorded as a call
+    monkeypatch.setattr(smollm2, "broad_stage", lambda pipe, model, cfg: calls.append(("broad", cfg["BROAD_SHARE"])))
 
     def fake_run(cmd, env=None, capture=False):
         cmd = list(map(str, cmd))
@@ -151,14 +152,14 @@ def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path, mo
     assert "--memory-layer-from-retrieval-block" in train
     assert "--distill-weight" not in train  # the demo keeps its measured values, without the levers against forgetting
     assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["BROAD_SHARE"] == "0"
-    assert calls == [("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
+    assert calls == [("broad", "0"), ("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
 
 
 def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, monkeypatch):
     train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
     assert train[train.index("--distill-on") + 1] == "backbone-better"
-    assert calls == [("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
+    assert calls == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
                      ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
 
@@ -257,13 +258,10 @@ def test_the_broad_preset_builds_the_broad_stage_and_trains_with_distillation(tm
     """configs/longmem_smollm2_broad.sh (the recipe's levers at 1,200 updates): stage broad runs (the recipe's
     BROAD_SHARE 0.5 reaches it), and fairseq-train gets the recipe's flags, its criterion and the preset's update
     count."""
-    from longmem.recipes import smollm2
     from longmem.stages import read_preset
 
-    shares = []
-    monkeypatch.setattr(smollm2, "broad_stage", lambda pipe, model, cfg: shares.append(cfg["BROAD_SHARE"]))
-    train, _ = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2_broad.sh")
-    assert shares == ["0.5"]
+    train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2_broad.sh")
+    assert [share for stage, share in calls if stage == "broad"] == ["0.5"]
     assert train[train.index("--max-update") + 1] == "1200"
     assert train[train.index("--criterion") + 1] == "longmem_cross_entropy"
     assert train[train.index("--distill-on") + 1] == "backbone-better"
