@@ -275,6 +275,38 @@ def test_fairseq_train_with_the_distillation_criterion_and_a_sidenet_that_starts
     assert state["cfg"]["model"]["start_as_backbone"] and "decoder.output_gate" in state["model"]
 
 
+def test_distill_on_marked_reads_the_splits_marks_and_refuses_training_without_them(sidenet_trained, tmp_path,
+                                                                                    run_cli):
+    """The streaming task reads DATA/train.marks (one 0/1 per document): with every document marked, the term is
+    --distill-on all's, step by step; without the file, training is refused with the file's name."""
+    root, backbone, _ = sidenet_trained
+    data = tmp_path / "bin"
+    shutil.copytree(root / "bin", data)
+    args = [str(a) for a in sidenet_args(root, backbone, 3)]
+    args[0] = str(data)
+    args[args.index("language_modeling")] = "longmem_language_modeling"
+    args[args.index("--log-interval") + 1] = "1"
+    args += ["--criterion", "longmem_cross_entropy", "--distill-weight", "1", "--disable-validation"]
+
+    def train(on, name):
+        args[args.index("--save-dir") + 1] = str(tmp_path / name)
+        return run_cli("-m", "fairseq_cli.train", *args, "--distill-on", on)
+
+    refused = train("marked", "none")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "--distill-on marked needs the training split's .marks file" in refused.stderr.strip().splitlines()[-1]
+    documents = int(re.search(r"train: \d+ tokens, (\d+) documents as one stream", refused.output).group(1))
+    (data / "train.marks").write_text("1\n" * documents)
+    kls = []
+    for on in ("marked", "all"):
+        log = train(on, on).output
+        kls.append([float(r["kl"]) for r in map(json.loads, re.findall(r"\| (\{.*\"kl\".*\})", log))
+                    if "num_updates" in r])
+        assert len(kls[-1]) == 3, log[-2000:]
+    assert f"{documents} of them marked" in log
+    assert kls[0] == kls[1] and kls[0][-1] > 0
+
+
 def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
     root, backbone, _ = sidenet_trained
     args, _ = resumed_in(tmp_path, sidenet_args(root, backbone, 50), root / "longmem_ckpt")

@@ -143,3 +143,57 @@ def test_distill_on_backbone_better_leaves_out_the_tokens_longmem_predicts_bette
 
     with pytest.raises(ConfigError, match="--distill-on must be one of all, backbone-better"):
         LongMemCrossEntropyCriterion(SimpleNamespace(target_dictionary=None), False, 1.0, distill_on="recalled")
+
+
+def test_distill_on_marked_keeps_every_token_of_a_marked_document_and_the_backbone_better_ones_elsewhere():
+    """The example above: token 1 is one LongMem predicts better. In a marked document (a broad piece) it is kept,
+    its gradient q - p as with every token kept; unmarked, it is left out as with backbone-better."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 0.0]], requires_grad=True)
+    backbone = torch.tensor([[0.0, -9.0, 0.0], [1.0, 0.0, 1.0]])
+    targets, keep = torch.tensor([0, 1]), torch.tensor([True, True])
+    p, q = torch.softmax(backbone, -1), torch.softmax(logits.detach(), -1)
+    per_token = [float((p[i] * (p[i].log() - q[i].log())).sum()) for i in (0, 1)]
+    marked = distillation_kl(torch.log_softmax(logits, -1), backbone, keep, targets, torch.tensor([False, True]))
+    assert abs(float(marked) - sum(per_token)) < 1e-6
+    marked.backward()
+    torch.testing.assert_close(logits.grad, q - p, rtol=0, atol=1e-6)
+    unmarked = distillation_kl(torch.log_softmax(logits.detach(), -1), backbone, keep, targets,
+                               torch.tensor([False, False]))
+    assert abs(float(unmarked) - per_token[0]) < 1e-6
+    padded = distillation_kl(torch.log_softmax(logits.detach(), -1), backbone, torch.tensor([True, False]), targets,
+                             torch.tensor([True, True]))
+    assert abs(float(padded) - per_token[0]) < 1e-6  # a mark never brings a pad back
+
+
+def test_the_criterion_reads_the_samples_marks_and_refuses_training_without_them(make_sidenet, make_dictionary):
+    """--distill-on marked over a whole model: every position marked gives the term of --distill-on all, none marked
+    that of backbone-better, half marked their sum over the halves; training without marks is refused, validation
+    counts no document as marked."""
+    from longmem.errors import ConfigError
+
+    torch.manual_seed(0)
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=False)
+    with torch.no_grad():  # a SideNet far from its backbone, so that the choices of tokens differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    task = SimpleNamespace(target_dictionary=d, source_dictionary=d)
+    tokens = torch.randint(4, len(d), (2, 10))
+    sample = {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([10, 10])},
+              "target": torch.randint(4, len(d), (2, 10)), "ntokens": 20}
+    crit = {on: LongMemCrossEntropyCriterion(task, False, 1.0, distill_on=on) for on in ("all", "backbone-better",
+                                                                                      "marked")}
+    kl = lambda on, s: float(crit[on](model, s)[2]["kl"])  # noqa: E731
+    model.eval()
+    every, better = kl("all", sample), kl("backbone-better", sample)
+    assert every > better + 0.1  # the example leaves some tokens out of backbone-better
+    assert abs(kl("marked", {**sample, "marked": torch.ones(2, 10, dtype=torch.bool)}) - every) < 1e-4
+    assert abs(kl("marked", {**sample, "marked": torch.zeros(2, 10, dtype=torch.bool)}) - better) < 1e-4
+    assert abs(kl("marked", sample) - better) < 1e-4  # validation without a .marks file
+    rows = torch.tensor([[True], [False]]).expand(2, 10)
+    halves = [{**sample, "target": sample["target"].masked_fill(~m, d.pad())} for m in (rows, ~rows)]
+    assert abs(kl("marked", {**sample, "marked": rows}) - kl("all", halves[0]) - kl("backbone-better", halves[1])) < 1e-4
+    model.train()
+    with pytest.raises(ConfigError, match=r"--distill-on marked needs the training split's \.marks file"):
+        crit["marked"](model, sample)

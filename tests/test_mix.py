@@ -56,3 +56,18 @@ def test_documents_read_back_as_written(tmp_path):
     write_documents(tmp_path / "a.bpe", docs)
     assert (tmp_path / "a.bpe").read_text().split("\n\n") == ["x0_0 x0_1 x0_2", "x1_0", "x2_0 x2_1 x2_2 x2_3 x2_4\n"]
     assert read_documents(tmp_path / "a.bpe") == docs
+
+
+def test_mix_marked_marks_the_broad_pieces_and_keeps_the_order_of_mix(tmp_path):
+    from longmem.corpus.mix import mix_marked, write_marks
+    from longmem.tasks.stream_dataset import read_marks
+
+    longrange = _docs("L", [300, 200, 400, 100])
+    broad = _docs("B", [5000, 1234, 2600])
+    marked = mix_marked(longrange, broad, 0.5, piece_tokens=256, seed=4)
+    assert [doc for doc, _ in marked] == mix(longrange, broad, 0.5, piece_tokens=256, seed=4)
+    assert [m for _, m in marked] == [doc[0].startswith("B") for doc, _ in marked]
+    assert sum(m for _, m in marked) > 1 and mix_marked(longrange, broad, 0.0) == [(d, False) for d in longrange]
+    path = str(tmp_path / "train.marks")
+    write_marks(path, [m for _, m in marked])
+    assert read_marks(path).tolist() == [m for _, m in marked]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from longmem.tasks.stream_dataset import StreamBatches, TokenStream
+from longmem.tasks.stream_dataset import StreamBatches, TokenStream, read_marks
 
 EOS, PAD = 2, 1
 
@@ -73,6 +73,46 @@ def test_document_starts_follow_empty_lines():
     # tokens: 5 6 </s> 7 </s> </s> 8 9 </s> </s> </s> 10 </s>
     assert stream.tokens.tolist() == [5, 6, 2, 7, 2, 2, 8, 9, 2, 2, 2, 10, 2]
     assert torch.nonzero(stream.doc_start).view(-1).tolist() == [0, 6, 11]
+
+
+@pytest.mark.parametrize("layout,B,T", [("streams", 2, 3), ("streams", 1, 5), ("release", 2, 2)])
+def test_marks_follow_their_documents_into_every_batch(layout, B, T):
+    """Three documents (those of the test above), the first and last marked: each target carries its own token's
+    mark (a document's separators go with it), written out by hand; pads are never marked."""
+    data = Lines([[5, 6], [7], [], [8, 9], [], [], [10]])
+    stream = TokenStream(data, EOS, torch.tensor([True, False, True]))
+    # tokens: 5 6 </s> 7 </s> </s> | 8 9 </s> </s> </s> | 10 </s>
+    assert stream.marked.tolist() == [1] * 6 + [0] * 5 + [1] * 2
+    batches = StreamBatches(stream, B, T, PAD, layout=layout)
+    seen = 0
+    for i in range(len(batches)):
+        s = batches.collater([batches[i]])
+        assert s["marked"].shape == s["target"].shape and not s["marked"][s["target"].eq(PAD)].any()
+        for tgt, mark in zip(s["target"].view(-1).tolist(), s["marked"].view(-1).tolist()):
+            if tgt not in (PAD, EOS):  # a word token: marked where its document is
+                assert mark == (tgt in (5, 6, 7, 10))
+                seen += 1
+    # the separators too, position by position, in the streams layout (every token a target once, in order)
+    if layout == "streams":
+        samples = [batches.collater([batches[i]]) for i in range(len(batches))]
+        rows = [torch.cat([s["marked"][b] for s in samples]) for b in range(B)]
+        assert torch.cat(rows)[:13].tolist() == stream.marked.tolist()
+    assert seen > 0
+    assert "marked" not in StreamBatches(TokenStream(data, EOS), B, T, PAD, layout=layout).collater([0])
+
+
+def test_marks_that_do_not_fit_the_split_are_refused(tmp_path):
+    from longmem.errors import ConfigError
+
+    data = Lines([[5, 6], [], [8]])  # two documents
+    with pytest.raises(ConfigError, match="marks 3 documents, the split has 2"):
+        TokenStream(data, EOS, torch.tensor([True, False, True]), "train.marks")
+    path = tmp_path / "train.marks"
+    path.write_text("1\n0\n")
+    assert read_marks(str(path)).tolist() == [True, False]
+    path.write_text("1\nyes\n")
+    with pytest.raises(ConfigError, match="line 2: a .marks file holds one 0 or 1 a line"):
+        read_marks(str(path))
 
 
 def test_release_order_sample_ids_written_by_hand():

@@ -12,6 +12,10 @@ forgetting the backbone's skills while the SideNet adapts (docs/ablations.md).
 ``--distill-on backbone-better`` keeps only the tokens whose target the backbone gives at least the probability
 LongMem gives it: the term holds the model where it would fall below its backbone and lets it go where it does
 better, as on a token memory recalls (the backbone, which cannot see beyond its window, would pull it back there).
+``--distill-on marked`` keeps every token of the documents marked in the split's ``.marks`` file (one 0/1 per
+document beside ``train.bin``: the broad pieces the SmolLM2 recipe mixes in, where there is nothing to recall) and
+the backbone-better tokens of the others (the long-range documents). Validation without a ``.marks`` file counts
+no document as marked.
 """
 import math
 from dataclasses import dataclass, field
@@ -30,22 +34,26 @@ class LongMemCrossEntropyConfig(CrossEntropyCriterionConfig):
         "help": "λ: weight of KL(backbone ‖ LongMem) per target token, added to the cross-entropy (0: none)"})
     distill_on: str = field(default="all", metadata={
         "help": "which target tokens the KL term covers: all; backbone-better: those whose target the backbone gives "
-                "at least LongMem's probability (the term then never pulls back a token LongMem predicts better)"})
+                "at least LongMem's probability (the term then never pulls back a token LongMem predicts better); "
+                "marked: every token of the documents marked 1 in the split's .marks file (DATA/train.marks, one 0/1 "
+                "per document: the recipe marks its broad pieces) and the backbone-better tokens of the others"})
 
 
-DISTILL_ON = ("all", "backbone-better")
+DISTILL_ON = ("all", "backbone-better", "marked")
 
 
 def distillation_kl(lprobs: torch.Tensor, backbone_logits: torch.Tensor, keep: torch.Tensor,
-                    targets: torch.Tensor = None) -> torch.Tensor:
+                    targets: torch.Tensor = None, always: torch.Tensor = None) -> torch.Tensor:
     """Σ over the kept positions of KL(softmax(backbone_logits) ‖ exp(lprobs)). lprobs, backbone_logits (N, V);
     keep (N,) bool. With ``targets`` (N,), only the positions whose target the backbone gives at least LongMem's
-    probability are kept (``--distill-on backbone-better``). The backbone's side and the choice carry no gradient."""
+    probability are kept (``--distill-on backbone-better``), and besides them those where ``always`` (N,) bool is
+    True (``--distill-on marked``). The backbone's side and the choice carry no gradient."""
     with torch.no_grad():
         reference = torch.log_softmax(backbone_logits.float(), dim=-1)
         if targets is not None:
             index = targets.clamp(min=0).unsqueeze(-1)
-            keep = keep & (reference.gather(-1, index) >= lprobs.detach().float().gather(-1, index)).squeeze(-1)
+            better = (reference.gather(-1, index) >= lprobs.detach().float().gather(-1, index)).squeeze(-1)
+            keep = keep & (better if always is None else better | always)
     kl = (reference.exp() * (reference - lprobs.float())).sum(-1)  # (N,)
     return kl[keep].sum()
 
@@ -72,8 +80,17 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
             decoder = model.decoder if hasattr(model, "decoder") else model.module.decoder
             lprobs = model.get_normalized_probs(net_output, log_probs=True).view(-1, net_output[0].size(-1))
             target = model.get_targets(sample, net_output).view(-1)
+            always = None
+            if self.distill_on == "marked":
+                always = sample.get("marked")
+                if always is None and model.training:
+                    raise ConfigError("--distill-on marked needs the training split's .marks file beside it "
+                                      "(DATA/train.marks: one 0/1 per document, 1 = distil every token; "
+                                      "longmem.corpus.mix.write_marks, written by the recipe when BROAD_SHARE > 0) "
+                                      "and the longmem_language_modeling task")
+                always = torch.zeros_like(target, dtype=torch.bool) if always is None else always.reshape(-1)
             kl = distillation_kl(lprobs, decoder.output_layer(features).view(-1, lprobs.size(-1)),
-                                 target.ne(self.padding_idx), target if self.distill_on == "backbone-better" else None)
+                                 target.ne(self.padding_idx), target if self.distill_on != "all" else None, always)
             loss = nll + self.distill_weight * kl
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         logging_output = {"loss": loss.data, "nll": nll.data, "ntokens": sample["ntokens"],

@@ -10,18 +10,20 @@ adaptation resumes):
     broad      with BROAD_SHARE above 0: the broad real-text corpus (longmem-build-broad-corpus, docs/data.md) through
                the Pile path (longmem-prepare-pile --hf-tokenizer, its subset weights) in SmolLM2's ids
     tokens     dict.txt of the model's ids; the long-range set (longmem-make-longrange) in SmolLM2's ids, its training
-               documents mixed with BROAD_SHARE of broad text (longmem.corpus.mix); in-window recurrences (the
-               backbone's copying); held-out real text
-    data-bin   fairseq-preprocess with that dict.txt
+               documents mixed with BROAD_SHARE of broad text (longmem.corpus.mix; train_mix.marks says which
+               documents are broad); in-window recurrences (the backbone's copying); held-out real text
+    data-bin   fairseq-preprocess with that dict.txt (and the marks as data-bin-longrange/train.marks, which
+               --distill-on marked reads)
     longmem    train_scripts/train_longmem.sh with the preset
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
 """
 import argparse
 import os
+import shutil
 import sys
 import zipfile
 
-from longmem.corpus.mix import mix, read_documents, write_documents
+from longmem.corpus.mix import mix_marked, read_documents, write_documents, write_marks
 from longmem.errors import ConfigError
 from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
 from longmem.utils.atomic import atomic_dir
@@ -125,8 +127,11 @@ def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict,
                  os.path.join(corpus, "test.txt"), "--outputs", os.path.join(tokens, "real_test.ids"),
                  "--max-tokens", cfg["REAL_TEXT_TOKENS"]])
             share, longrange = float(cfg["BROAD_SHARE"]), read_documents(os.path.join(tokens, "longrange", "train.bpe"))
-            docs = mix(longrange, read_documents(broad) if share else [], share, int(cfg["BROAD_PIECE_TOKENS"]), seed)
+            marked = mix_marked(longrange, read_documents(broad) if share else [], share,
+                                int(cfg["BROAD_PIECE_TOKENS"]), seed)
+            docs = [doc for doc, _ in marked]
             write_documents(os.path.join(tokens, "train_mix.bpe"), docs)
+            write_marks(os.path.join(tokens, "train_mix.marks"), [m for _, m in marked])  # --distill-on marked
             total = sum(map(len, docs))
             broad_tokens = total - sum(map(len, longrange))
             pipe.log.info(f"training mix: {total:,} tokens, {broad_tokens:,} of them broad text ({broad_tokens / total:.0%})")
@@ -150,6 +155,9 @@ def data_stage(pipe: Pipeline, tokens: str) -> None:
             with atomic_dir(os.path.join(pipe.out, f"data-bin-{name}")) as staging:
                 run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
                      os.path.join(tokens, "dict.txt"), "--destdir", staging, "--workers", "2", *prefixes])
+                marks = os.path.join(tokens, "train_mix.marks")
+                if name == "longrange" and os.path.isfile(marks) and train.endswith("train_mix.bpe"):
+                    shutil.copyfile(marks, os.path.join(staging, "train.marks"))  # which documents are broad
 
 
 def longmem_stage(pipe: Pipeline, model: str, preset: str, seed: int) -> str:

@@ -13,6 +13,7 @@ Importing this module also gives fairseq's own ``--task language_modeling`` the 
 and batches data as fairseq's does; with it, in the release's order as above.
 """
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +25,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 
 from longmem import optim_groups
 from longmem.errors import ConfigError
-from longmem.tasks.stream_dataset import StreamBatches, TokenStream
+from longmem.tasks.stream_dataset import StreamBatches, TokenStream, read_marks
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +126,12 @@ class LongMemLanguageModelingTask(LanguageModelingTask):
             raise ConfigError(f"split {split!r} not found in {data_path} (no {split}.bin/.idx): binarize it "
                               f"(fairseq-preprocess --{split if split in ('train', 'valid', 'test') else 'valid'}pref), choose another "
                               f"with --valid-subset, or pass --disable-validation")
-        self.datasets[split] = TokenStream(dataset, self.dictionary.eos())
-        logger.info("%s: %d tokens, %d documents as one stream", split, len(self.datasets[split]),
-                    int(self.datasets[split].doc_start.sum()))
+        marks_path = f"{split_path}.marks"  # which documents --distill-on marked distils whole (the recipe's broad pieces)
+        marks = read_marks(marks_path) if os.path.isfile(marks_path) else None
+        self.datasets[split] = TokenStream(dataset, self.dictionary.eos(), marks, marks_path)
+        stream = self.datasets[split]
+        logger.info("%s: %d tokens, %d documents as one stream%s", split, len(stream), int(stream.doc_start.sum()),
+                    "" if marks is None else f", {int(marks.sum())} of them marked ({marks_path})")
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
                            ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1,

@@ -35,10 +35,24 @@ def release_batches(num_samples: int, batch_size: int, num_shards: int = 1, shar
     return [[p[i] for p in mine] for i in range(min(len(p) for p in mine))]
 
 
-class TokenStream(FairseqDataset):
-    """A split as one token stream, with the positions where documents start."""
+def read_marks(path: str) -> torch.Tensor:
+    """A ``.marks`` file (one 0 or 1 a line, one line per document of the split; longmem.corpus.mix.write_marks)
+    as a bool tensor, one entry per document."""
+    flags = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip() not in ("0", "1"):
+                raise ConfigError(f"{path}, line {n}: a .marks file holds one 0 or 1 a line (one per document), "
+                                  f"got {line.strip()[:40]!r}")
+            flags.append(line.strip() == "1")
+    return torch.tensor(flags, dtype=torch.bool)
 
-    def __init__(self, dataset, eos: int):
+
+class TokenStream(FairseqDataset):
+    """A split as one token stream, with the positions where documents start and, given ``marks`` (one bool per
+    document), which tokens belong to a marked document (``self.marked``; None without marks)."""
+
+    def __init__(self, dataset, eos: int, marks: torch.Tensor = None, marks_name: str = "marks"):
         sizes = np.asarray(dataset.sizes, dtype=np.int64)
         self.tokens = torch.cat([torch.as_tensor(dataset[i], dtype=torch.long) for i in range(len(dataset))]) \
             if len(dataset) else torch.zeros(0, dtype=torch.long)
@@ -48,6 +62,13 @@ class TokenStream(FairseqDataset):
         self.doc_start = torch.zeros(len(self.tokens), dtype=torch.bool)
         if len(self.tokens):
             self.doc_start[torch.tensor(starts)] = True
+        self.marked = None
+        if marks is not None:
+            if len(marks) != len(starts) or not len(self.tokens):
+                raise ConfigError(f"{marks_name} marks {len(marks)} documents, the split has {len(starts)} (documents "
+                                  f"are separated by an empty line): write it for this split (one 0/1 per document)")
+            document = torch.cumsum(self.doc_start.long(), 0) - 1  # each token's document: its separator goes with it
+            self.marked = marks[document]
         self.eos = eos
         self.sizes = np.array([len(self.tokens)])
 
@@ -68,18 +89,21 @@ class StreamBatches(FairseqDataset):
         T, B = tokens_per_sample, batch_size
         src = torch.cat([torch.tensor([stream.eos]), stream.tokens[:-1]]) if len(stream.tokens) else stream.tokens
         tgt, starts = stream.tokens, stream.doc_start
+        # a target's mark is its own token's (the token it predicts belongs to that document)
+        marked = stream.marked if stream.marked is not None else torch.zeros(0, dtype=torch.bool)
         if layout == "streams":
             rows = B * num_shards
             per_row = -(-len(tgt) // rows)  # ceil: every token is a target once
-            src, tgt, starts = (self._pad(x, rows * per_row, fill) for x, fill in
-                                ((src, pad), (tgt, pad), (starts, False)))
+            src, tgt, starts, marked = (self._pad(x, rows * per_row, fill) for x, fill in
+                                        ((src, pad), (tgt, pad), (starts, False), (marked, False)))
             view = lambda x: x.view(rows, per_row)[shard_id * B: (shard_id + 1) * B]  # noqa: E731
-            self.src, self.tgt, self.starts = view(src), view(tgt), view(starts)  # (B, per_row)
+            self.src, self.tgt, self.starts, self.marked = view(src), view(tgt), view(starts), view(marked)
             self.num_batches = -(-per_row // T)
         elif layout == "release":
             samples = -(-len(tgt) // T)  # blocks of T tokens, the last one shorter
-            self.src, self.tgt, self.starts = (self._pad(x, samples * T, fill).view(samples, T) for x, fill in
-                                               ((src, pad), (tgt, pad), (starts, False)))  # (N, T)
+            self.src, self.tgt, self.starts, self.marked = (
+                self._pad(x, samples * T, fill).view(samples, T) for x, fill in
+                ((src, pad), (tgt, pad), (starts, False), (marked, False)))  # (N, T)
             # every rank stops with the one whose passages are shortest (the release's ranks could disagree
             # on their number of batches, which stalls data-parallel training at the end of an epoch)
             per_rank = [release_batches(samples, B, num_shards, s) for s in range(num_shards)]
@@ -88,6 +112,7 @@ class StreamBatches(FairseqDataset):
         else:
             raise ConfigError(f"unknown stream layout {layout!r}")
         self.layout, self.B, self.T, self.pad = layout, B, T, pad
+        self.has_marks = stream.marked is not None
 
     @staticmethod
     def _pad(x, length, fill):
@@ -105,11 +130,12 @@ class StreamBatches(FairseqDataset):
         return torch.arange(i * self.B, (i + 1) * self.B)
 
     def batch(self, i):
+        """Batch ``i``'s (src, tgt, doc_start, marked) tensors, each (rows, T)."""
         if self.layout == "streams":
             cut = slice(i * self.T, (i + 1) * self.T)
-            return self.src[:, cut].contiguous(), self.tgt[:, cut].contiguous(), self.starts[:, cut].contiguous()
+            return tuple(x[:, cut].contiguous() for x in (self.src, self.tgt, self.starts, self.marked))
         rows = self.sample_ids(i)
-        return self.src[rows], self.tgt[rows], self.starts[rows]
+        return self.src[rows], self.tgt[rows], self.starts[rows], self.marked[rows]
 
     def __getitem__(self, i):
         return i
@@ -124,11 +150,14 @@ class StreamBatches(FairseqDataset):
         if not samples:
             return {}
         i = samples[0]
-        src, tgt, starts = self.batch(i)
-        return {
+        src, tgt, starts, marked = self.batch(i)
+        sample = {
             "id": self.sample_ids(i),
             "nsentences": src.size(0),
             "ntokens": int(tgt.ne(self.pad).sum()),
             "net_input": {"src_tokens": src, "src_lengths": src.ne(self.pad).sum(1), "doc_start": starts},
             "target": tgt,
         }
+        if self.has_marks:  # beside the target, not an input: the criterion reads it (--distill-on marked)
+            sample["marked"] = marked
+        return sample
