@@ -88,7 +88,7 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
                                       "(DATA/train.marks: one 0/1 per document, 1 = distil every token; "
                                       "longmem.corpus.mix.write_marks, written by the recipe when BROAD_SHARE > 0) "
                                       "and the longmem_language_modeling task")
-                always = torch.zeros_like(target, dtype=torch.bool) if always is None else always.reshape(-1)
+                always = None if always is None else always.reshape(-1)  # None: backbone-better tokens only
             kl = distillation_kl(lprobs, decoder.output_layer(features).view(-1, lprobs.size(-1)),
                                  target.ne(self.padding_idx), target if self.distill_on != "all" else None, always)
             loss = nll + self.distill_weight * kl

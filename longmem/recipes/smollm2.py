@@ -141,7 +141,7 @@ def tokens_stage(pipe: Pipeline, model: str, corpus: str, broad: str, cfg: dict,
 def data_stage(pipe: Pipeline, tokens: str) -> None:
     """data-bin-longrange (train/valid/test), data-bin-copy (the in-window recurrences), data-bin-real."""
     lr = os.path.join(tokens, "longrange")
-    train = os.path.join(tokens, "train_mix.bpe")
+    train, marks = os.path.join(tokens, "train_mix.bpe"), os.path.join(tokens, "train_mix.marks")
     if not os.path.isfile(train):  # a tokens stage finished before the mix existed: no broad text in it
         train = os.path.join(lr, "train.bpe")
     sets = {"longrange": ["--trainpref", train, "--validpref", os.path.join(lr, "valid.bpe"),
@@ -155,8 +155,7 @@ def data_stage(pipe: Pipeline, tokens: str) -> None:
             with atomic_dir(os.path.join(pipe.out, f"data-bin-{name}")) as staging:
                 run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--srcdict",
                      os.path.join(tokens, "dict.txt"), "--destdir", staging, "--workers", "2", *prefixes])
-                marks = os.path.join(tokens, "train_mix.marks")
-                if name == "longrange" and os.path.isfile(marks) and train.endswith("train_mix.bpe"):
+                if name == "longrange" and os.path.isfile(marks):  # written with train_mix.bpe, beside it
                     shutil.copyfile(marks, os.path.join(staging, "train.marks"))  # which documents are broad
 
 
