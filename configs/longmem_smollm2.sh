@@ -38,6 +38,14 @@ COPY_DOCS=6
 TRAIN_PAIRS=24
 TRAIN_QUERY_FILL="8 48"
 REAL_TEXT_TOKENS=20000
+# after adaptation, stage mix: the next-token distribution becomes a per-token mixture of the backbone's and the
+# SideNet's (--mix-with-backbone token: λ_t from the SideNet's features and both distributions' entropy and top
+# log-prob), its gate trained alone for MIX_UPDATES updates on the training batches after those adaptation read;
+# on sources the training mix never saw it keeps the model at or below its backbone's perplexity, which the SideNet
+# alone is not (docs/ablations.md §5)
+MIX_WITH_BACKBONE=token
+MIX_UPDATES=200
+MIX_LR=0.003
 # broad real text in the training mix (the recipe's stage broad: longmem-build-broad-corpus through
 # longmem-prepare-pile; docs/data.md): its share of the training tokens, in pieces of at most BROAD_PIECE_TOKENS
 # (0: long-range documents only; half and half keeps the backbone's skills best: docs/ablations.md §5)

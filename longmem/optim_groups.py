@@ -80,13 +80,14 @@ def install() -> None:
 
 def check_reached(model, optimizer) -> None:
     """A model whose parameters ask for groups, trained by an optimizer that does not have them (fairseq's
-    --fp16 optimizers copy the parameters into flat fp32 ones): a one-line error, not a silent default."""
+    --fp16 optimizers copy the parameters into flat fp32 ones): a one-line error, not a silent default. Frozen
+    parameters (e.g. the memory gates under --train-mix-gate-only) ask for nothing."""
     from longmem.errors import ConfigError
 
     if getattr(optimizer, "_longmem_checked", False):
         return
     optimizer._longmem_checked = True
-    if requested(model.parameters()) and len(optimizer.param_groups) == 1:
+    if requested(p for p in model.parameters() if p.requires_grad) and len(optimizer.param_groups) == 1:
         raise ConfigError("--memory-gate-lr-scale / --memory-gate-no-decay need the gates in a parameter group "
                           "of their own, which fairseq's --fp16/--bf16/--amp optimizers do not keep: train without "
                           "them or leave both options at their defaults")

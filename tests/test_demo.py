@@ -90,8 +90,8 @@ def test_plot_has_smollm2_panel_with_half_memory_off_targets(tmp_path):
 def run_recipe_dry(tmp_path, monkeypatch, preset):
     """``longmem-recipe smollm2 OUT --preset configs/PRESET`` with every data stage's output already there and a
     ``run`` that records each command instead of running it (the training script run for real with DRY_RUN=1):
-    returns fairseq-train's command and the calls: ("broad", its BROAD_SHARE), then the evaluate stage's (command,
-    data)."""
+    returns fairseq-train's command and the calls: ("broad", its BROAD_SHARE), ("train", fairseq-train's command)
+    for stage mix, then the evaluate stage's (command, data)."""
     import os
     import subprocess
 
@@ -117,8 +117,12 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
         if cmd[0] == "bash":  # train_longmem.sh: its fairseq-train command, printed NUL-separated
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, DRY_RUN="1"), timeout=60)
             assert proc.returncode == 0, proc.stderr
-            train.extend(proc.stdout.split("\0"))
-            (out / "longmem" / "checkpoint_last.pt").write_text("x")
+            if train:  # a second training (stage mix): recorded as a call
+                calls.append(("train", proc.stdout.split("\0")))
+            else:
+                train.extend(proc.stdout.split("\0"))
+            os.makedirs(cmd[4], exist_ok=True)  # SAVE_DIR
+            (out / cmd[4] / "checkpoint_last.pt").write_text("x")
         else:
             calls.append((cmd[2].rsplit(".", 1)[-1], next(a for a in cmd if "data-bin" in a).rsplit("/", 1)[-1]))
 
@@ -151,6 +155,7 @@ def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path, mo
     assert train[train.index("--retrieval-layer-index") + 1] == recipe["RETRIEVAL_LAYER_INDEX"]
     assert "--memory-layer-from-retrieval-block" in train
     assert "--distill-weight" not in train  # the demo keeps its measured values, without the levers against forgetting
+    assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["MIX_WITH_BACKBONE"] == "none"  # no stage mix:
     assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["BROAD_SHARE"] == "0"
     assert calls == [("broad", "0"), ("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
 
@@ -159,8 +164,11 @@ def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, mon
     train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
     assert train[train.index("--distill-on") + 1] == "backbone-better"
-    assert calls == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
-                     ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
+    assert "--mix-with-backbone" not in train  # stage mix's flag, in a training of its own
+    mix = calls[1][1]
+    assert calls[1][0] == "train" and mix[mix.index("--mix-with-backbone") + 1] == "token"
+    assert calls[:1] + calls[2:] == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
+                                     ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
 
 def test_a_preset_names_its_parent_as_data_and_a_cycle_or_a_line_of_code_is_refused(tmp_path):
@@ -268,3 +276,40 @@ def test_the_broad_preset_builds_the_broad_stage_and_trains_with_distillation(tm
     parent = read_preset(f"{REPO}/configs/longmem_smollm2.sh")
     assert all(flag in train for flag in parent["EXTRA_FLAGS"].split())
     assert train[train.index("--retrieval-layer-index") + 1] == parent["RETRIEVAL_LAYER_INDEX"]
+
+
+def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_evaluation_reads_it(tmp_path,
+                                                                                               monkeypatch):
+    """MIX_WITH_BACKBONE token: after stage longmem, a second fairseq-train restores its checkpoint (optimizer, lr
+    schedule and meters reset; the data iterator goes on), trains the mixture's gate alone for MIX_UPDATES with the
+    mixture's own likelihood, into OUT/longmem-mix, whose checkpoint the evaluate stage reads. Stage longmem's
+    command is the recipe's own: the MIX_ keys do not reach it."""
+    from longmem.recipes import smollm2
+
+    preset, without = tmp_path / "mix.sh", tmp_path / "none.sh"
+    preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=150\nMIX_LR=0.002\n")  # token: the recipe's
+    without.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=none\n")
+    evaluated = []
+    real_evaluate = smollm2.evaluate_stage
+    monkeypatch.setattr(smollm2, "evaluate_stage", lambda pipe, model, ckpt, cfg: (evaluated.append(ckpt),
+                                                                                    real_evaluate(pipe, model, ckpt, cfg)))
+    train, calls = run_recipe_dry(tmp_path, monkeypatch, str(preset))
+    plain, plain_calls = run_recipe_dry(tmp_path / "plain", monkeypatch, str(without))
+    assert [a.replace(str(tmp_path / "plain"), str(tmp_path)) for a in plain] == train
+    assert not any(c[0] == "train" for c in plain_calls)  # MIX_WITH_BACKBONE=none: no stage mix
+    assert "--mix-with-backbone" not in train
+    (mix,) = [c[1] for c in calls if c[0] == "train"]
+    out = tmp_path / "out"
+
+    def last(flag):  # argparse keeps the last value of a flag given twice
+        return mix[len(mix) - 1 - mix[::-1].index(flag) + 1]
+
+    assert last("--restore-file") == str(out / "longmem" / "checkpoint_last.pt")
+    assert last("--save-dir") == str(out / "longmem-mix")
+    assert last("--mix-with-backbone") == "token" and "--train-mix-gate-only" in mix
+    assert all(f in mix for f in ("--reset-optimizer", "--reset-lr-scheduler", "--reset-meters"))
+    assert "--reset-dataloader" not in mix  # the gate learns on the batches after those the SideNet saw
+    assert last("--max-update") == last("--total-num-update") == "150" and last("--lr") == "0.002"
+    assert last("--criterion") == "longmem_cross_entropy" and last("--distill-weight") == "0"
+    assert evaluated[0] == str(out / "longmem-mix" / "checkpoint_last.pt")
+    assert evaluated[1] == str(tmp_path / "plain" / "out" / "longmem" / "checkpoint_last.pt")

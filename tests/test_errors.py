@@ -160,6 +160,10 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--memory-gate-lr-scale", "1e30"], "--memory-gate-lr-scale must be in (0, 10000]"),
     (["--tokens-per-sample", "32", "--start-as-backbone", "--output-gate-lr-scale", "0"],
      "--output-gate-lr-scale must be in (0, 10000]"),
+    (["--tokens-per-sample", "32", "--train-mix-gate-only"], "--train-mix-gate-only trains the gate of"),
+    (["--tokens-per-sample", "32", "--mix-with-backbone", "token", "--start-as-backbone"], "choose one"),
+    (["--tokens-per-sample", "32", "--mix-with-backbone", "token", "--mix-gate-init", "inf"],
+     "--mix-gate-init must be a finite logit"),
     (["--tokens-per-sample", "32", "--required-batch-size-multiple", "1", "--valid-subset", "nosuch"],
      "split 'nosuch' not found in"),
     (["--tokens-per-sample", "32", "--precision", "bf32"], "argument --precision: invalid choice: 'bf32'"),
@@ -563,11 +567,14 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/file.txt"], "OUT: "),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/broad.sh"],
      "preset {tmp}/broad.sh: BROAD_SHARE must be a number in [0, 1)"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/mix.sh"],
+     "preset {tmp}/mix.sh: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole number > 0"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "broad.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nBROAD_SHARE=1.5\n")
+    (tmp_path / "mix.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=0\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle.format(tmp=tmp_path))

@@ -307,6 +307,27 @@ def test_distill_on_marked_reads_the_splits_marks_and_refuses_training_without_t
     assert kls[0] == kls[1] and kls[0][-1] > 0
 
 
+def test_the_mixtures_gate_trains_alone_from_a_trained_longmem_checkpoint(sidenet_trained, run_cli, tmp_path):
+    """The SmolLM2 recipe's stage mix at small scale: fairseq-train restores a LongMem checkpoint trained without the
+    mixture (its gate keys absent: they start at their initial values), trains the gate alone, and saves a
+    checkpoint whose every other weight is the restored one's."""
+    root, backbone, _ = sidenet_trained
+    args = [str(a) for a in sidenet_args(root, backbone, 4)]
+    args[args.index("--save-dir") + 1] = str(tmp_path / "mix")
+    restored = root / "longmem_ckpt" / "checkpoint_last.pt"
+    log = run_cli("-m", "fairseq_cli.train", *args, "--restore-file", restored, "--reset-optimizer",
+                  "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", "token", "--train-mix-gate-only",
+                  "--mix-gate-init", "0.5", ok=True).output
+    assert re.search(r"num\. trained: 69\b", log), log[-3000:]  # b and w: 64 features + 2 entropies + 2 top log-probs
+    before = torch.load(restored, weights_only=True)["model"]
+    after = torch.load(tmp_path / "mix" / "checkpoint_last.pt", weights_only=True)
+    assert after["cfg"]["model"]["mix_with_backbone"] == "token"
+    weights = after["model"]
+    assert sorted(set(weights) - set(before)) == ["decoder.mix_bias", "decoder.mix_gate.weight"]
+    assert all(torch.equal(weights[k], v) for k, v in before.items())
+    assert float(weights["decoder.mix_bias"]) != 0.5 and float(weights["decoder.mix_gate.weight"].abs().sum()) > 0
+
+
 def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
     root, backbone, _ = sidenet_trained
     args, _ = resumed_in(tmp_path, sidenet_args(root, backbone, 50), root / "longmem_ckpt")

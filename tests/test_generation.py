@@ -67,6 +67,26 @@ def test_token_by_token_and_in_pieces_equal_the_full_forward(build, memory):
         assert (off[window:] - full[window:]).abs().max() > 1e-3
 
 
+def test_a_model_mixed_with_its_backbone_decodes_as_its_full_forward(make_sidenet, make_dictionary):
+    """--mix-with-backbone token: the features carry both the SideNet's and the backbone's state, so token by token
+    gives the full forward's mixture (and it differs from the SideNet alone)."""
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2, mix_with_backbone="token")
+    for p in [*model.decoder.layers.parameters(), model.decoder.mix_gate.weight]:
+        torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    window = 8
+    model.decoder.window = window
+    src = torch.cat([torch.tensor([d.eos()]), torch.randint(4, len(d), (28,))])
+    full = stream_log_probs(model, src, window, True)
+    state = {}
+    with torch.no_grad():
+        steps = torch.cat([model(src[None, : t + 1], incremental_state=state)[0][0, -1:] for t in range(len(src))])
+    torch.testing.assert_close(torch.log_softmax(steps.double(), -1), full, rtol=0, atol=1e-4)
+    model.decoder.mix_mode = "none"  # the same weights, the SideNet's output alone
+    assert (stream_log_probs(model, src, window, True) - full).abs().max() > 1e-3
+
+
 def test_a_prompt_of_three_windows_leaves_the_memory_of_the_streaming_evaluation(make_sidenet, make_dictionary):
     d = make_dictionary(40)
     model = sidenet_over_newgpt(make_sidenet, d, memory=True)

@@ -95,14 +95,18 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
                for k in before)
 
 
-@pytest.mark.parametrize("mode", ["backbone", "memory-off", "memory-on"])
+@pytest.mark.parametrize("mode", ["backbone", "memory-off", "memory-on", "memory-on, mixed with the backbone"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_the_cached_context_gives_the_uncached_scores(make_sidenet, make_dictionary, mode, batch_size):
     d = make_dictionary(40)
-    model, backbone = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    mix = {"mix_with_backbone": "token"} if "mixed" in mode else {}
+    model, backbone = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2, **mix)
     for p in model.decoder.layers.parameters():  # a SideNet whose output depends on memory and context
         torch.nn.init.normal_(p, std=0.3)
+    if mix:  # a gate that reads every input it has
+        torch.nn.init.normal_(model.decoder.mix_gate.weight, std=0.3)
     model.eval()
+    mode = mode.split(",")[0]
     model.memory.configure(mode="release", slot="eval", writes=False, enabled=mode == "memory-on")
     if mode == "memory-on":
         icl.fill_memory(model, icl.memory_blocks(torch.randint(4, 44, (60,)).tolist(), 16), torch.device("cpu"))

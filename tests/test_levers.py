@@ -197,3 +197,67 @@ def test_the_criterion_reads_the_samples_marks_and_refuses_training_without_them
     model.train()
     with pytest.raises(ConfigError, match=r"--distill-on marked needs the training split's \.marks file"):
         crit["marked"](model, sample)
+
+
+def test_mixing_with_the_backbone_gives_the_mixture_of_both_distributions_by_hand(make_sidenet, make_dictionary):
+    """--mix-with-backbone: p = (1 - λ) p_backbone + λ p_SideNet, p_backbone the backbone model's own softmax and
+    p_SideNet that of the same SideNet without the mixture (the release's output); λ = σ(b) (constant) or
+    σ(b + w·[LN(x_n), H(p_SideNet), H(p_backbone), max log p_SideNet, max log p_backbone]) (token)."""
+    d = make_dictionary(40)
+    tokens = torch.randint(4, len(d), (2, 10))
+    plain, backbone = make_sidenet(d, use_external_memory=False)
+    for p in plain.decoder.layers.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        p_side = torch.softmax(plain(tokens)[0].double(), -1)
+        p_bb = torch.softmax(backbone(tokens)[0].double(), -1)
+        features = plain(tokens, features_only=True)[0].double()
+    for mode in ("constant", "token"):
+        mixed, _ = make_sidenet(d, use_external_memory=False, mix_with_backbone=mode, mix_gate_init=0.4)
+        mixed.load_state_dict(plain.state_dict())  # the same SideNet; the gate keys filled in at their start
+        with torch.no_grad():
+            mixed.decoder.mix_bias.fill_(0.4)
+            logit = torch.full((2, 10), 0.4, dtype=torch.double)
+            if mode == "token":
+                w = torch.randn(1, 36)
+                mixed.decoder.mix_gate.weight.copy_(w)
+                entropy = [-(p * p.log()).sum(-1) for p in (p_side, p_bb)]
+                top = [p.max(-1).values.log() for p in (p_side, p_bb)]
+                inputs = torch.cat([features, torch.stack([*entropy, *top], -1)], -1)
+                logit = logit + inputs @ w.double()[0]
+            lam = torch.sigmoid(logit).unsqueeze(-1)
+            want = (1 - lam) * p_bb + lam * p_side
+            got = torch.softmax(mixed(tokens)[0].double(), -1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        assert mode == "constant" or float(logit.std()) > 0.1  # the token gate did vary
+
+
+def test_the_mixtures_gate_trains_alone_with_the_gradient_of_its_loss_by_hand(make_sidenet, make_dictionary):
+    """-log((1 - σ(a)) p_b + σ(a) p_s) has derivative -σ(a)(1 - σ(a))(p_s - p_b) / p with respect to a: on a
+    2-token example, the bias's gradient is the sum of that over the tokens; with --train-mix-gate-only nothing else
+    of the model trains, and a checkpoint without a gate loads with the gate's starting value."""
+    from longmem.errors import ConfigError
+
+    d = make_dictionary(40)
+    model, _ = make_sidenet(d, use_external_memory=True, mix_with_backbone="constant", mix_gate_init=-0.3,
+                            train_mix_gate_only=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["decoder.mix_bias"]
+    side = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    bb = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
+    targets = torch.tensor([0, 2])
+    lp = model.decoder.mix_log_probs(side, bb, torch.zeros(2, 32))
+    (-lp.gather(-1, targets[:, None]).sum()).backward()
+    s = torch.sigmoid(torch.tensor(-0.3))
+    ps = torch.softmax(side, -1)[[0, 1], targets]
+    pb = torch.softmax(bb, -1)[[0, 1], targets]
+    by_hand = (-s * (1 - s) * (ps - pb) / ((1 - s) * pb + s * ps)).sum()
+    assert abs(float(model.decoder.mix_bias.grad) - float(by_hand)) < 1e-6
+    plain, _ = make_sidenet(d, use_external_memory=True)
+    fresh, _ = make_sidenet(d, use_external_memory=True, mix_with_backbone="token", mix_gate_init=1.5)
+    fresh.load_state_dict(plain.state_dict())  # strict: the upgrade fills the gate in
+    assert float(fresh.decoder.mix_bias) == 1.5 and float(fresh.decoder.mix_gate.weight.abs().sum()) == 0
+    with pytest.raises(ConfigError, match="--train-mix-gate-only trains the gate of --mix-with-backbone"):
+        make_sidenet(d, train_mix_gate_only=True)
+    with pytest.raises(ConfigError, match="choose one"):
+        make_sidenet(d, mix_with_backbone="token", start_as_backbone=True)

@@ -89,7 +89,7 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
                                       "longmem.corpus.mix.write_marks, written by the recipe when BROAD_SHARE > 0) "
                                       "and the longmem_language_modeling task")
                 always = None if always is None else always.reshape(-1)  # None: backbone-better tokens only
-            kl = distillation_kl(lprobs, decoder.output_layer(features).view(-1, lprobs.size(-1)),
+            kl = distillation_kl(lprobs, decoder.lm_head(features).view(-1, lprobs.size(-1)),
                                  target.ne(self.padding_idx), target if self.distill_on != "all" else None, always)
             loss = nll + self.distill_weight * kl
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]

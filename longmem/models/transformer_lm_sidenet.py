@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 MEMORY_BACKENDS = ChoiceEnum(["auto", "faiss", "torch"])
 MEMORY_MODES = ChoiceEnum(["stream", "shared", "release"])
+MIX_CHOICES = ("none", "constant", "token")
+MIX_MODES = ChoiceEnum(list(MIX_CHOICES))
 PRECISIONS = ChoiceEnum(list(precision.CHOICES))
 _DEFAULT = object()  # begin_decoding's "not given"
 
@@ -110,6 +112,16 @@ class SideNetConfig(FairseqDataclass):
         "help": "with --start-as-backbone: the output gate's learning rate is the schedule's times this, with no "
                 "weight decay (1: the gate trains with every other parameter). Adam moves a parameter about one "
                 "learning rate a step, so a gate starting at 0 stays small unless this is large"})
+    mix_with_backbone: MIX_MODES = field(default="none", metadata={
+        "help": "none: the next-token distribution is the SideNet's (the release); constant or token: it is "
+                "(1 - λ) p_backbone + λ p_SideNet, with λ = σ(b) (constant) or σ(b + w·f_t) per token (token: f_t the "
+                "SideNet's output features and each distribution's entropy and top log-prob, read without gradient); "
+                "b starts at --mix-gate-init, w at 0"})
+    mix_gate_init: float = field(default=0.0, metadata={
+        "help": "with --mix-with-backbone: the gate's starting logit b (0: λ = 0.5)"})
+    train_mix_gate_only: bool = field(default=False, metadata={
+        "help": "with --mix-with-backbone: train the mixture's gate alone (b, w), the SideNet as loaded, e.g. from "
+                "--restore-file of a trained LongMem checkpoint with --reset-optimizer --reset-lr-scheduler"})
     precision: PRECISIONS = field(default="fp32", metadata={
         "help": "CPU arithmetic: fp32; bf16 (the backbone in a bf16 copy, the SideNet under autocast with fp32 "
                 "master weights, memory in bf16) where the CPU has native bf16, else fp32 with a warning; auto: "
@@ -142,6 +154,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         self.layer_norm = backbone.sidenet_final_norm()
         if getattr(cfg, "start_as_backbone", False):  # --start-as-backbone: features = H[L] + g ⊙ LN(x_n), g = 0
             self.output_gate = nn.Parameter(torch.zeros(cfg.decoder_embed_dim))
+        self._init_mix(cfg)
         self.output_projection = nn.Linear(cfg.decoder_embed_dim, len(dictionary), bias=False)
         # shared, frozen: the released key. The logits come from the backbone's lm_head itself (output_layer)
         self.output_projection.weight = backbone.lm_head.weight
@@ -200,6 +213,36 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                 nn.init.ones_(p) if "ln_1.weight" in name else nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=0.02)
+
+    def _init_mix(self, cfg):
+        """--mix-with-backbone: the gate b (and w, per token) of the mixture with the backbone's distribution."""
+        self.mix_mode = str(getattr(cfg, "mix_with_backbone", "none") or "none")
+        if self.mix_mode not in MIX_CHOICES:
+            raise ConfigError(f"--mix-with-backbone must be one of {', '.join(MIX_CHOICES)}, got {self.mix_mode!r}")
+        gate_only = bool(getattr(cfg, "train_mix_gate_only", False))
+        if self.mix_mode == "none":
+            if gate_only:
+                raise ConfigError("--train-mix-gate-only trains the gate of --mix-with-backbone, which is none: add "
+                                  "--mix-with-backbone token (or constant) or drop the flag")
+            return
+        if getattr(cfg, "start_as_backbone", False):
+            raise ConfigError("--mix-with-backbone and --start-as-backbone are two ways to keep the backbone's output; "
+                              "choose one")
+        init = float(getattr(cfg, "mix_gate_init", 0.0))
+        if not (math.isfinite(init) and abs(init) <= MAX_GATE_INIT):
+            raise ConfigError(f"--mix-gate-init must be a finite logit in [-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}], got "
+                              f"{init}")
+        self.mix_bias = nn.Parameter(torch.full((1,), init))
+        if self.mix_mode == "token":  # input: the SideNet's features, then entropy and top log-prob of each side
+            self.mix_gate = nn.Linear(cfg.decoder_embed_dim + 4, 1, bias=False)
+            nn.init.zeros_(self.mix_gate.weight)
+        if gate_only:
+            for name, p in self.named_parameters():
+                p.requires_grad_(name.startswith("mix_"))
+
+    def mix_parameters(self) -> dict:
+        """{state-dict key under the decoder: parameter} of the mixture's gate (empty without one)."""
+        return {name: p for name, p in self.named_parameters() if name.startswith("mix_")}
 
     @torch.no_grad()
     def _init_gates(self, cfg):
@@ -283,8 +326,12 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         return self.features(x, H[-1]), H
 
     def features(self, x, backbone_final):
-        """The output features: LN(x_n), the release's; with --start-as-backbone H[L] + g ⊙ LN(x_n)."""
+        """The output features: LN(x_n), the release's; with --start-as-backbone H[L] + g ⊙ LN(x_n); with
+        --mix-with-backbone both LN(x_n) and H[L], side by side (B, T, 2C): ``output_layer`` mixes their
+        distributions."""
         x = self.layer_norm(x)
+        if self.mix_mode != "none":
+            return torch.cat([x, backbone_final.to(x.dtype)], dim=-1)
         gate = getattr(self, "output_gate", None)
         return x if gate is None else backbone_final + gate * x
 
@@ -315,7 +362,8 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if state is None:
             state = self.begin_decoding(incremental_state, tokens.size(0), tokens.device)
         new = tokens[:, state.consumed:]
-        out = [tokens.new_zeros(tokens.size(0), 0, self.cfg.decoder_embed_dim, dtype=torch.float)]
+        width = self.cfg.decoder_embed_dim * (1 if self.mix_mode == "none" else 2)  # features()'s
+        out = [tokens.new_zeros(tokens.size(0), 0, width, dtype=torch.float)]
         while new.size(1):
             room = state.room
             piece, new = (new, new[:, :0]) if room is None else (new[:, :room], new[:, room:])
@@ -354,15 +402,47 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                                        state.select(new_order, self.pretrained_model.cache_select))
 
     def output_layer(self, features):
+        """Logits of ``features`` (``features``'s output). With --mix-with-backbone: the mixture's log-probabilities
+        (a softmax leaves them as they are), so every caller that normalises logits reads the mixture."""
+        if self.mix_mode == "none":
+            return self.lm_head(features)
+        side, backbone = features.split(self.cfg.decoder_embed_dim, dim=-1)
+        return self.mix_log_probs(self.lm_head(side), self.lm_head(backbone), side)
+
+    def lm_head(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
         # bias; HF Llama's lm_head has none). ``output_projection`` only carries the released state-dict key.
         # Under bf16 in autocast here too: a caller may apply it alone to features (e.g. of the last position only)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(features.device)):
             return self._frozen(features.device).lm_head(features)
 
+    def mix_weight_logit(self, side_lprobs, backbone_lprobs, side_features):
+        """The gate's logit a (λ = σ(a)) at every position (..., 1)."""
+        a = self.mix_bias.float()
+        if self.mix_mode == "token":
+            with torch.no_grad():  # the gate reads the two distributions; it does not move them
+                stats = [-(lp.exp() * lp).sum(-1, keepdim=True) for lp in (side_lprobs, backbone_lprobs)]
+                stats += [lp.max(-1, keepdim=True).values for lp in (side_lprobs, backbone_lprobs)]
+                inputs = torch.cat([side_features.float(), *stats], dim=-1)
+            a = a + nn.functional.linear(inputs, self.mix_gate.weight.float())
+        return a.expand(*side_lprobs.shape[:-1], 1)
+
+    def mix_log_probs(self, side_logits, backbone_logits, side_features):
+        """log((1 - λ) p_backbone + λ p_SideNet), in fp32."""
+        with torch.autocast("cpu", enabled=False):
+            side = torch.log_softmax(side_logits.float(), dim=-1)
+            backbone = torch.log_softmax(backbone_logits.float(), dim=-1)
+            a = self.mix_weight_logit(side, backbone, side_features)
+            return torch.logaddexp(nn.functional.logsigmoid(-a) + backbone, nn.functional.logsigmoid(a) + side)
+
     def upgrade_state_dict_named(self, state_dict, name):
-        """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it."""
-        state_dict.setdefault(f"{name}.version" if name else "version", torch.Tensor([3]))
+        """Checkpoints written before this decoder kept a ``version`` buffer lack the key: add it. A checkpoint
+        trained without --mix-with-backbone, loaded with it, gets the gate's starting values (the gate-only stage
+        starts from one)."""
+        prefix = f"{name}." if name else ""
+        state_dict.setdefault(f"{prefix}version", torch.Tensor([3]))
+        for key, p in self.mix_parameters().items():
+            state_dict.setdefault(prefix + key, p.detach().clone())
         return state_dict
 
     def max_positions(self):

