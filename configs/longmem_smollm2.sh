@@ -38,12 +38,12 @@ COPY_DOCS=6
 TRAIN_PAIRS=24
 TRAIN_QUERY_FILL="8 48"
 REAL_TEXT_TOKENS=20000
-# after adaptation, stage mix: the next-token distribution becomes a per-token mixture of the backbone's and the
-# SideNet's (--mix-with-backbone token: λ_t from the SideNet's features and both distributions' entropy and top
-# log-prob), its gate trained alone for MIX_UPDATES updates on the training batches after those adaptation read;
-# on sources the training mix never saw it keeps the model at or below its backbone's perplexity, which the SideNet
-# alone is not (docs/ablations.md §5)
-MIX_WITH_BACKBONE=token
+# after adaptation, stage mix (MIX_WITH_BACKBONE constant or token; none: no stage mix): the next-token distribution
+# becomes a per-token mixture of the backbone's and the SideNet's (--mix-with-backbone), its gate trained alone for
+# MIX_UPDATES updates at MIX_LR on the training batches after those adaptation read. Off here: on sources the
+# training never saw it brings the model below its backbone's perplexity, but it gives back most of memory's gain in
+# in-context learning (docs/ablations.md §5); configs/longmem_smollm2_mix.sh turns it on
+MIX_WITH_BACKBONE=none
 MIX_UPDATES=200
 MIX_LR=0.003
 # broad real text in the training mix (the recipe's stage broad: longmem-build-broad-corpus through

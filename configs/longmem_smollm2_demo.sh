@@ -5,9 +5,8 @@
 #
 # Fewer updates (over fewer training documents, as many as the updates read), and the evaluate stage on the
 # held-out long-range set and real text only. KEY=VALUE lines only; PARENT's lines are read first, these win.
-# Without the recipe's levers against forgetting (broad text, distillation, the mixture with the backbone): they add
-# the broad corpus's build and a second training to the demo's time, and the demo's figures (docs/results.md) were
-# measured without them.
+# Without the recipe's levers against forgetting (broad text, distillation): they add the broad corpus's build to
+# the demo's time, and the demo's figures (docs/results.md) were measured without them.
 PARENT=longmem_smollm2.sh
 MAX_UPDATE=600
 SAVE_INTERVAL_UPDATES=300
@@ -15,5 +14,4 @@ SAVE_INTERVAL_UPDATES=300
 TRAIN_DOCS=160
 EVAL_SETS="longrange real"
 BROAD_SHARE=0
-MIX_WITH_BACKBONE=none
 EXTRA_FLAGS="--cpu --precision auto --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1 --memory-gate-lr-scale 30 --memory-gate-no-decay --memory-gate-init 2 --memory-layer-from-retrieval-block"

@@ -155,7 +155,7 @@ def test_smollm2_demo_preset_reaches_training_and_limits_evaluation(tmp_path, mo
     assert train[train.index("--retrieval-layer-index") + 1] == recipe["RETRIEVAL_LAYER_INDEX"]
     assert "--memory-layer-from-retrieval-block" in train
     assert "--distill-weight" not in train  # the demo keeps its measured values, without the levers against forgetting
-    assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["MIX_WITH_BACKBONE"] == "none"  # no stage mix:
+    assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["MIX_WITH_BACKBONE"] == "none"  # no stage mix
     assert read_preset(f"{REPO}/configs/longmem_smollm2_demo.sh")["BROAD_SHARE"] == "0"
     assert calls == [("broad", "0"), ("eval_lm", "data-bin-longrange"), ("eval_lm", "data-bin-real")]
 
@@ -164,11 +164,9 @@ def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, mon
     train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
     assert train[train.index("--distill-on") + 1] == "backbone-better"
-    assert "--mix-with-backbone" not in train  # stage mix's flag, in a training of its own
-    mix = calls[1][1]
-    assert calls[1][0] == "train" and mix[mix.index("--mix-with-backbone") + 1] == "token"
-    assert calls[:1] + calls[2:] == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
-                                     ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
+    assert "--mix-with-backbone" not in train  # MIX_WITH_BACKBONE=none: no stage mix
+    assert calls == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
+                     ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
 
 def test_a_preset_names_its_parent_as_data_and_a_cycle_or_a_line_of_code_is_refused(tmp_path):
@@ -280,15 +278,17 @@ def test_the_broad_preset_builds_the_broad_stage_and_trains_with_distillation(tm
 
 def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_evaluation_reads_it(tmp_path,
                                                                                                monkeypatch):
-    """MIX_WITH_BACKBONE token: after stage longmem, a second fairseq-train restores its checkpoint (optimizer, lr
+    """MIX_WITH_BACKBONE token (configs/longmem_smollm2_mix.sh): after stage longmem, a second fairseq-train restores its checkpoint (optimizer, lr
     schedule and meters reset; the data iterator goes on), trains the mixture's gate alone for MIX_UPDATES with the
     mixture's own likelihood, into OUT/longmem-mix, whose checkpoint the evaluate stage reads. Stage longmem's
     command is the recipe's own: the MIX_ keys do not reach it."""
     from longmem.recipes import smollm2
 
-    preset, without = tmp_path / "mix.sh", tmp_path / "none.sh"
-    preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=150\nMIX_LR=0.002\n")  # token: the recipe's
-    without.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=none\n")
+    assert read_preset(f"{REPO}/configs/longmem_smollm2_mix.sh")["MIX_WITH_BACKBONE"] == "token"
+    preset = tmp_path / "mix.sh"  # configs/longmem_smollm2_mix.sh with other numbers
+    preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=token\nMIX_UPDATES=150\n"
+                      "MIX_LR=0.002\n")
+    without = f"{REPO}/configs/longmem_smollm2.sh"  # the recipe: MIX_WITH_BACKBONE=none
     evaluated = []
     real_evaluate = smollm2.evaluate_stage
     monkeypatch.setattr(smollm2, "evaluate_stage", lambda pipe, model, ckpt, cfg: (evaluated.append(ckpt),

@@ -402,7 +402,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
                                        state.select(new_order, self.pretrained_model.cache_select))
 
     def output_layer(self, features):
-        """Logits of ``features`` (``features``'s output). With --mix-with-backbone: the mixture's log-probabilities
+        """Logits of the output features (``features()``'s). With --mix-with-backbone: the mixture's log-probabilities
         (a softmax leaves them as they are), so every caller that normalises logits reads the mixture."""
         if self.mix_mode == "none":
             return self.lm_head(features)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""What would a fixed mixture with the backbone do to a trained SmolLM2 LongMem? ``p = (1 - λ) p_backbone +
+λ p_LongMem`` for several λ, from one pass per data set: every target token's probability under the backbone
+(from the ``H[L]`` a LongMem forward computes anyway) and under LongMem with memory off and on. The mixture of two
+distributions gives its target the same mixture of the two probabilities, so the table is exact for each λ, with no
+model run per λ (``--mix-with-backbone constant --mix-gate-init logit(λ)`` computes the same, one λ at a time).
+
+Data sets: the run's held-out long-range set (recurring, queried and unmarked tokens; memory on / off), its held-out
+real text, and the broad corpus's held-out sources (book, technical; ``heldout_smollm2.py`` builds them). Per-token
+probabilities are cached in ``RUN/mixture/<set>.pt``.
+
+    python tests/benchmarks/mixture_smollm2.py runs/ROW --broad OUT/broad [--lambdas 0.3 0.5 0.7 0.9 1]
+"""
+import argparse
+import math
+import os
+
+import torch
+
+SETS = {  # name: (data-bin under RUN or under the held-out cache, token mask under RUN or None)
+    "longrange": ("data-bin-longrange", os.path.join("tokens", "longrange", "test.mask")),
+    "real": ("data-bin-real", None),
+    "book": ("book", None),
+    "technical": ("technical", None),
+}
+
+
+@torch.no_grad()
+def target_log_probs(model, stream, eos: int, window: int) -> dict:
+    """{"backbone", "off", "on"}: each target token's log-probability (float64), documents read as
+    ``longmem-eval-lm`` reads them (segments of ``window``, memory emptied per document)."""
+    from longmem.evaluation.lm import document_spans
+
+    out = {"backbone": [], "off": [], "on": []}
+    for start, end in document_spans(stream.doc_start):
+        tokens = stream.tokens[start:end]
+        src = torch.cat([torch.tensor([eos]), tokens[:-1]])
+        for memory in (False, True):
+            with model.memory.configured(slot="eval", enabled=memory, writes=True, reads=True):
+                model.memory.reset()
+                for a in range(0, len(tokens), window):
+                    logits, extra = model(src[a: a + window].unsqueeze(0))
+                    target = tokens[a: a + window].unsqueeze(-1)
+                    out["on" if memory else "off"].append(
+                        torch.log_softmax(logits[0].double(), -1).gather(-1, target).squeeze(-1))
+                    if not memory:
+                        backbone = model.decoder.lm_head(extra["backbone_features"])[0]
+                        out["backbone"].append(torch.log_softmax(backbone.double(), -1).gather(-1, target).squeeze(-1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def mixed(backbone: torch.Tensor, model: torch.Tensor, lam: float) -> torch.Tensor:
+    """log((1 - λ) p_backbone + λ p_model) of per-token log-probabilities."""
+    if lam <= 0:
+        return backbone
+    if lam >= 1:
+        return model
+    return torch.logaddexp(math.log(1 - lam) + backbone, math.log(lam) + model)
+
+
+def ppl(log_probs: torch.Tensor) -> float:
+    return math.exp(-float(log_probs.mean()))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a SmolLM2 recipe's OUT (longmem/checkpoint_last.pt, its data-bins)")
+    p.add_argument("--broad", required=True, help="the broad corpus's folder (its heldout-smollm2/ cache)")
+    p.add_argument("--checkpoint", help="default RUN/longmem/checkpoint_last.pt")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])
+    args = p.parse_args()
+    from longmem.evaluation.lm import load_split, load_token_marks
+    from longmem.models.loading import load_model_for_dictionary
+
+    checkpoint = args.checkpoint or os.path.join(args.run, "longmem", "checkpoint_last.pt")
+    cache = os.path.join(args.run, "mixture")
+    os.makedirs(cache, exist_ok=True)
+    model = None
+    rows = []
+    for name, (data, mask) in SETS.items():
+        data = os.path.join(args.run, data) if mask or name == "real" else os.path.join(args.broad, "heldout-smollm2",
+                                                                                          data)
+        path = os.path.join(cache, f"{name}.pt")
+        dictionary, stream = load_split(data, "test")
+        if not os.path.isfile(path):
+            if model is None:
+                model = load_model_for_dictionary(checkpoint, dictionary, data, "cpu", expect="longmem")
+            scores = target_log_probs(model, stream, dictionary.eos(), 256)
+            if mask:
+                scores["marks"] = load_token_marks(os.path.join(args.run, mask), stream, "test")
+            torch.save(scores, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        scores = torch.load(path)
+        groups = {"all": torch.ones_like(scores["off"], dtype=torch.bool)}
+        if "marks" in scores:
+            groups = {"recurring": scores["marks"] == 1, "queried": scores["marks"] == 2,
+                      "unmarked": scores["marks"] == 0}
+        for group, keep in groups.items():
+            b = scores["backbone"][keep]
+            cells = []
+            for lam in args.lambdas:
+                off, on = (ppl(mixed(b, scores[m][keep], lam)) for m in ("off", "on"))
+                cells.append(f"{off / ppl(b):.3f} / {on / off:.3f}")
+            rows.append(f"| {name} {group} | {ppl(b):.2f} | " + " | ".join(cells) + " |")
+    print("perplexity of the mixture: memory off / backbone, memory on / memory off")
+    print("| tokens | backbone | " + " | ".join(f"λ = {lam:g}" for lam in args.lambdas) + " |")
+    print("|---|---:|" + "---:|" * len(args.lambdas))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
