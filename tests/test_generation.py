@@ -47,6 +47,14 @@ def stream_log_probs(model, src, window, memory):
     return torch.cat(out)
 
 
+def token_by_token_log_probs(model, src):
+    """Log-probs (N, V) of every position of ``src`` (1-D), fed to incremental decoding one token a call."""
+    state = {}
+    with torch.no_grad():
+        steps = torch.cat([model(src[None, : t + 1], incremental_state=state)[0][0, -1:] for t in range(len(src))])
+    return torch.log_softmax(steps.double(), -1)
+
+
 @pytest.mark.parametrize("memory", [False, True])
 def test_token_by_token_and_in_pieces_equal_the_full_forward(build, memory):
     model, d = build(memory)
@@ -54,12 +62,10 @@ def test_token_by_token_and_in_pieces_equal_the_full_forward(build, memory):
     model.decoder.window = window
     src = torch.cat([torch.tensor([d.eos()]), torch.randint(4, len(d), (36,))])
     full = stream_log_probs(model, src, window, memory)
-    state = {}
+    torch.testing.assert_close(token_by_token_log_probs(model, src), full, rtol=0, atol=1e-4)
+    state = {}  # a prompt that crosses two segment ends in one call, then one that ends on a segment end
     with torch.no_grad():
-        steps = torch.cat([model(src[None, : t + 1], incremental_state=state)[0][0, -1:] for t in range(len(src))])
-        state = {}  # a prompt that crosses two segment ends in one call, then one that ends on a segment end
         pieces = torch.cat([model(src[None, :n], incremental_state=state)[0][0] for n in (21, 24, 37)])
-    torch.testing.assert_close(torch.log_softmax(steps.double(), -1), full, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.log_softmax(pieces.double(), -1), full, rtol=0, atol=1e-4)
     if memory:  # memory was read: the segments after the first differ from the model without memory
         off = stream_log_probs(model, src, window, False)
@@ -79,10 +85,7 @@ def test_a_model_mixed_with_its_backbone_decodes_as_its_full_forward(make_sidene
     model.decoder.window = window
     src = torch.cat([torch.tensor([d.eos()]), torch.randint(4, len(d), (28,))])
     full = stream_log_probs(model, src, window, True)
-    state = {}
-    with torch.no_grad():
-        steps = torch.cat([model(src[None, : t + 1], incremental_state=state)[0][0, -1:] for t in range(len(src))])
-    torch.testing.assert_close(torch.log_softmax(steps.double(), -1), full, rtol=0, atol=1e-4)
+    torch.testing.assert_close(token_by_token_log_probs(model, src), full, rtol=0, atol=1e-4)
     model.decoder.mix_mode = "none"  # the same weights, the SideNet's output alone
     assert (stream_log_probs(model, src, window, True) - full).abs().max() > 1e-3
 

@@ -237,8 +237,9 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             self.mix_gate = nn.Linear(cfg.decoder_embed_dim + 4, 1, bias=False)
             nn.init.zeros_(self.mix_gate.weight)
         if gate_only:
+            gate = self.mix_parameters()
             for name, p in self.named_parameters():
-                p.requires_grad_(name.startswith("mix_"))
+                p.requires_grad_(name in gate)
 
     def mix_parameters(self) -> dict:
         """{state-dict key under the decoder: parameter} of the mixture's gate (empty without one)."""

@@ -192,23 +192,28 @@ def train(out: str, model: str, preset: str, save: str, seed: int, *flags) -> No
          model, save, "--log-file", os.path.join(save, "train.log"), "--seed", seed, *flags], env=env)
 
 
-def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int, checkpoint: str) -> str:
-    """With MIX_WITH_BACKBONE constant or token: the mixture's gate trained alone from stage longmem's
-    ``checkpoint`` (--train-mix-gate-only; the data iterator goes on where that training stopped, so the gate
-    learns on batches the SideNet never saw; the mixture's own likelihood, no distillation). Returns the checkpoint
-    to evaluate."""
+def final_checkpoint(out: str, cfg: dict) -> str:
+    """The checkpoint the recipe ends with: stage mix's with MIX_WITH_BACKBONE constant or token, else stage
+    longmem's."""
+    return os.path.join(out, "longmem" if cfg["MIX_WITH_BACKBONE"] == "none" else "longmem-mix", "checkpoint_last.pt")
+
+
+def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> None:
+    """With MIX_WITH_BACKBONE constant or token: the mixture's gate trained alone from stage longmem's checkpoint
+    (--train-mix-gate-only; the data iterator goes on where that training stopped, so the gate learns on batches the
+    SideNet never saw; the mixture's own likelihood, no distillation), into ``final_checkpoint``'s folder."""
     if cfg["MIX_WITH_BACKBONE"] == "none":
-        return checkpoint
-    save = os.path.join(pipe.out, "longmem-mix")
+        return
+    save = os.path.dirname(final_checkpoint(pipe.out, cfg))
     updates = int(cfg["MIX_UPDATES"])
     with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
         if not st.cached:
-            train(pipe.out, model, preset, save, seed, "--restore-file", checkpoint, "--reset-optimizer",
+            train(pipe.out, model, preset, save, seed, "--restore-file",
+                  os.path.join(pipe.out, "longmem", "checkpoint_last.pt"), "--reset-optimizer",
                   "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", cfg["MIX_WITH_BACKBONE"],
                   "--train-mix-gate-only", "--criterion", "longmem_cross_entropy", "--distill-weight", "0",
                   "--lr", cfg["MIX_LR"], "--warmup-updates", max(1, updates // 10), "--max-update", updates,
                   "--total-num-update", updates, "--save-interval-updates", updates)
-    return os.path.join(save, "checkpoint_last.pt")
 
 
 def evaluate_stage(pipe: Pipeline, model: str, checkpoint: str, cfg: dict) -> None:
@@ -245,18 +250,13 @@ def run_recipe(args, cfg: dict) -> str:
     pipe = Pipeline(out)
     model = model_stage(pipe)
     broad = os.path.join(out, BROAD_ENCODED)
-    checkpoint = [os.path.join(out, "longmem", "checkpoint_last.pt")]  # stage longmem's, or stage mix's
-
-    def mixed():
-        checkpoint[0] = mix_stage(pipe, model, args.preset, cfg, args.seed, checkpoint[0])
-
     steps = [("corpus", lambda: shakespeare_corpus(pipe)),
              ("broad", lambda: broad_stage(pipe, model, cfg)),
              ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), broad, cfg, args.seed)),
              ("data-bin", lambda: data_stage(pipe, os.path.join(out, "tokens"))),
              ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed)),
-             ("mix", mixed),
-             ("evaluate", lambda: evaluate_stage(pipe, model, checkpoint[0], cfg))]
+             ("mix", lambda: mix_stage(pipe, model, args.preset, cfg, args.seed)),
+             ("evaluate", lambda: evaluate_stage(pipe, model, final_checkpoint(out, cfg), cfg))]
     if args.until == "model":
         return out
     for name, step in steps:

@@ -17,11 +17,12 @@ import os
 
 import torch
 
-SETS = {  # name: (data-bin under RUN or under the held-out cache, token mask under RUN or None)
-    "longrange": ("data-bin-longrange", os.path.join("tokens", "longrange", "test.mask")),
-    "real": ("data-bin-real", None),
-    "book": ("book", None),
-    "technical": ("technical", None),
+SETS = {  # name: (where its data-bin is: RUN or the held-out cache BROAD/heldout-smollm2, that data-bin, its token
+    # mask under RUN or None)
+    "longrange": ("run", "data-bin-longrange", os.path.join("tokens", "longrange", "test.mask")),
+    "real": ("run", "data-bin-real", None),
+    "book": ("heldout", "book", None),
+    "technical": ("heldout", "technical", None),
 }
 
 
@@ -77,9 +78,8 @@ def main():
     os.makedirs(cache, exist_ok=True)
     model = None
     rows = []
-    for name, (data, mask) in SETS.items():
-        data = os.path.join(args.run, data) if mask or name == "real" else os.path.join(args.broad, "heldout-smollm2",
-                                                                                          data)
+    for name, (where, data, mask) in SETS.items():
+        data = os.path.join(args.run if where == "run" else os.path.join(args.broad, "heldout-smollm2"), data)
         path = os.path.join(cache, f"{name}.pt")
         dictionary, stream = load_split(data, "test")
         if not os.path.isfile(path):
