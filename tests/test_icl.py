@@ -1,5 +1,6 @@
 """ICL protocol: templates, sampling, memory blocks, read-only queries, the script end to end."""
 import json
+import math
 import os
 
 import pytest
@@ -121,6 +122,48 @@ def test_the_cached_context_gives_the_uncached_scores(make_sidenet, make_diction
     if mode == "memory-on":  # the memory was read: without it the scores differ
         with model.memory.configured(enabled=False):
             assert (icl.predict_cached(net, context, prompts, d.pad(), cpu, batch_size) - got).abs().max() > 1e-3
+
+
+def test_one_seeds_two_mixture_components_are_the_sidenet_and_the_backbone_and_mix_as_the_gate_does(
+        make_sidenet, make_dictionary):
+    """``seed_log_probs`` with the mixture's components as head: row 0 is what the same weights score without a
+    mixture (the SideNet alone), row 1 what the backbone alone scores; mixed by hand at λ they give what the model
+    with that constant gate scores itself (memory on: the memory is filled as the evaluation fills it)."""
+    d = make_dictionary(40)
+    model, backbone = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2,
+                                   mix_with_backbone="constant", mix_gate_init=0.8)
+    plain, _ = make_sidenet(d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    for p in model.decoder.layers.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "mix_" not in k})
+    spec = icl.TASKS["sst2"]
+    words = ["good", "bad", "film", "plot", "dull", "fine", "!", "."]
+    train = [(" ".join(words[(i * j) % 8] for j in range(1, 6)), i % 2) for i in range(40)]
+    queries = train[:5]
+
+    class Codec:  # one id per word, from its letters
+        bos, eos = d.bos(), d.eos()
+
+        def encode(self, text):
+            return [4 + sum(map(ord, w)) % 30 for w in text.split()]
+
+    cpu = torch.device("cpu")
+    for m in (model, plain, backbone):
+        m.eval()
+        if hasattr(m, "memory"):
+            m.memory.configure(mode="release", slot="eval", writes=False)
+
+    def scores(m, mode, head=None):
+        return icl.seed_log_probs(m, mode, spec, train, queries, Codec(), d, cpu, 1, 4, 20, 16, 3, head=head)
+
+    for mode in ("memory-off", "memory-on"):
+        both = scores(model, mode, head=lambda f: torch.stack(model.decoder.mixture_components(f), dim=1))
+        torch.testing.assert_close(both[:, 0], scores(plain, mode), rtol=0, atol=1e-5)
+        torch.testing.assert_close(both[:, 1], scores(backbone, "backbone"), rtol=0, atol=1e-5)
+        lam = 1 / (1 + math.exp(-0.8))
+        hand = torch.log(lam * both[:, 0].exp() + (1 - lam) * both[:, 1].exp())
+        torch.testing.assert_close(scores(model, mode), hand, rtol=0, atol=1e-5)
+    assert (scores(plain, "memory-on") - scores(plain, "memory-off")).abs().max() > 1e-3  # memory was read
 
 
 def test_cached_batches_need_no_padding_mark_when_the_pad_index_is_a_token(llama):

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+from typing import Optional
 
 from longmem import paths
 from longmem.errors import ConfigError
@@ -116,32 +117,12 @@ def main(argv=None):
 def run(argv=None):
     parser, args = parse_args(argv)
     quiet_libraries()
-    from longmem.evaluation import icl
-
-    tasks = checked_tasks(parser, args)
     scratch = tempfile.TemporaryDirectory(prefix="longmem_icl_")  # a dictionary written for the run; removed at return
-    dict_path, dictionary, codec = text_setup(parser, args, scratch.name)
-    no_padding = dictionary.pad() in (codec.bos, codec.eos)
-    if no_padding and args.batch_size > 1 and (args.no_prefix_cache or args.k == 0):
-        parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts run whole "
-                     f"cannot be left-padded into batches; use --batch-size 1 (the cached context batches its queries "
-                     f"right-padded, which needs no padding mark: drop --no-prefix-cache)")
-    try:  # every task's files are read, and its text checked against the dictionary, before any model is loaded
-        data = {name: icl.load_task(args.data_dir, name) for name in tasks}
-        for spec, train, _ in data.values():
-            icl.check_known_tokens(spec, train, codec, dictionary)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    tasks, data, dict_path, dictionary, codec = read_tasks(parser, args, scratch.name)
     if args.dump_prompts:
         return dump_prompts(parser, args, tasks, data, dictionary, codec)
     models, device = load_models(parser, args, dictionary, os.path.dirname(os.path.abspath(dict_path)))
-    if no_padding:  # the pad index is a real token of every prompt (the model's bos): no position is padding
-        from longmem.models.hf_causal_lm import HFDecoder
-
-        for model in models.values():
-            for module in model.modules():
-                if isinstance(module, HFDecoder):
-                    module.mask_padding = False
+    unmask_padding(models, dictionary, codec)
     results = {}
     for name in tasks:
         results[name] = evaluate_task(args, name, data[name], models, codec, dictionary, device)
@@ -152,6 +133,40 @@ def run(argv=None):
                 json.dump({"config": vars(args), "results": results}, f, indent=2)
     print_table(args, tasks, models, results)
     return results
+
+
+def read_tasks(parser, args, scratch: str):
+    """(our task names, {task: (spec, train, evaluation)}, dict.txt's path, the dictionary, the text codec): every
+    task's files read, and its text checked against the dictionary, before any model is loaded."""
+    from longmem.evaluation import icl
+
+    tasks = checked_tasks(parser, args)
+    dict_path, dictionary, codec = text_setup(parser, args, scratch)
+    no_padding = dictionary.pad() in (codec.bos, codec.eos)
+    if no_padding and args.batch_size > 1 and (args.no_prefix_cache or args.k == 0):
+        parser.error(f"the tokenizer's bos/eos is the dictionary's <pad> index {dictionary.pad()}: prompts run whole "
+                     f"cannot be left-padded into batches; use --batch-size 1 (the cached context batches its queries "
+                     f"right-padded, which needs no padding mark: drop --no-prefix-cache)")
+    try:
+        data = {name: icl.load_task(args.data_dir, name) for name in tasks}
+        for spec, train, _ in data.values():
+            icl.check_known_tokens(spec, train, codec, dictionary)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return tasks, data, dict_path, dictionary, codec
+
+
+def unmask_padding(models: dict, dictionary, codec) -> None:
+    """Where the tokenizer's bos/eos is the dictionary's pad index, that index is a real token of every prompt
+    (the model's bos): no position is padding."""
+    if dictionary.pad() not in (codec.bos, codec.eos):
+        return
+    from longmem.models.hf_causal_lm import HFDecoder
+
+    for model in models.values():
+        for module in model.modules():
+            if isinstance(module, HFDecoder):
+                module.mask_padding = False
 
 
 def checked_tasks(parser, args) -> list:
@@ -192,14 +207,17 @@ def text_setup(parser, args, scratch: str):
     return dict_path, dictionary, TextCodec(dictionary, tokenizer=tokenizer)
 
 
-def load_models(parser, args, dictionary, dict_dir: str):
+def load_models(parser, args, dictionary, dict_dir: str, lm_overrides: Optional[dict] = None):
     """({mode: model}, device) for the modes asked for, each checkpoint read once; with --path, the checkpoint's
-    kind (not its file name) picks its role and mode."""
+    kind (not its file name) picks its role and mode. ``lm_overrides``: settings of the LongMem checkpoint changed
+    at loading (e.g. ``{"mix_with_backbone": "constant"}``)."""
     import torch
 
     from longmem.models.loading import checkpoint_kind, load_model_for_dictionary, read_checkpoint
 
-    lm_overrides = {"pretrained_model_path": args.pretrained_model_path} if args.pretrained_model_path else {}
+    lm_overrides = dict(lm_overrides or {})
+    if args.pretrained_model_path:
+        lm_overrides["pretrained_model_path"] = args.pretrained_model_path
     already_read = {}  # role -> the checkpoint as load_model_for_dictionary would read it (a file is read once)
     if args.path:  # the release's form
         state = read_checkpoint(args.path, {"data": dict_dir, **lm_overrides})
@@ -238,11 +256,12 @@ def load_models(parser, args, dictionary, dict_dir: str):
     return models, device
 
 
-def evaluate_task(args, name, task_data, models, codec, dictionary, device) -> dict:
-    """{mode: accuracies, mean, std, label mass, queries} of one task, each seed's line printed as the release's."""
+def task_queries(args, name, task_data, codec):
+    """(the queries evaluated, the label words' first tokens) of one task: --max-queries of them, as
+    --query-subset picks; a note where fewer exist, a warning where all hold one label."""
     from longmem.evaluation import icl
 
-    spec, train, evaluation = task_data
+    spec, _, evaluation = task_data
     if args.max_queries and args.max_queries > len(evaluation):
         print(f"note: {name}: --max-queries {args.max_queries} but the evaluation file holds {len(evaluation)} "
               f"queries: evaluating all {len(evaluation)}", file=sys.stderr, flush=True)
@@ -253,6 +272,15 @@ def evaluate_task(args, name, task_data, models, codec, dictionary, device) -> d
               f"(--query-subset spread)", file=sys.stderr, flush=True)
     head = spec.query_template.split("{text}")[1].strip()  # e.g. "Sentiment:"
     label_tokens = [codec.first_token_after(head, label) for label in spec.labels]
+    return evaluation, label_tokens
+
+
+def evaluate_task(args, name, task_data, models, codec, dictionary, device) -> dict:
+    """{mode: accuracies, mean, std, label mass, queries} of one task, each seed's line printed as the release's."""
+    from longmem.evaluation import icl
+
+    spec, train, _ = task_data
+    evaluation, label_tokens = task_queries(args, name, task_data, codec)
     out = {}
     for mode, model in models.items():
         masses = []

@@ -220,11 +220,12 @@ def fork_state(model, incremental_state: dict, rows: int) -> dict:
 
 @torch.no_grad()
 def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], pad: int, device,
-                   batch_size: int = 1) -> torch.Tensor:
+                   batch_size: int = 1, head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """``predict``'s log-probabilities with the shared context computed once: the context's key/value caches
     (and a LongMem model's memory reads for it) are kept and every prompt runs only its own tokens after it,
     right-padded in batches (a causal model never reads the padding after a token: no position needs marking as
-    padding), the output layer applied to each prompt's last position only. A LongMem model reads the memory it holds (``model.memory.bank``, when memory is on) and writes nothing."""
+    padding), the output layer applied to each prompt's last position only. A LongMem model reads the memory it holds (``model.memory.bank``, when memory is on) and writes nothing. ``head``: what maps those
+    last positions' features (b, C) to logits, (b, V) or (b, ..., V) (default: the model's output layer)."""
     P = len(context_ids)
     if P == 0:
         return predict(model, prompts, pad, device, batch_size)
@@ -245,7 +246,7 @@ def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], 
         features = model(tokens.to(device), incremental_state=fork_state(model, state, len(chunk)),
                          features_only=True)[0]  # (b, w, C)
         last = features[torch.arange(len(chunk)), (lengths - 1).to(features.device)]  # the logits of these only
-        out.append(torch.log_softmax(model.decoder.output_layer(last).float(), dim=-1).cpu())
+        out.append(torch.log_softmax((head or model.decoder.output_layer)(last).float(), dim=-1).cpu())
     return torch.cat(out)
 
 
@@ -281,6 +282,29 @@ def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, 
     return (blocks, prompts, context_ids) if with_context else (blocks, prompts)
 
 
+def seed_log_probs(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seed: int, k: int,
+                   cache_k: int, memory_block: int, batch_size: int, cached: bool = True,
+                   head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """The next-token log-probabilities (N, V) after each query of one seed, in one mode: memory emptied, then
+    filled with the seed's memory demonstrations for "memory-on". ``head``: as ``predict_cached``'s (needs
+    ``cached``)."""
+    blocks, prompts, context = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed,
+                                                memory_block, with_context=True)
+    if mode != "backbone":
+        model.memory.configure(enabled=(mode == "memory-on"))
+        model.memory.reset()
+    if mode == "memory-on":
+        if not blocks:
+            raise ValueError(f"{cache_k} memory demonstrations of {spec.name} fill no whole block of {memory_block} "
+                             f"tokens: memory would stay empty; raise --cache-k or lower --memory-block")
+        fill_memory(model, blocks, device)
+    if cached:
+        return predict_cached(model, context, prompts, dictionary.pad(), device, batch_size, head=head)
+    if head is not None:
+        raise ValueError("seed_log_probs: a head needs the cached context (cached=True)")
+    return predict(model, prompts, dictionary.pad(), device, batch_size)
+
+
 def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seeds, k: int,
              cache_k: int, memory_block: int, batch_size: int, scoring: str, label_tokens,
              on_seed: Optional[Callable[[int, float], None]] = None, cached: bool = True,
@@ -293,20 +317,8 @@ def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, diction
 
     accs = []
     for seed in tqdm(seeds, desc=f"{spec.name} {mode}", unit="seed"):
-        blocks, prompts, context = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed,
-                                                    memory_block, with_context=True)
-        if mode != "backbone":
-            model.memory.configure(enabled=(mode == "memory-on"))
-            model.memory.reset()
-        if mode == "memory-on":
-            if not blocks:
-                raise ValueError(f"{cache_k} memory demonstrations of {spec.name} fill no whole block of {memory_block} "
-                                 f"tokens: memory would stay empty; raise --cache-k or lower --memory-block")
-            fill_memory(model, blocks, device)
-        if cached:
-            lp = predict_cached(model, context, prompts, dictionary.pad(), device, batch_size)
-        else:
-            lp = predict(model, prompts, dictionary.pad(), device, batch_size)
+        lp = seed_log_probs(model, mode, spec, train, evaluation, codec, dictionary, device, seed, k, cache_k,
+                            memory_block, batch_size, cached)
         acc = score(lp, [gold for _, gold in evaluation], spec, codec.decode, label_tokens, scoring)
         if masses is not None:
             masses.append(label_mass(lp, label_tokens))

@@ -407,8 +407,17 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         (a softmax leaves them as they are), so every caller that normalises logits reads the mixture."""
         if self.mix_mode == "none":
             return self.lm_head(features)
+        side, backbone = self.mixture_components(features)
+        return self.mix_log_probs(side, backbone, features[..., :self.cfg.decoder_embed_dim])
+
+    def mixture_components(self, features):
+        """With --mix-with-backbone: (the SideNet's logits, the backbone's logits) of ``features()``'s output, the
+        two distributions ``output_layer`` mixes (e.g. to score any fixed λ from one forward)."""
+        if self.mix_mode == "none":
+            raise ValueError("mixture_components: the model has no mixture (--mix-with-backbone none): load it with "
+                             "mix_with_backbone constant or token")
         side, backbone = features.split(self.cfg.decoder_embed_dim, dim=-1)
-        return self.mix_log_probs(self.lm_head(side), self.lm_head(backbone), side)
+        return self.lm_head(side), self.lm_head(backbone)
 
     def lm_head(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a

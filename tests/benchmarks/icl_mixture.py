@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""In-context learning of a LongMem checkpoint mixed with its backbone at fixed λ: ``p = (1 - λ) p_backbone +
+λ p_SideNet``, for several λ from one forward per query. Each query's two next-token distributions (the SideNet's
+and the backbone's, from the ``H[L]`` a LongMem forward computes anyway) are kept, and every λ is scored from them
+with eval_icl's rule, memory off and on. λ = 0 is the backbone alone (it reads no memory: memory off and on agree),
+λ = 1 the SideNet alone (the checkpoint as eval_icl scores it when it was trained without a mixture); any λ equals
+``--mix-with-backbone constant --mix-gate-init logit(λ)``, one λ per run. For a checkpoint trained without
+``--mix-with-backbone`` (or with ``constant``): it is loaded with a constant mixture, whose gate is not read.
+
+The protocol and its arguments are eval_icl's (tasks, --hf-tokenizer, --seeds, --max-queries, --query-subset, ...):
+
+    python tests/benchmarks/icl_mixture.py --longmem OUT/longmem/checkpoint_last.pt --hf-tokenizer GGUF \\
+        --seeds 1 2 3 --max-queries 200 --query-subset spread --results-path OUT/icl_mixture.json \\
+        [--lambdas 0 0.5 0.7 0.8 0.9 1]
+
+Prints, per λ, each task's mean over the seeds and the five-task average (memory off / memory on); the JSON keeps
+every task, mode, seed and λ (rewritten after each task, a rerun skips the tasks it holds).
+"""
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from longmem.commands import eval_icl
+
+MODES = ("memory-off", "memory-on")
+
+
+def mixture(side: torch.Tensor, backbone: torch.Tensor, lam: float) -> torch.Tensor:
+    """log((1 - λ) p_backbone + λ p_SideNet) of log-probability rows."""
+    if lam <= 0:
+        return backbone
+    if lam >= 1:
+        return side
+    return torch.logaddexp(math.log1p(-lam) + backbone, math.log(lam) + side)
+
+
+def score_task(args, name, task_data, model, codec, dictionary, device) -> dict:
+    """{mode: {λ: [accuracy per seed]}} of one task."""
+    from longmem.evaluation import icl
+
+    spec, train, _ = task_data
+    evaluation, label_tokens = eval_icl.task_queries(args, name, task_data, codec)
+    golds = [gold for _, gold in evaluation]
+
+    def both(features):  # (b, 2, V): the SideNet's logits, then the backbone's
+        return torch.stack(model.decoder.mixture_components(features), dim=1)
+
+    out = {mode: {str(lam): [] for lam in args.lambdas} for mode in MODES}
+    for mode in MODES:
+        for seed in args.seeds:
+            lp = icl.seed_log_probs(model, mode, spec, train, evaluation, codec, dictionary, device, seed, args.k,
+                                    args.cache_k, args.memory_block, args.batch_size, head=both)
+            for lam in args.lambdas:
+                acc = icl.score(mixture(lp[:, 0], lp[:, 1], lam), golds, spec, codec.decode, label_tokens,
+                                args.scoring)
+                out[mode][str(lam)].append(acc)
+            print(f"{name} {mode} seed {seed}: " + " ".join(f"λ={lam:g} {out[mode][str(lam)][-1]:.3f}"
+                                                             for lam in args.lambdas), flush=True)
+    return out
+
+
+def print_table(args, results) -> None:
+    tasks = [t for t in args.tasks if t in results]
+    print(f"\nICL accuracy (%) of the mixture, mean over seeds {args.seeds}, memory off / memory on")
+    print("| λ | " + " | ".join(tasks) + " | average |")
+    print("|---:|" + "---:|" * (len(tasks) + 1))
+    for lam in args.lambdas:
+        cells, avg = [], []
+        for mode in MODES:
+            means = [100 * statistics.mean(results[t][mode][str(lam)]) for t in tasks]
+            avg.append(statistics.mean(means))
+            cells.append(means)
+        row = [f"{off:.1f} / {on:.1f}" for off, on in zip(*cells)]
+        print(f"| {lam:g} | " + " | ".join(row) + f" | {avg[0]:.1f} / {avg[1]:.1f} |")
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    eval_icl.add_model_arguments(p)
+    eval_icl.add_protocol_arguments(p)
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    p.add_argument("--results-path", help="JSON of every task, mode, seed and λ")
+    p.add_argument("--cpu", action="store_true")
+    args = p.parse_args(argv)
+    if not args.longmem:
+        p.error("--longmem: the LongMem checkpoint to mix with its backbone")
+    if any(not 0 <= lam <= 1 for lam in args.lambdas):
+        p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
+    if args.no_prefix_cache:
+        p.error("--no-prefix-cache: the two distributions are read after the cached context only")
+    args.batch_size = args.batch_size or 8
+    args.tasks = args.tasks or ["sst2", "mr", "subj", "sst5", "mpqa"]
+    args.modes, args.backbone, args.path, args.pretrained_model_path, args.subset = list(MODES), None, None, None, None
+    if args.hf_tokenizer is None and args.sentencepiece_model is None and args.gpt2_bpe is None:
+        from longmem import paths
+
+        args.gpt2_bpe = paths.GPT2_BPE
+    eval_icl.quiet_libraries()
+    results = {}
+    if args.results_path and os.path.isfile(args.results_path):
+        with open(args.results_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved.get("config", {}).get("longmem") == args.longmem and saved["config"].get("seeds") == args.seeds:
+            results = {t: r for t, r in saved["results"].items()
+                       if all(str(lam) in r[m] for m in MODES for lam in args.lambdas)}
+    with tempfile.TemporaryDirectory(prefix="longmem_icl_") as scratch:
+        tasks, data, dict_path, dictionary, codec = eval_icl.read_tasks(p, args, scratch)
+        # loaded with a constant mixture, whose two components are read (its gate is not used)
+        models, device = eval_icl.load_models(p, args, dictionary, os.path.dirname(os.path.abspath(dict_path)),
+                                              lm_overrides={"mix_with_backbone": "constant"})
+        eval_icl.unmask_padding(models, dictionary, codec)
+        model = models["memory-on"]
+        for name in tasks:
+            if name in results:
+                print(f"{name}: in {args.results_path}, skipped", flush=True)
+                continue
+            results[name] = score_task(args, name, data[name], model, codec, dictionary, device)
+            if args.results_path:
+                from longmem.utils.atomic import atomic_open
+
+                with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+                    json.dump({"config": {k: v for k, v in vars(args).items() if k != "dump_prompts"},
+                               "results": results}, f, indent=2)
+    print_table(args, results)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 1)
