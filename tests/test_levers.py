@@ -261,3 +261,31 @@ def test_the_mixtures_gate_trains_alone_with_the_gradient_of_its_loss_by_hand(ma
         make_sidenet(d, train_mix_gate_only=True)
     with pytest.raises(ConfigError, match="choose one"):
         make_sidenet(d, mix_with_backbone="token", start_as_backbone=True)
+
+
+def test_a_checkpoint_from_before_the_mixture_loads_with_it_as_an_override(make_sidenet, make_dictionary, tmp_path):
+    """fairseq overrides only the keys a checkpoint records: a checkpoint written before --mix-with-backbone
+    existed gets the option (and nothing that is not an option of its model) when loaded with it as an override,
+    and the model built from that config mixes."""
+    import dataclasses
+
+    from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+
+    d = make_dictionary(20)
+    plain, _ = make_sidenet(d, use_external_memory=False)
+    old = {k: v for k, v in dataclasses.asdict(plain.decoder.cfg).items() if not k.startswith(("mix_", "train_mix"))}
+    old["_name"] = "transformer_lm_sidenet"
+    save_fairseq_checkpoint(tmp_path / "old.pt", plain.state_dict(), cfg={"model": old, "task": {"_name": "x"}})
+    state = load_checkpoint_state(str(tmp_path / "old.pt"), {"mix_with_backbone": "constant", "no_such_option": 1})
+    model_cfg = state["cfg"]["model"]
+    assert model_cfg["mix_with_backbone"] == "constant" and "no_such_option" not in model_cfg
+    assert "mix_gate_init" not in model_cfg  # only what was asked for: the model's default fills the rest
+    assert "mix_with_backbone" not in load_checkpoint_state(str(tmp_path / "old.pt"))["cfg"]["model"]
+    mixed, _ = make_sidenet(d, use_external_memory=False, mix_with_backbone=model_cfg["mix_with_backbone"])
+    mixed.load_state_dict(state["model"])
+    tokens = torch.randint(4, len(d), (1, 6))
+    with torch.no_grad():
+        assert mixed.decoder.mix_mode == "constant"
+        p = 0.5 * torch.softmax(plain.eval()(tokens)[0].double(), -1)  # λ = σ(0)
+        p += 0.5 * torch.softmax(plain.decoder.lm_head(plain(tokens)[1]["backbone_features"]).double(), -1)
+        torch.testing.assert_close(torch.softmax(mixed.eval()(tokens)[0].double(), -1), p, rtol=0, atol=1e-5)

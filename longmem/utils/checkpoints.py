@@ -30,11 +30,35 @@ def load_checkpoint_state(path: str, arg_overrides: Optional[dict] = None) -> di
     from fairseq import checkpoint_utils
 
     try:
-        return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
+        state = checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides)
     except Exception as e:  # torch's unpickling errors come in many types, with advice that does not apply
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ConfigError(f"{path} is not a readable fairseq checkpoint (truncated, corrupt or another format): "
                           f"{type(e).__name__}: {reason}") from None
+    add_newer_model_options(state, arg_overrides)
+    return state
+
+
+def add_newer_model_options(state: dict, overrides: Optional[dict]) -> None:
+    """fairseq applies an override only to a key the checkpoint's config records: an option of the model added
+    after the checkpoint was written (e.g. --mix-with-backbone) is set here, where the model's dataclass has it."""
+    import dataclasses
+
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    model_cfg = (state.get("cfg") or {}).get("model") if isinstance(state, dict) else None
+    if not overrides or model_cfg is None or not hasattr(model_cfg, "keys"):
+        return
+    model_class = ARCH_MODEL_REGISTRY.get(model_cfg.get("_name") or model_cfg.get("arch") or "")
+    config_class = getattr(model_class, "__dataclass", None)
+    known = {f.name for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else set()
+    missing = {k: v for k, v in overrides.items() if k in known and k not in model_cfg}
+    if missing:
+        from omegaconf import open_dict
+
+        with open_dict(model_cfg):
+            for key, value in missing.items():
+                model_cfg[key] = value
 
 
 def is_intact(path: str) -> bool:
