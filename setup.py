@@ -30,6 +30,7 @@ setup(
         "longmem-spm-bpe = longmem.commands.spm_bpe:main",
         "longmem-hf-tokens = longmem.commands.hf_tokens:main",
         "longmem-generate = longmem.commands.generate:main",
+        "longmem-set-mixture = longmem.commands.set_mixture:main",
         "longmem-generation-recall = longmem.commands.generation_recall:main",
         "longmem-demo = longmem.demo:main",
         "longmem-recipe = longmem.recipes:main",

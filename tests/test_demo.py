@@ -123,6 +123,8 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
                 train.extend(proc.stdout.split("\0"))
             os.makedirs(cmd[4], exist_ok=True)  # SAVE_DIR
             (out / cmd[4] / "checkpoint_last.pt").write_text("x")
+        elif cmd[2] == "longmem.commands.set_mixture":  # stage mix with a fixed λ: its arguments recorded
+            calls.append(("set_mixture", cmd[3:]))
         else:
             calls.append((cmd[2].rsplit(".", 1)[-1], next(a for a in cmd if "data-bin" in a).rsplit("/", 1)[-1]))
 
@@ -311,5 +313,28 @@ def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_eval
     assert "--reset-dataloader" not in mix  # the gate learns on the batches after those the SideNet saw
     assert last("--max-update") == last("--total-num-update") == "150" and last("--lr") == "0.002"
     assert last("--criterion") == "longmem_cross_entropy" and last("--distill-weight") == "0"
+    assert float(last("--mix-gate-init")) == 0.0  # MIX_LAMBDA's default 0.5: σ(0)
     assert evaluated[0] == str(out / "longmem-mix" / "checkpoint_last.pt")
     assert evaluated[1] == str(tmp_path / "plain" / "out" / "longmem" / "checkpoint_last.pt")
+
+
+def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpoint(tmp_path, monkeypatch):
+    """MIX_WITH_BACKBONE=constant MIX_UPDATES=0: stage mix trains nothing; longmem-set-mixture writes stage longmem's
+    checkpoint with λ = MIX_LAMBDA into OUT/longmem-mix, which the evaluate stage reads; with updates, the gate
+    starts at MIX_LAMBDA's logit."""
+    import math
+
+    preset = tmp_path / "fixed.sh"
+    preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=constant\nMIX_UPDATES=0\n"
+                      "MIX_LAMBDA=0.7\n")
+    _, calls = run_recipe_dry(tmp_path, monkeypatch, str(preset))
+    out = tmp_path / "out"
+    assert not any(c[0] == "train" for c in calls)
+    (args,) = [c[1] for c in calls if c[0] == "set_mixture"]
+    assert args == [str(out / "longmem" / "checkpoint_last.pt"), str(out / "longmem-mix" / "checkpoint_last.pt"),
+                    "--lambda", "0.7"]
+    trained = tmp_path / "trained.sh"
+    trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=constant\nMIX_LAMBDA=0.8\n")
+    _, calls = run_recipe_dry(tmp_path / "trained", monkeypatch, str(trained))
+    (mix,) = [c[1] for c in calls if c[0] == "train"]
+    assert abs(float(mix[mix.index("--mix-gate-init") + 1]) - math.log(0.8 / 0.2)) < 1e-12

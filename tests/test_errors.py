@@ -568,13 +568,19 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/broad.sh"],
      "preset {tmp}/broad.sh: BROAD_SHARE must be a number in [0, 1)"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/mix.sh"],
-     "preset {tmp}/mix.sh: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole number > 0"),
+     "preset {tmp}/mix.sh: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole number >= 0"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/lambda.sh"], "MIX_LAMBDA a number in (0, 1)"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/token0.sh"],
+     "MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate untrained"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "broad.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nBROAD_SHARE=1.5\n")
-    (tmp_path / "mix.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=0\n")
+    (tmp_path / "mix.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=-1\n")
+    (tmp_path / "lambda.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_LAMBDA=1\n")
+    (tmp_path / "token0.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=token\n"
+                                        "MIX_UPDATES=0\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle.format(tmp=tmp_path))

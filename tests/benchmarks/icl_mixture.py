@@ -65,18 +65,18 @@ def score_task(args, name, task_data, model, codec, dictionary, device) -> dict:
 
 
 def print_table(args, results) -> None:
+    """Per λ: each task's mean over the seeds, and the five-task average's mean ± std over the seeds."""
     tasks = [t for t in args.tasks if t in results]
-    print(f"\nICL accuracy (%) of the mixture, mean over seeds {args.seeds}, memory off / memory on")
-    print("| λ | " + " | ".join(tasks) + " | average |")
+    seeds = range(len(args.seeds))
+    print(f"\nICL accuracy (%) of the mixture, seeds of demonstrations {args.seeds}: memory off / memory on")
+    print("| λ | " + " | ".join(tasks) + " | average over tasks (mean ± std over seeds) |")
     print("|---:|" + "---:|" * (len(tasks) + 1))
     for lam in args.lambdas:
-        cells, avg = [], []
-        for mode in MODES:
-            means = [100 * statistics.mean(results[t][mode][str(lam)]) for t in tasks]
-            avg.append(statistics.mean(means))
-            cells.append(means)
-        row = [f"{off:.1f} / {on:.1f}" for off, on in zip(*cells)]
-        print(f"| {lam:g} | " + " | ".join(row) + f" | {avg[0]:.1f} / {avg[1]:.1f} |")
+        acc = {mode: {t: [100 * a for a in results[t][mode][str(lam)]] for t in tasks} for mode in MODES}
+        row = [" / ".join(f"{statistics.mean(acc[mode][t]):.1f}" for mode in MODES) for t in tasks]
+        per_seed = {mode: [statistics.mean(acc[mode][t][s] for t in tasks) for s in seeds] for mode in MODES}
+        avg = " / ".join(f"{statistics.mean(v):.1f} ± {statistics.pstdev(v):.1f}" for v in per_seed.values())
+        print(f"| {lam:g} | " + " | ".join(row) + f" | {avg} |")
 
 
 def main(argv=None):
@@ -110,6 +110,9 @@ def main(argv=None):
         if saved.get("config", {}).get("longmem") == args.longmem and saved["config"].get("seeds") == args.seeds:
             results = {t: r for t, r in saved["results"].items()
                        if all(str(lam) in r[m] for m in MODES for lam in args.lambdas)}
+    if all(t in results for t in args.tasks):
+        print_table(args, results)
+        return results
     with tempfile.TemporaryDirectory(prefix="longmem_icl_") as scratch:
         tasks, data, dict_path, dictionary, codec = eval_icl.read_tasks(p, args, scratch)
         # loaded with a constant mixture, whose two components are read (its gate is not used)
