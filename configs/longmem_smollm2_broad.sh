@@ -8,3 +8,5 @@
 PARENT=longmem_smollm2.sh
 MAX_UPDATE=1200
 SAVE_INTERVAL_UPDATES=600
+# no stage mix: the 1,200-update row was measured with the SideNet alone
+MIX_WITH_BACKBONE=none

@@ -15,3 +15,5 @@ TRAIN_DOCS=160
 EVAL_SETS="longrange real"
 BROAD_SHARE=0
 EXTRA_FLAGS="--cpu --precision auto --memory-backend torch --memory-reset-at-document-boundary --required-batch-size-multiple 1 --memory-gate-lr-scale 30 --memory-gate-no-decay --memory-gate-init 2 --memory-layer-from-retrieval-block"
+# no stage mix: the demo's SmolLM2 model is the SideNet alone, as measured in docs/results.md
+MIX_WITH_BACKBONE=none

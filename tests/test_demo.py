@@ -166,8 +166,12 @@ def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, mon
     train, calls = run_recipe_dry(tmp_path, monkeypatch, "longmem_smollm2.sh")
     assert train[train.index("--max-update") + 1] == preset_values("longmem_smollm2.sh")["MAX_UPDATE"]
     assert train[train.index("--distill-on") + 1] == "backbone-better"
-    assert "--mix-with-backbone" not in train  # MIX_WITH_BACKBONE=none: no stage mix
-    assert calls == [("broad", "0.5"), ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
+    assert "--mix-with-backbone" not in train  # adaptation trains the SideNet alone; stage mix comes after it
+    out = tmp_path / "out"
+    assert calls == [("broad", "0.5"),  # stage mix: λ fixed at 0.7 on stage longmem's checkpoint, nothing trained
+                     ("set_mixture", [str(out / "longmem" / "checkpoint_last.pt"),
+                                      str(out / "longmem-mix" / "checkpoint_last.pt"), "--lambda", "0.7"]),
+                     ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
                      ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
 
@@ -289,8 +293,9 @@ def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_eval
     assert read_preset(f"{REPO}/configs/longmem_smollm2_mix.sh")["MIX_WITH_BACKBONE"] == "token"
     preset = tmp_path / "mix.sh"  # configs/longmem_smollm2_mix.sh with other numbers
     preset.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=token\nMIX_UPDATES=150\n"
-                      "MIX_LR=0.002\n")
-    without = f"{REPO}/configs/longmem_smollm2.sh"  # the recipe: MIX_WITH_BACKBONE=none
+                      "MIX_LR=0.002\nMIX_LAMBDA=0.5\n")
+    without = tmp_path / "none.sh"  # the recipe without stage mix
+    without.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=none\n")
     evaluated = []
     real_evaluate = smollm2.evaluate_stage
     monkeypatch.setattr(smollm2, "evaluate_stage", lambda pipe, model, ckpt, cfg: (evaluated.append(ckpt),
@@ -313,7 +318,7 @@ def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_eval
     assert "--reset-dataloader" not in mix  # the gate learns on the batches after those the SideNet saw
     assert last("--max-update") == last("--total-num-update") == "150" and last("--lr") == "0.002"
     assert last("--criterion") == "longmem_cross_entropy" and last("--distill-weight") == "0"
-    assert float(last("--mix-gate-init")) == 0.0  # MIX_LAMBDA's default 0.5: σ(0)
+    assert float(last("--mix-gate-init")) == 0.0  # MIX_LAMBDA 0.5: σ(0)
     assert evaluated[0] == str(out / "longmem-mix" / "checkpoint_last.pt")
     assert evaluated[1] == str(tmp_path / "plain" / "out" / "longmem" / "checkpoint_last.pt")
 
@@ -334,7 +339,7 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
     assert args == [str(out / "longmem" / "checkpoint_last.pt"), str(out / "longmem-mix" / "checkpoint_last.pt"),
                     "--lambda", "0.7"]
     trained = tmp_path / "trained.sh"
-    trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=constant\nMIX_LAMBDA=0.8\n")
+    trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=100\nMIX_LAMBDA=0.8\n")
     _, calls = run_recipe_dry(tmp_path / "trained", monkeypatch, str(trained))
     (mix,) = [c[1] for c in calls if c[0] == "train"]
     assert abs(float(mix[mix.index("--mix-gate-init") + 1]) - math.log(0.8 / 0.2)) < 1e-12
