@@ -224,10 +224,13 @@ def predict_cached(model, context_ids: List[int], prompts: Sequence[List[int]], 
     """``predict``'s log-probabilities with the shared context computed once: the context's key/value caches
     (and a LongMem model's memory reads for it) are kept and every prompt runs only its own tokens after it,
     right-padded in batches (a causal model never reads the padding after a token: no position needs marking as
-    padding), the output layer applied to each prompt's last position only. A LongMem model reads the memory it holds (``model.memory.bank``, when memory is on) and writes nothing. ``head``: what maps those
-    last positions' features (b, C) to logits, (b, V) or (b, ..., V) (default: the model's output layer)."""
+    padding), the output layer applied to each prompt's last position only. A LongMem model reads the memory it holds
+    (``model.memory.bank``, when memory is on) and writes nothing. ``head``: what maps those last positions' features
+    (b, C) to logits, (b, V) or (b, ..., V) (default: the model's output layer; another needs a context)."""
     P = len(context_ids)
     if P == 0:
+        if head is not None:
+            raise ValueError("predict_cached: a head needs a shared context (with none, prompts run whole)")
         return predict(model, prompts, pad, device, batch_size)
     if any(p[:P] != context_ids for p in prompts):
         raise ValueError("predict_cached: every prompt must start with the context")
