@@ -297,7 +297,7 @@ def test_set_mixture_writes_a_checkpoint_whose_output_is_the_fixed_mixture(make_
     constant one; bad λ and a checkpoint that is not LongMem are clear errors."""
     import dataclasses
 
-    from longmem.commands.set_mixture import run as set_mixture
+    from longmem.commands.set_mixture import mixed_log_probs, run as set_mixture
     from longmem.errors import ConfigError
     from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
 
@@ -323,6 +323,7 @@ def test_set_mixture_writes_a_checkpoint_whose_output_is_the_fixed_mixture(make_
                           for f in (features[..., :32], extra["backbone_features"]))
         torch.testing.assert_close(torch.softmax(mixed(tokens)[0].double(), -1), 0.3 * backbone + 0.7 * side,
                                    rtol=0, atol=1e-5)
+        torch.testing.assert_close(mixed_log_probs(side.log(), backbone.log(), 0.7), (0.3 * backbone + 0.7 * side).log())
     for bad, message in (("1", "strictly between 0"), ("0", "strictly between 0"), ("1e-12", "too close")):
         with pytest.raises(ConfigError, match=message):
             set_mixture([str(tmp_path / "in.pt"), str(tmp_path / "bad.pt"), "--lambda", bad])

@@ -80,7 +80,13 @@ def add_protocol_arguments(p) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = build_parser()
+    return p, finish_args(p.parse_args(argv))
+
+
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """This command's arguments (a script that scores ICL another way adds its own to them)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     add_protocol_arguments(p)
     p.add_argument("--results-path", type=output_file, help="JSON, rewritten after every finished task")
@@ -97,7 +103,11 @@ def parse_args(argv=None):
     release.add_argument("--gpt-encoder-path", help="the release's name of --gpt2-bpe")
     release.add_argument("--subset", choices=["test", "validation"],
                          help="the evaluation split; SST-2 and SST-5 always use validation (as released)")
-    args = p.parse_args(argv)
+    return p
+
+
+def finish_args(args):
+    """The defaults that depend on other arguments: batch size, tasks, tokenizer."""
     if args.batch_size is None:
         args.batch_size = 1 if args.no_prefix_cache or args.k == 0 else 8
     if args.task:
@@ -107,7 +117,7 @@ def parse_args(argv=None):
         args.gpt2_bpe = args.gpt_encoder_path
     if args.gpt2_bpe is None and args.sentencepiece_model is None and args.hf_tokenizer is None:
         args.gpt2_bpe = paths.GPT2_BPE
-    return p, args
+    return args
 
 
 def main(argv=None):
@@ -126,13 +136,18 @@ def run(argv=None):
     results = {}
     for name in tasks:
         results[name] = evaluate_task(args, name, data[name], models, codec, dictionary, device)
-        if args.results_path:  # every finished task is kept, whatever happens to the next
-            from longmem.utils.atomic import atomic_open
-
-            with atomic_open(args.results_path, "w", encoding="utf-8") as f:
-                json.dump({"config": vars(args), "results": results}, f, indent=2)
+        save_results(args, results)  # every finished task is kept, whatever happens to the next
     print_table(args, tasks, models, results)
     return results
+
+
+def save_results(args, results: dict) -> None:
+    """``{"config": the arguments, "results": results}`` written atomically to --results-path, when given."""
+    if args.results_path:
+        from longmem.utils.atomic import atomic_open
+
+        with atomic_open(args.results_path, "w", encoding="utf-8") as f:
+            json.dump({"config": vars(args), "results": results}, f, indent=2)
 
 
 def read_tasks(parser, args, scratch: str):

@@ -21,6 +21,19 @@ def gate_logit(lam: float) -> float:
     return math.log(lam) - math.log1p(-lam)
 
 
+def mixed_log_probs(side, backbone, lam: float):
+    """log((1 - λ)·p_backbone + λ·p_SideNet) of two tensors of log-probabilities (of whole distributions or of the
+    same targets): what a checkpoint this command writes outputs, for any λ in [0, 1] (0: the backbone's, 1: the
+    SideNet's)."""
+    import torch
+
+    if lam <= 0:
+        return backbone
+    if lam >= 1:
+        return side
+    return torch.logaddexp(math.log1p(-lam) + backbone, math.log(lam) + side)
+
+
 def set_mixture(src: str, dst: str, lam: float) -> None:
     """Write ``src``'s LongMem checkpoint to ``dst`` (atomically) with a constant mixture at ``lam``."""
     import torch

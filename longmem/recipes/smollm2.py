@@ -218,12 +218,10 @@ def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> 
     updates = int(cfg["MIX_UPDATES"])
     start = os.path.join(pipe.out, "longmem", "checkpoint_last.pt")
     with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
-        if st.cached:
-            pass
-        elif updates == 0:  # a fixed λ: the checkpoint with its constant gate set, nothing trained
+        if not st.cached and updates == 0:  # a fixed λ: the checkpoint with its constant gate set, nothing trained
             run([sys.executable, "-m", "longmem.commands.set_mixture", start, final_checkpoint(pipe.out, cfg),
                  "--lambda", cfg["MIX_LAMBDA"]])
-        else:
+        elif not st.cached:
             train(pipe.out, model, preset, save, seed, "--restore-file", start, "--reset-optimizer",
                   "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", cfg["MIX_WITH_BACKBONE"],
                   "--mix-gate-init", repr(gate_logit(float(cfg["MIX_LAMBDA"]))), "--train-mix-gate-only",

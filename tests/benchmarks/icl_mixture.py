@@ -17,7 +17,6 @@ Prints, per λ, each task's mean over the seeds and the five-task average (memor
 every task, mode, seed and λ (rewritten after each task, a rerun skips the tasks it holds).
 """
 import json
-import math
 import os
 import statistics
 import sys
@@ -26,17 +25,9 @@ import tempfile
 import torch
 
 from longmem.commands import eval_icl
+from longmem.commands.set_mixture import mixed_log_probs
 
 MODES = ("memory-off", "memory-on")
-
-
-def mixture(side: torch.Tensor, backbone: torch.Tensor, lam: float) -> torch.Tensor:
-    """log((1 - λ) p_backbone + λ p_SideNet) of log-probability rows."""
-    if lam <= 0:
-        return backbone
-    if lam >= 1:
-        return side
-    return torch.logaddexp(math.log1p(-lam) + backbone, math.log(lam) + side)
 
 
 def score_task(args, name, task_data, model, codec, dictionary, device) -> dict:
@@ -56,7 +47,7 @@ def score_task(args, name, task_data, model, codec, dictionary, device) -> dict:
             lp = icl.seed_log_probs(model, mode, spec, train, evaluation, codec, dictionary, device, seed, args.k,
                                     args.cache_k, args.memory_block, args.batch_size, head=both)
             for lam in args.lambdas:
-                acc = icl.score(mixture(lp[:, 0], lp[:, 1], lam), golds, spec, codec.decode, label_tokens,
+                acc = icl.score(mixed_log_probs(lp[:, 0], lp[:, 1], lam), golds, spec, codec.decode, label_tokens,
                                 args.scoring)
                 out[mode][str(lam)].append(acc)
             print(f"{name} {mode} seed {seed}: " + " ".join(f"λ={lam:g} {out[mode][str(lam)][-1]:.3f}"
@@ -80,28 +71,16 @@ def print_table(args, results) -> None:
 
 
 def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_icl.add_model_arguments(p)
-    eval_icl.add_protocol_arguments(p)
+    p = eval_icl.build_parser(__doc__)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    p.add_argument("--results-path", help="JSON of every task, mode, seed and λ")
-    p.add_argument("--cpu", action="store_true")
-    args = p.parse_args(argv)
+    args = eval_icl.finish_args(p.parse_args(argv))
     if not args.longmem:
         p.error("--longmem: the LongMem checkpoint to mix with its backbone")
     if any(not 0 <= lam <= 1 for lam in args.lambdas):
         p.error(f"--lambdas must lie in [0, 1], got {args.lambdas}")
     if args.no_prefix_cache:
         p.error("--no-prefix-cache: the two distributions are read after the cached context only")
-    args.batch_size = args.batch_size or 8
-    args.tasks = args.tasks or ["sst2", "mr", "subj", "sst5", "mpqa"]
-    args.modes, args.backbone, args.path, args.pretrained_model_path, args.subset = list(MODES), None, None, None, None
-    if args.hf_tokenizer is None and args.sentencepiece_model is None and args.gpt2_bpe is None:
-        from longmem import paths
-
-        args.gpt2_bpe = paths.GPT2_BPE
+    args.modes = list(MODES)
     eval_icl.quiet_libraries()
     results = {}
     if args.results_path and os.path.isfile(args.results_path):
@@ -125,12 +104,7 @@ def main(argv=None):
                 print(f"{name}: in {args.results_path}, skipped", flush=True)
                 continue
             results[name] = score_task(args, name, data[name], model, codec, dictionary, device)
-            if args.results_path:
-                from longmem.utils.atomic import atomic_open
-
-                with atomic_open(args.results_path, "w", encoding="utf-8") as f:
-                    json.dump({"config": {k: v for k, v in vars(args).items() if k != "dump_prompts"},
-                               "results": results}, f, indent=2)
+            eval_icl.save_results(args, results)
     print_table(args, results)
     return results
 

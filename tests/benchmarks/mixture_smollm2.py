@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from longmem.commands.set_mixture import mixed_log_probs
+
 SETS = {  # name: (where its data-bin is: RUN or the held-out cache BROAD/heldout-smollm2, that data-bin, its token
     # mask under RUN or None)
     "longrange": ("run", "data-bin-longrange", os.path.join("tokens", "longrange", "test.mask")),
@@ -48,15 +50,6 @@ def target_log_probs(model, stream, eos: int, window: int) -> dict:
                         backbone = model.decoder.lm_head(extra["backbone_features"])[0]
                         out["backbone"].append(torch.log_softmax(backbone.double(), -1).gather(-1, target).squeeze(-1))
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-def mixed(backbone: torch.Tensor, model: torch.Tensor, lam: float) -> torch.Tensor:
-    """log((1 - λ) p_backbone + λ p_model) of per-token log-probabilities."""
-    if lam <= 0:
-        return backbone
-    if lam >= 1:
-        return model
-    return torch.logaddexp(math.log(1 - lam) + backbone, math.log(lam) + model)
 
 
 def ppl(log_probs: torch.Tensor) -> float:
@@ -99,7 +92,7 @@ def main():
             b = scores["backbone"][keep]
             cells = []
             for lam in args.lambdas:
-                off, on = (ppl(mixed(b, scores[m][keep], lam)) for m in ("off", "on"))
+                off, on = (ppl(mixed_log_probs(scores[m][keep], b, lam)) for m in ("off", "on"))
                 cells.append(f"{off / ppl(b):.3f} / {on / off:.3f}")
             rows.append(f"| {name} {group} | {ppl(b):.2f} | " + " | ".join(cells) + " |")
     print("perplexity of the mixture: memory off / backbone, memory on / memory off")
