@@ -164,6 +164,8 @@ def test_prepare_pile_refuses_truncated_and_empty_shards_and_keeps_the_previous_
     (["--tokens-per-sample", "32", "--mix-with-backbone", "token", "--start-as-backbone"], "choose one"),
     (["--tokens-per-sample", "32", "--mix-with-backbone", "token", "--mix-gate-init", "inf"],
      "--mix-gate-init must be a finite logit"),
+    (["--tokens-per-sample", "32", "--mix-with-backbone", "memory", "--mix-memory-slope", "nan"],
+     "--mix-memory-slope and --mix-memory-center must be finite numbers"),
     (["--tokens-per-sample", "32", "--required-batch-size-multiple", "1", "--valid-subset", "nosuch"],
      "split 'nosuch' not found in"),
     (["--tokens-per-sample", "32", "--precision", "bf32"], "argument --precision: invalid choice: 'bf32'"),
@@ -568,8 +570,11 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/broad.sh"],
      "preset {tmp}/broad.sh: BROAD_SHARE must be a number in [0, 1)"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/mix.sh"],
-     "preset {tmp}/mix.sh: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole number >= 0"),
+     "preset {tmp}/mix.sh: MIX_WITH_BACKBONE must be none, constant, token or memory, MIX_UPDATES a whole "
+     "number >= 0"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/lambda.sh"], "MIX_LAMBDA a number in (0, 1)"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/slope.sh"],
+     "MIX_MEMORY_SLOPE and MIX_MEMORY_CENTER numbers in [-20, 20]"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/token0.sh"],
      "MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate untrained"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
@@ -579,6 +584,7 @@ def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, need
     (tmp_path / "broad.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nBROAD_SHARE=1.5\n")
     (tmp_path / "mix.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=-1\n")
     (tmp_path / "lambda.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_LAMBDA=1\n")
+    (tmp_path / "slope.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_MEMORY_SLOPE=inf\n")
     (tmp_path / "token0.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=token\n"
                                         "MIX_UPDATES=0\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])

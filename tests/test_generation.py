@@ -73,12 +73,15 @@ def test_token_by_token_and_in_pieces_equal_the_full_forward(build, memory):
         assert (off[window:] - full[window:]).abs().max() > 1e-3
 
 
-def test_a_model_mixed_with_its_backbone_decodes_as_its_full_forward(make_sidenet, make_dictionary):
-    """--mix-with-backbone token: the features carry both the SideNet's and the backbone's state, so token by token
-    gives the full forward's mixture (and it differs from the SideNet alone)."""
+@pytest.mark.parametrize("mix", ["token", "memory"])
+def test_a_model_mixed_with_its_backbone_decodes_as_its_full_forward(make_sidenet, make_dictionary, mix):
+    """--mix-with-backbone token or memory: the features carry both the SideNet's and the backbone's state (and the
+    memory layer's evidence), so token by token gives the full forward's mixture (and it differs from the SideNet
+    alone)."""
     d = make_dictionary(40)
-    model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2, mix_with_backbone="token")
-    for p in [*model.decoder.layers.parameters(), model.decoder.mix_gate.weight]:
+    model, _ = make_sidenet(d, use_external_memory=True, memory_size=24, k=4, chunk_size=2, mix_with_backbone=mix,
+                            mix_memory_slope=2.0, mix_memory_center=0.0)
+    for p in [*model.decoder.layers.parameters(), *([model.decoder.mix_gate.weight] if mix == "token" else [])]:
         torch.nn.init.normal_(p, std=0.3)
     model.eval()
     window = 8

@@ -205,3 +205,40 @@ def test_memory_layer_from_retrieval_block_starts_the_memory_layer_from_block_m(
         other = 3 if flag else 2  # and not from the other block (the tiny Llama's blocks differ)
         assert not torch.equal(model.decoder.layers[1].self_attn.q_proj.weight,
                                hf.model.layers[other].self_attn.q_proj.weight)
+
+
+def test_the_llama_memory_layers_evidence_scores_local_keys_rotated_and_memory_keys_unrotated(llama):
+    """--mix-with-backbone memory over a Llama backbone: the memory layer's evidence, written out from its inputs:
+    local scores with the rotated query and keys plus the mask, memory scores with the unrotated query (memory has
+    no positions), each query head against its key/value head, gate-weighted over the heads."""
+    from longmem.modules.llama_sidenet_layer import apply_rotary
+
+    path, d = llama
+    model, _ = longmem_over(path, d, use_external_memory=True, mix_with_backbone="memory")
+    model.eval()
+    attention = model.decoder.layers[model.decoder.memory_layer_index].self_attn
+    with torch.no_grad():
+        torch.nn.init.normal_(attention.memory_bias)
+    seen = {}
+    attention.register_forward_pre_hook(lambda m, args: seen.update(args=args))
+    retrieved = []
+    with torch.no_grad(), model.memory.retrieval_hook(lambda q, out, heads: retrieved.append((out, heads))):
+        model(torch.randint(4, len(d), (1, 10)))
+        retrieved.clear()
+        model(torch.randint(4, len(d), (1, 10)))
+        z, present = attention.last_evidence
+        x, (cos, sin, bias) = seen["args"][0], seen["args"][1]
+        H, Hkv, hd = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        q = attention.q_proj(x).view(1, 10, H, hd).transpose(1, 2)
+        k = attention.k_proj(x).view(1, 10, Hkv, hd).transpose(1, 2)
+        q_rot, k_rot = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gate = torch.sigmoid(attention.memory_bias)
+        num = torch.zeros(10)
+        for out, heads in retrieved:  # heads[j]: the query head that searched with key/value head j
+            for kv, h in enumerate(heads):
+                local = (q_rot[0, h] @ k_rot[0, kv].T) / hd ** 0.5 + bias[0, h if bias.size(1) > 1 else 0]
+                memory = torch.einsum("td,tkd->tk", q[0, h], out.keys[0, kv].float()) / hd ** 0.5
+                memory = memory.masked_fill(~out.mask[0, kv], float("-inf"))
+                num += gate[h] * (memory.logsumexp(-1) - local.logsumexp(-1))
+    assert present.all()  # every token has memory slots here
+    torch.testing.assert_close(z[0], num / gate.sum(), rtol=0, atol=1e-4)

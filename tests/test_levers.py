@@ -331,3 +331,106 @@ def test_set_mixture_writes_a_checkpoint_whose_output_is_the_fixed_mixture(make_
     with pytest.raises(ConfigError, match="not a LongMem checkpoint"):
         set_mixture([str(tmp_path / "bb.pt"), str(tmp_path / "bad.pt"), "--lambda", "0.5"])
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_memory_evidence_is_the_log_odds_of_memory_in_one_joint_softmax_by_hand():
+    """Per head e = log Σ_k exp(q̃·K̃_k/√d) - log Σ_s exp(q·K_s/√d + bias_s) over the slots that exist and the local
+    keys the mask lets through; z = Σ σ(g_h) e_h / Σ σ(g_h) over the heads with a slot; a token with none: absent."""
+    import math
+
+    from longmem.modules.joint_attention import memory_evidence
+
+    torch.manual_seed(0)
+    H, T, d, k = 3, 4, 5, 3
+    q_local, q_memory = torch.randn(1, H, T, d), torch.randn(1, H, T, d)
+    keys, mem_keys = torch.randn(1, H, T, d), torch.randn(1, H, T, k, d)
+    bias = torch.randn(1, H, T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    mask = torch.rand(1, H, T, k) > 0.3
+    mask[0, :, 0] = False  # token 0: no slot in any head
+    mask[0, 0, 1] = False  # token 1: none in head 0 only
+    mask[0, 1:, 1, 0] = True
+    g = torch.randn(H)
+    z, present = memory_evidence(q_local, q_memory, keys, bias, mem_keys, mask, g)
+    for t in range(T):
+        num = den = 0.0
+        for h in range(H):
+            slots = [j for j in range(k) if mask[0, h, t, j]]
+            if not slots:
+                continue
+            local = [float(q_local[0, h, t] @ keys[0, h, s]) / math.sqrt(d) + float(bias[0, h, t, s]) for s in range(t + 1)]
+            memory = [float(q_memory[0, h, t] @ mem_keys[0, h, t, j]) / math.sqrt(d) for j in slots]
+            e = math.log(sum(math.exp(x) for x in memory)) - math.log(sum(math.exp(x) for x in local))
+            w = 1 / (1 + math.exp(-float(g[h])))
+            num, den = num + w * e, den + w
+        assert float(present[0, t]) == float(den > 0)
+        assert abs(float(z[0, t]) - (num / den if den else 0.0)) < 1e-5
+
+
+def test_the_mixture_that_reads_memory_sets_lambda_from_the_memory_layers_evidence(make_sidenet, make_dictionary):
+    """--mix-with-backbone memory: λ_t = σ(b + s·(z_t - c)) with z_t the evidence the memory layer computed, where the
+    token read memory; σ(b), the constant mixture's, where it read none (an empty memory, memory off)."""
+    d = make_dictionary(40)
+    b, slope, center = 0.4, 1.5, 0.3
+    model, _ = make_sidenet(d, use_external_memory=True, mix_with_backbone="memory", mix_gate_init=b,
+                            mix_memory_slope=slope, mix_memory_center=center)
+    for p in model.decoder.layers.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    constant, _ = make_sidenet(d, use_external_memory=True, mix_with_backbone="constant", mix_gate_init=b)
+    constant.load_state_dict(model.state_dict())
+    model.eval(), constant.eval()
+    attention = model.decoder.layers[model.decoder.memory_layer_index].self_attn
+    segments = torch.randint(4, len(d), (2, 1, 12))
+
+    def forward(m, tokens):
+        features, extra = m.decoder(tokens, features_only=True)
+        side, backbone = (torch.softmax(m.decoder.lm_head(f).double(), -1)
+                          for f in (features[..., :32], extra["backbone_features"]))
+        return torch.softmax(m.decoder.output_layer(features).double(), -1), side, backbone
+
+    with torch.no_grad():
+        model.memory.reset(), constant.memory.reset()
+        first, _, _ = forward(model, segments[0])  # memory empty: no token reads it
+        assert attention.last_evidence is None or not attention.last_evidence[1].any()
+        torch.testing.assert_close(first, forward(constant, segments[0])[0], rtol=0, atol=1e-6)
+        got, side, backbone = forward(model, segments[1])  # reads the first segment
+        z, present = attention.last_evidence
+        assert present.all()
+        lam = torch.sigmoid(b + slope * (z.double() - center)).unsqueeze(-1)
+        assert float(lam.std()) > 0.02  # λ does move with the evidence
+        torch.testing.assert_close(got, (1 - lam) * backbone + lam * side, rtol=0, atol=1e-5)
+        with model.memory.configured(enabled=False), constant.memory.configured(enabled=False):
+            torch.testing.assert_close(forward(model, segments[1])[0], forward(constant, segments[1])[0],
+                                       rtol=0, atol=1e-6)
+        assert attention.last_evidence is None  # memory off: the layer read nothing
+
+
+def test_set_mixture_with_a_memory_rule(make_sidenet, make_dictionary, tmp_path):
+    """``--memory-slope S --memory-center C``: the copy's config is the mixture that reads memory with that rule,
+    the gate's b = logit(λ); a model without a memory layer, or one of the two flags alone, is a clear error."""
+    import dataclasses
+    import math
+
+    from longmem.commands.set_mixture import run as set_mixture
+    from longmem.errors import ConfigError
+    from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+
+    d = make_dictionary(20)
+    for memory in (True, False):
+        model, _ = make_sidenet(d, use_external_memory=memory)
+        cfg = {**dataclasses.asdict(model.decoder.cfg), "_name": "transformer_lm_sidenet"}
+        save_fairseq_checkpoint(tmp_path / f"in{memory}.pt", model.state_dict(), cfg={"model": cfg, "task": {"_name": "x"}})
+    args = [str(tmp_path / "inTrue.pt"), str(tmp_path / "out.pt"), "--lambda", "0.7"]
+    set_mixture(args + ["--memory-slope", "1.5", "--memory-center", "2"])
+    state = load_checkpoint_state(str(tmp_path / "out.pt"))
+    cfg = state["cfg"]["model"]
+    assert (cfg["mix_with_backbone"], cfg["mix_memory_slope"], cfg["mix_memory_center"]) == ("memory", 1.5, 2.0)
+    assert abs(float(state["model"]["decoder.mix_bias"]) - math.log(0.7 / 0.3)) < 1e-6
+    loaded, _ = make_sidenet(d, use_external_memory=True, **{k: cfg[k] for k in (
+        "mix_with_backbone", "mix_gate_init", "mix_memory_slope", "mix_memory_center")})
+    loaded.load_state_dict(state["model"])  # strict
+    assert loaded.decoder.mix_memory == (1.5, 2.0)
+    with pytest.raises(ConfigError, match="has no memory layer"):
+        set_mixture([str(tmp_path / "inFalse.pt"), str(tmp_path / "bad.pt"), "--lambda", "0.7", "--memory-slope", "1",
+                     "--memory-center", "2"])
+    with pytest.raises(SystemExit):
+        set_mixture(args + ["--memory-slope", "1"])

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_BACKENDS = ChoiceEnum(["auto", "faiss", "torch"])
 MEMORY_MODES = ChoiceEnum(["stream", "shared", "release"])
-MIX_CHOICES = ("none", "constant", "token")
+MIX_CHOICES = ("none", "constant", "token", "memory")
 MIX_MODES = ChoiceEnum(list(MIX_CHOICES))
 PRECISIONS = ChoiceEnum(list(precision.CHOICES))
 _DEFAULT = object()  # begin_decoding's "not given"
@@ -113,12 +113,22 @@ class SideNetConfig(FairseqDataclass):
                 "weight decay (1: the gate trains with every other parameter). Adam moves a parameter about one "
                 "learning rate a step, so a gate starting at 0 stays small unless this is large"})
     mix_with_backbone: MIX_MODES = field(default="none", metadata={
-        "help": "none: the next-token distribution is the SideNet's (the release); constant or token: it is "
-                "(1 - λ) p_backbone + λ p_SideNet, with λ = σ(b) (constant) or σ(b + w·f_t) per token (token: f_t the "
-                "SideNet's output features and each distribution's entropy and top log-prob, read without gradient); "
-                "b starts at --mix-gate-init, w at 0"})
+        "help": "none: the next-token distribution is the SideNet's (the release); constant, token or memory: it is "
+                "(1 - λ) p_backbone + λ p_SideNet, with λ = σ(b) (constant) or per token: σ(b + w·f_t) (token: f_t the "
+                "SideNet's output features and each distribution's entropy and top log-prob, read without gradient; "
+                "w starts at 0) or σ(b + s·(z_t - c)) (memory: z_t how strongly memory matches the token's query "
+                "against its local context in the memory layer, s and c fixed by --mix-memory-slope and "
+                "--mix-memory-center; σ(b) where the token reads no memory, e.g. memory off); b starts at "
+                "--mix-gate-init"})
     mix_gate_init: float = field(default=0.0, metadata={
         "help": "with --mix-with-backbone: the gate's starting logit b (0: λ = 0.5)"})
+    mix_memory_slope: float = field(default=1.0, metadata={
+        "help": "with --mix-with-backbone memory: s, how fast λ moves with the memory evidence z_t (0: a constant "
+                "mixture)"})
+    mix_memory_center: float = field(default=2.0, metadata={
+        "help": "with --mix-with-backbone memory: c, the evidence z_t at which λ is σ(b), the mixture without memory: "
+                "above it the SideNet weighs more, below it less (z_t is the gate-weighted mean over the memory "
+                "layer's heads of logsumexp(memory scores) - logsumexp(local scores))"})
     train_mix_gate_only: bool = field(default=False, metadata={
         "help": "with --mix-with-backbone: train the mixture's gate alone (b, w), the SideNet as loaded, e.g. from "
                 "--restore-file of a trained LongMem checkpoint with --reset-optimizer --reset-lr-scheduler"})
@@ -233,6 +243,13 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             raise ConfigError(f"--mix-gate-init must be a finite logit in [-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}], got "
                               f"{init}")
         self.mix_bias = nn.Parameter(torch.full((1,), init))
+        if self.mix_mode == "memory":
+            self.mix_memory = (float(getattr(cfg, "mix_memory_slope", 1.0)), float(getattr(cfg, "mix_memory_center", 2.0)))
+            if not all(math.isfinite(v) and abs(v) <= MAX_GATE_INIT for v in self.mix_memory):
+                raise ConfigError(f"--mix-memory-slope and --mix-memory-center must be finite numbers in "
+                                  f"[-{MAX_GATE_INIT:g}, {MAX_GATE_INIT:g}], got {self.mix_memory}")
+            for layer in self.layers:  # the memory layer keeps each token's evidence (joint_attention.py)
+                layer.self_attn.record_evidence = bool(getattr(layer.self_attn, "use_memory", False))
         if self.mix_mode == "token":  # input: the SideNet's features, then entropy and top log-prob of each side
             self.mix_gate = nn.Linear(cfg.decoder_embed_dim + 4, 1, bias=False)
             nn.init.zeros_(self.mix_gate.weight)
@@ -320,17 +337,31 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if self._bf16(device):  # the residual stream in fp32 (layers add bf16 outputs to it), as autocast does
             H = [h.float() for h in H]
         x = H[0]  # (B, T, C)
+        evidence = None
         for i, layer in enumerate(self.layers):
             a, b = self.layer_map.residual(i)
             reader = memory.reader if i == self.layer_map.memory_layer else None
             x = layer(x, H[b] - H[a], bb.position, reader, cache=None if caches is None else caches[i])
-        return self.features(x, H[-1]), H
+            if reader is not None and self.mix_mode == "memory":
+                evidence = layer.self_attn.last_evidence
+        return self.features(x, H[-1], evidence), H
 
-    def features(self, x, backbone_final):
+    def feature_width(self) -> int:
+        """Channels of ``features()``'s output."""
+        C = self.cfg.decoder_embed_dim
+        return {"none": C, "memory": 2 * C + 2}.get(self.mix_mode, 2 * C)
+
+    def features(self, x, backbone_final, evidence=None):
         """The output features: LN(x_n), the release's; with --start-as-backbone H[L] + g ⊙ LN(x_n); with
         --mix-with-backbone both LN(x_n) and H[L], side by side (B, T, 2C): ``output_layer`` mixes their
-        distributions."""
+        distributions; with ``memory`` then the memory layer's evidence z_t and whether the token read memory
+        (``evidence``: (z, present), each (B, T); none read: zeros), (B, T, 2C + 2)."""
         x = self.layer_norm(x)
+        if self.mix_mode == "memory":
+            if evidence is None:
+                evidence = (x.new_zeros(x.shape[:-1]), x.new_zeros(x.shape[:-1]))
+            z, present = (e.to(x.dtype).unsqueeze(-1) for e in evidence)
+            return torch.cat([x, backbone_final.to(x.dtype), z, present], dim=-1)
         if self.mix_mode != "none":
             return torch.cat([x, backbone_final.to(x.dtype)], dim=-1)
         gate = getattr(self, "output_gate", None)
@@ -363,7 +394,7 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if state is None:
             state = self.begin_decoding(incremental_state, tokens.size(0), tokens.device)
         new = tokens[:, state.consumed:]
-        width = self.cfg.decoder_embed_dim * (1 if self.mix_mode == "none" else 2)  # features()'s
+        width = self.feature_width()
         out = [tokens.new_zeros(tokens.size(0), 0, width, dtype=torch.float)]
         while new.size(1):
             room = state.room
@@ -408,16 +439,24 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         if self.mix_mode == "none":
             return self.lm_head(features)
         side, backbone = self.mixture_components(features)
-        return self.mix_log_probs(side, backbone, features[..., :self.cfg.decoder_embed_dim])
+        return self.mix_log_probs(side, backbone, features)
 
     def mixture_components(self, features):
         """With --mix-with-backbone: (the SideNet's logits, the backbone's logits) of ``features()``'s output, the
         two distributions ``output_layer`` mixes (e.g. to score any fixed λ from one forward)."""
         if self.mix_mode == "none":
             raise ValueError("mixture_components: the model has no mixture (--mix-with-backbone none): load it with "
-                             "mix_with_backbone constant or token")
-        side, backbone = features.split(self.cfg.decoder_embed_dim, dim=-1)
-        return self.lm_head(side), self.lm_head(backbone)
+                             "mix_with_backbone constant, token or memory")
+        C = self.cfg.decoder_embed_dim
+        return self.lm_head(features[..., :C]), self.lm_head(features[..., C: 2 * C])
+
+    def memory_evidence(self, features):
+        """With --mix-with-backbone memory: (z_t, whether the token read memory), each (...), of ``features()``'s
+        output."""
+        if self.mix_mode != "memory":
+            raise ValueError("memory_evidence: the model's mixture does not read memory (--mix-with-backbone memory)")
+        C = self.cfg.decoder_embed_dim
+        return features[..., 2 * C].float(), features[..., 2 * C + 1].float() > 0.5
 
     def lm_head(self, features):
         # The release's forward calls ``pretrained_model.decoder.model.lm_head``: weight and bias (newgpt has a
@@ -426,23 +465,29 @@ class SideNetDecoder(FairseqIncrementalDecoder):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(features.device)):
             return self._frozen(features.device).lm_head(features)
 
-    def mix_weight_logit(self, side_lprobs, backbone_lprobs, side_features):
-        """The gate's logit a (λ = σ(a)) at every position (..., 1)."""
+    def mix_weight_logit(self, side_lprobs, backbone_lprobs, features):
+        """The gate's logit a (λ = σ(a)) at every position (..., 1). ``features``: ``features()``'s output (the
+        constant and token gates need only its first C channels, the SideNet's)."""
         a = self.mix_bias.float()
         if self.mix_mode == "token":
             with torch.no_grad():  # the gate reads the two distributions; it does not move them
                 stats = [-(lp.exp() * lp).sum(-1, keepdim=True) for lp in (side_lprobs, backbone_lprobs)]
                 stats += [lp.max(-1, keepdim=True).values for lp in (side_lprobs, backbone_lprobs)]
-                inputs = torch.cat([side_features.float(), *stats], dim=-1)
+                inputs = torch.cat([features[..., :self.cfg.decoder_embed_dim].float(), *stats], dim=-1)
             a = a + nn.functional.linear(inputs, self.mix_gate.weight.float())
+        elif self.mix_mode == "memory":
+            z, present = self.memory_evidence(features)
+            slope, center = self.mix_memory
+            shift = torch.where(present, slope * (z - center), torch.zeros_like(z)).unsqueeze(-1)
+            return a + shift.detach()
         return a.expand(*side_lprobs.shape[:-1], 1)
 
-    def mix_log_probs(self, side_logits, backbone_logits, side_features):
-        """log((1 - λ) p_backbone + λ p_SideNet), in fp32."""
+    def mix_log_probs(self, side_logits, backbone_logits, features):
+        """log((1 - λ) p_backbone + λ p_SideNet), in fp32; ``features`` as ``mix_weight_logit`` reads them."""
         with torch.autocast("cpu", enabled=False):
             side = torch.log_softmax(side_logits.float(), dim=-1)
             backbone = torch.log_softmax(backbone_logits.float(), dim=-1)
-            a = self.mix_weight_logit(side, backbone, side_features)
+            a = self.mix_weight_logit(side, backbone, features)
             return torch.logaddexp(nn.functional.logsigmoid(-a) + backbone, nn.functional.logsigmoid(a) + side)
 
     def upgrade_state_dict_named(self, state_dict, name):

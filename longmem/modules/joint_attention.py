@@ -40,7 +40,8 @@ class JointMemoryAttention(nn.Module):
         self.use_memory = use_memory
         if use_memory:
             self.memory_bias = nn.Parameter(torch.zeros(num_heads))  # the gate g, one per head
-
+        self.record_evidence = False
+        self.last_evidence = None
 
     def forward(
         self,
@@ -60,8 +61,11 @@ class JointMemoryAttention(nn.Module):
             k, v = extend_cache(cache, k, v)
         p = self.attention_dropout if self.training else 0.0
         local = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype), dropout_p=p)  # (B, H, T, d)
+        self.last_evidence = None
         if self.use_memory and retrieve is not None:
             memory = retrieve(query.detach())
+            if self.record_evidence:
+                self.last_evidence = memory_evidence(q, q, k, attn_bias, memory.keys, memory.mask, self.memory_bias)
             out = mix_with_memory(q, local, memory.keys, memory.values, memory.mask, self.memory_bias)
         else:
             out = local
@@ -74,6 +78,30 @@ def extend_cache(cache: dict, k: torch.Tensor, v: torch.Tensor):
         k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
     cache["k"], cache["v"] = k, v
     return k, v
+
+
+@torch.no_grad()
+def memory_evidence(q_local, q_memory, local_keys, attn_bias, mem_keys, mem_mask, memory_bias):
+    """How strongly memory matches each token's query, against its local context: per head
+    ``e_h = logsumexp_k(q̃·K̃_k/√d) - logsumexp_s(q·K_s/√d + bias_s)``, then ``z = Σ_h σ(g_h) e_h / Σ_h σ(g_h)``.
+
+    q_local (B, H, T, d): the query scored against the local keys (B, H, S, d) with ``attn_bias`` (B or 1, H, T, S);
+    q_memory: the one scored against the retrieved keys (B, H, T, k, d) (the same tensor but for rotary models);
+    mem_mask (B, H, T, k). Returns (z, present), each (B, T) float: z (0 where absent) and 1 where the token has a
+    memory slot in some head, else 0. Computed in fp32, without gradient."""
+    scale = q_local.size(-1) ** -0.5
+    local = torch.einsum("bhtd,bhsd->bhts", q_local.float() * scale, local_keys.float()) + attn_bias.float()
+    local_lse = torch.logsumexp(local, dim=-1)  # (B, H, T)
+    scores = torch.einsum("bhtd,bhtkd->bhtk", q_memory.float() * scale, mem_keys.float())
+    has_slot = mem_mask.any(dim=-1)  # (B, H, T)
+    memory_lse = torch.logsumexp(scores.masked_fill(~mem_mask, float("-inf")), dim=-1)
+    gate = torch.sigmoid(memory_bias.detach().float()).view(1, -1, 1)  # (1, H, 1)
+    weight = gate * has_slot.float()
+    per_head = torch.where(has_slot, memory_lse - local_lse, torch.zeros_like(local_lse))
+    total = weight.sum(dim=1)  # (B, T)
+    present = total > 0
+    z = torch.where(present, (weight * per_head).sum(dim=1) / total.clamp_min(1e-12), torch.zeros_like(total))
+    return z, present.float()
 
 
 def mix_with_memory(q, local, mem_keys, mem_values, mem_mask, memory_bias):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from longmem.modules.heads import merge_heads, split_heads
-from longmem.modules.joint_attention import extend_cache, mix_with_memory
+from longmem.modules.joint_attention import extend_cache, memory_evidence, mix_with_memory
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,8 @@ class LlamaSideNetAttention(nn.Module):
         self.use_memory = use_memory
         if use_memory:
             self.memory_bias = nn.Parameter(torch.zeros(num_heads))  # the gate, one per query head
+        self.record_evidence = False  # joint_attention.py: --mix-with-backbone memory reads last_evidence
+        self.last_evidence = None
 
     def forward(self, x, position, retrieve: Optional[Callable] = None, cache: Optional[dict] = None):
         """x (B, T, C), already normed; position = (cos, sin, attn_bias) of these T tokens, the bias against
@@ -65,8 +67,11 @@ class LlamaSideNetAttention(nn.Module):
         k_rot, v_rep = k_rot.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, T, d)
         p = self.attention_dropout if self.training else 0.0
         local = F.scaled_dot_product_attention(q_rot, k_rot, v_rep, attn_mask=bias.to(q.dtype), dropout_p=p)
+        self.last_evidence = None
         if self.use_memory and retrieve is not None:
             keys, values, mask = self._read_memory(query.detach(), retrieve, group)
+            if self.record_evidence:  # local scores with the rotated query, memory's with the unrotated one
+                self.last_evidence = memory_evidence(q_rot, q, k_rot, bias, keys, mask, self.memory_bias)
             local = mix_with_memory(q, local, keys, values, mask, self.memory_bias)
         return self.o_proj(merge_heads(local))  # (B, T, C)
 
