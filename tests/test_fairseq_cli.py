@@ -307,25 +307,34 @@ def test_distill_on_marked_reads_the_splits_marks_and_refuses_training_without_t
     assert kls[0] == kls[1] and kls[0][-1] > 0
 
 
-def test_the_mixtures_gate_trains_alone_from_a_trained_longmem_checkpoint(sidenet_trained, run_cli, tmp_path):
+@pytest.mark.parametrize("mix", ["token", "memory"])
+def test_the_mixtures_gate_trains_alone_from_a_trained_longmem_checkpoint(sidenet_trained, run_cli, tmp_path, mix):
     """The SmolLM2 recipe's stage mix at small scale: fairseq-train restores a LongMem checkpoint trained without the
-    mixture (its gate keys absent: they start at their initial values), trains the gate alone, and saves a
-    checkpoint whose every other weight is the restored one's."""
+    mixture (its gate keys absent: they start at their initial values), trains the gate alone (token: b and w;
+    memory: b, its rule fixed), and saves a checkpoint whose every other weight is the restored one's."""
     root, backbone, _ = sidenet_trained
     args = [str(a) for a in sidenet_args(root, backbone, 4)]
     args[args.index("--save-dir") + 1] = str(tmp_path / "mix")
     restored = root / "longmem_ckpt" / "checkpoint_last.pt"
+    rule = ["--mix-memory-slope", "1.5", "--mix-memory-center", "0.5"] if mix == "memory" else []
     log = run_cli("-m", "fairseq_cli.train", *args, "--restore-file", restored, "--reset-optimizer",
-                  "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", "token", "--train-mix-gate-only",
-                  "--mix-gate-init", "0.5", ok=True).output
-    assert re.search(r"num\. trained: 69\b", log), log[-3000:]  # b and w: 64 features + 2 entropies + 2 top log-probs
+                  "--reset-lr-scheduler", "--reset-meters", "--mix-with-backbone", mix, "--train-mix-gate-only",
+                  "--mix-gate-init", "0.5", *rule, ok=True).output
+    # token: b and w, 64 features + 2 entropies + 2 top log-probs; memory: b alone
+    assert re.search(r"num\. trained: %d\b" % (69 if mix == "token" else 1), log), log[-3000:]
     before = torch.load(restored, weights_only=True)["model"]
     after = torch.load(tmp_path / "mix" / "checkpoint_last.pt", weights_only=True)
-    assert after["cfg"]["model"]["mix_with_backbone"] == "token"
+    model_cfg = after["cfg"]["model"]
+    assert model_cfg["mix_with_backbone"] == mix
     weights = after["model"]
-    assert sorted(set(weights) - set(before)) == ["decoder.mix_bias", "decoder.mix_gate.weight"]
+    gate = ["decoder.mix_bias"] + (["decoder.mix_gate.weight"] if mix == "token" else [])
+    assert sorted(set(weights) - set(before)) == gate
     assert all(torch.equal(weights[k], v) for k, v in before.items())
-    assert float(weights["decoder.mix_bias"]) != 0.5 and float(weights["decoder.mix_gate.weight"].abs().sum()) > 0
+    assert float(weights["decoder.mix_bias"]) != 0.5
+    if mix == "token":
+        assert float(weights["decoder.mix_gate.weight"].abs().sum()) > 0
+    else:
+        assert (model_cfg["mix_memory_slope"], model_cfg["mix_memory_center"]) == (1.5, 0.5)
 
 
 def test_fairseq_train_longmem_resumes(sidenet_trained, run_cli, tmp_path):
