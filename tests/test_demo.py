@@ -338,6 +338,10 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
     (args,) = [c[1] for c in calls if c[0] == "set_mixture"]
     assert args == [str(out / "longmem" / "checkpoint_last.pt"), str(out / "longmem-mix" / "checkpoint_last.pt"),
                     "--lambda", "0.7"]
+    import json
+
+    stamp = json.loads((out / ".stages" / "mix.json").read_text())  # a constant mixture's stamp: no rule keys, so
+    assert stamp["mix"]["MIX_LAMBDA"] == "0.7" and not any("MIX_MEMORY" in k for k in stamp["mix"])  # older OUTs stay
     trained = tmp_path / "trained.sh"
     trained.write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=constant\nMIX_UPDATES=100\n"
                        "MIX_LAMBDA=0.8\n")
@@ -354,3 +358,5 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
         flags = ("--mix-memory-slope", "--mix-memory-center") if updates else ("--memory-slope", "--memory-center")
         assert [args[args.index(f) + 1] for f in flags] == ["1.5", "2.5"]
         assert (args[args.index("--mix-with-backbone") + 1] == "memory") if updates else args[3] == "0.6"
+        stamp = json.loads((tmp_path / f"rule{updates}" / "out" / ".stages" / "mix.json").read_text())["mix"]
+        assert (stamp["MIX_MEMORY_SLOPE"], stamp["MIX_MEMORY_CENTER"]) == ("1.5", "2.5")

@@ -221,7 +221,9 @@ def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> 
     updates = int(cfg["MIX_UPDATES"])
     start = os.path.join(pipe.out, "longmem", "checkpoint_last.pt")
     memory = cfg["MIX_WITH_BACKBONE"] == "memory"
-    with pipe.stage("mix", **{k: cfg[k] for k in MIX_KEYS}) as st:
+    # the rule's keys stamp only a mixture that reads memory: a stage mix built before them stays cached
+    keys = [k for k in MIX_KEYS if memory or not k.startswith("MIX_MEMORY_")]
+    with pipe.stage("mix", **{k: cfg[k] for k in keys}) as st:
         if not st.cached and updates == 0:  # a fixed λ: the checkpoint with its gate set, nothing trained
             rule = ["--memory-slope", cfg["MIX_MEMORY_SLOPE"], "--memory-center", cfg["MIX_MEMORY_CENTER"]]
             run([sys.executable, "-m", "longmem.commands.set_mixture", start, final_checkpoint(pipe.out, cfg),
