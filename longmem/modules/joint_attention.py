@@ -93,7 +93,7 @@ def memory_evidence(q_local, q_memory, local_keys, attn_bias, mem_keys, mem_mask
     local = torch.einsum("bhtd,bhsd->bhts", q_local.float() * scale, local_keys.float()) + attn_bias.float()
     local_lse = torch.logsumexp(local, dim=-1)  # (B, H, T)
     scores = torch.einsum("bhtd,bhtkd->bhtk", q_memory.float() * scale, mem_keys.float())
-    has_slot = mem_mask.any(dim=-1)  # (B, H, T)
+    has_slot = mem_mask.any(dim=-1) & torch.isfinite(local_lse)  # (B, H, T); a fully masked row (padding): none
     memory_lse = torch.logsumexp(scores.masked_fill(~mem_mask, float("-inf")), dim=-1)
     gate = torch.sigmoid(memory_bias.detach().float()).view(1, -1, 1)  # (1, H, 1)
     weight = gate * has_slot.float()
