@@ -168,9 +168,11 @@ def test_smollm2_recipe_alone_keeps_its_values_and_full_evaluation(tmp_path, mon
     assert train[train.index("--distill-on") + 1] == "backbone-better"
     assert "--mix-with-backbone" not in train  # adaptation trains the SideNet alone; stage mix comes after it
     out = tmp_path / "out"
-    assert calls == [("broad", "0.5"),  # stage mix: λ fixed at 0.7 on stage longmem's checkpoint, nothing trained
+    # stage mix: the memory rule (λ 0.7, slope 1, center 2) set on stage longmem's checkpoint, nothing trained
+    assert calls == [("broad", "0.5"),
                      ("set_mixture", [str(out / "longmem" / "checkpoint_last.pt"),
-                                      str(out / "longmem-mix" / "checkpoint_last.pt"), "--lambda", "0.7"]),
+                                      str(out / "longmem-mix" / "checkpoint_last.pt"), "--lambda", "0.7",
+                                      "--memory-slope", "1", "--memory-center", "2"]),
                      ("eval_lm", "data-bin-copy"), ("eval_lm", "data-bin-longrange"),
                      ("eval_lm", "data-bin-real"), ("diagnose_memory", "data-bin-longrange")]
 
