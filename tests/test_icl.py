@@ -96,6 +96,47 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
                for k in before)
 
 
+def test_memory_fit_holds_every_demonstration_where_one_chunk_less_evicts_the_oldest(make_sidenet, make_dictionary,
+                                                                                    caplog):
+    model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model.eval()
+    model.memory.configure(mode="release", slot="eval", writes=False, enabled=True)
+    blocks = icl.memory_blocks(list(range(4, 44)) * 2 + [5], 16)  # 81 tokens: 5 whole blocks, 80 tokens
+    assert len(blocks) == 5 and icl.memory_to_hold(blocks, 2) == 82  # 40 chunks, and one more
+    cpu = torch.device("cpu")
+
+    def held(floor=None):
+        icl.size_memory(model, blocks, floor)
+        model.memory.reset()
+        icl.fill_memory(model, blocks, cpu)
+        return model.memory.settings.memory_size, model.memory.bank.num_tokens(0)
+
+    assert held(floor=64) == (82, 80)  # the checkpoint's 64 raised: all 80 held
+    assert held(floor=200) == (200, 80)  # never lowered
+    model.memory.configure(memory_size=80)
+    with caplog.at_level("WARNING"):
+        # by hand, the release's eviction at 40 chunks: adds of 8 chunks reach 32, the fifth would reach 40, so the
+        # oldest 16 chunks go first: 16 + 8 = 24 chunks, the last 3 blocks
+        assert held() == (80, 48)
+    assert "holds only part of the 80 tokens" in caplog.text and "82 would hold them all" in caplog.text
+    keys = model.memory.bank.held(0)[0]  # (H, chunks, chunk_size, d), oldest first
+    stored = keys.permute(1, 2, 0, 3).reshape(-1, keys.shape[0] * keys.shape[-1])
+    last = torch.cat([model.decoder.pretrained_model(torch.tensor([b]), return_retrieval_kv=True)[1]["retrieval_kv"][0]
+                      for b in blocks[2:]], 1)[0]
+    torch.testing.assert_close(stored[:48], last)
+
+
+def test_memory_size_argument_is_a_number_checkpoint_or_fit():
+    from longmem.commands import eval_icl
+
+    assert eval_icl.parse_args([])[1].memory_size == "fit"
+    assert [eval_icl.parse_args(["--memory-size", v])[1].memory_size for v in ("checkpoint", "4096")] == ["checkpoint",
+                                                                                                          4096]
+    for bad in ("0", "all"):
+        with pytest.raises(SystemExit):
+            eval_icl.parse_args(["--memory-size", bad])
+
+
 @pytest.mark.parametrize("mode", ["backbone", "memory-off", "memory-on", "memory-on, mixed with the backbone"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_the_cached_context_gives_the_uncached_scores(make_sidenet, make_dictionary, mode, batch_size):

@@ -17,7 +17,10 @@ Both print the release's lines (``Acc for random seed N: x``, ``Mean acc across 
 and a table. ``--dump-prompts FILE`` writes the token ids of one task and seed's memory blocks and first
 queries without loading a model, to compare with the release's script. Defaults are the release's:
 GPT-2 BPE and the datasets shipped in data/, chunk size 2 and the release's memory at evaluation,
-1,024-token memory blocks, one query at a time, seeds 1-6.
+1,024-token memory blocks, one query at a time, seeds 1-6; but the memory's capacity is the checkpoint's
+raised where the --cache-k demonstrations need more (``--memory-size fit``: every one of them is held, as
+the release's 65,536-token memory nearly holds its 2,000; a checkpoint trained with a smaller memory would
+keep only the last ones). ``--memory-size checkpoint`` keeps the checkpoint's, as the release does.
 """
 import argparse
 import json
@@ -52,14 +55,26 @@ def add_model_arguments(p) -> None:
                         "<s>/</s> (default --dict: the model's ids, as `longmem-hf-tokens dict`)")
 
 
+def memory_size(text: str):
+    """``--memory-size``: a positive number of tokens, ``checkpoint`` or ``fit``."""
+    if text in ("checkpoint", "fit"):
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number of tokens nor checkpoint or fit")
+
+
 def add_protocol_arguments(p) -> None:
     """How it is scored: demonstrations in context and in memory, the memory, seeds, queries, batching."""
     p.add_argument("--k", type=non_negative_int, default=20, help="demonstrations in context")
     p.add_argument("--cache-k", type=non_negative_int, default=2000, help="demonstrations in memory")
     p.add_argument("--memory-block", type=positive_int, default=1024, help="tokens per block written to memory")
     p.add_argument("--chunk-size", type=positive_int, default=2, help="memory chunk size at evaluation (released: 2)")
-    p.add_argument("--memory-size", type=positive_int,
-                   help="memory capacity in tokens at evaluation (default: the checkpoint's)")
+    p.add_argument("--memory-size", type=memory_size, default="fit",
+                   help="memory capacity in tokens at evaluation: a number; checkpoint (the checkpoint's, as the "
+                        "release runs it: where the memory demonstrations overflow it, the oldest are evicted); or fit "
+                        "(default): the checkpoint's, raised for each task and seed to hold all --cache-k of them")
     p.add_argument("--memory-mode", choices=["release", "shared"], default="release",
                    help="release: the release's eviction (oldest 2 blocks' chunks dropped when the next block "
                         "would fill memory); shared: a FIFO ring (default: release)")
@@ -261,10 +276,12 @@ def load_models(parser, args, dictionary, dict_dir: str, lm_overrides: Optional[
         # one memory that every query reads, in the evaluation slot; queries never write
         try:
             lm.memory.configure(mode=args.memory_mode, chunk_size=args.chunk_size, slot="eval", writes=False,
-                                **({"memory_size": args.memory_size} if args.memory_size else {}),
+                                **({"memory_size": args.memory_size} if isinstance(args.memory_size, int) else {}),
                                 **({"backend": args.memory_backend} if args.memory_backend else {}))
         except ValueError as e:
             parser.error(f"memory at evaluation: {e}")
+        # --memory-size fit: the checkpoint's capacity is the least each task and seed gets
+        args.memory_floor = lm.memory.settings.memory_size if args.memory_size == "fit" else None
         models.update({mode: lm for mode in ("memory-off", "memory-on") if mode in modes})
         built = lm.decoder.backbone_file or "the checkpoint's config (no backbone file)"
         print(f"LongMem {args.longmem}: backbone built from {built}, then the weights the checkpoint holds", flush=True)
@@ -303,7 +320,8 @@ def evaluate_task(args, name, task_data, models, codec, dictionary, device) -> d
             accs = icl.evaluate(model, mode, spec, train, evaluation, codec, dictionary, device, args.seeds, args.k,
                                 args.cache_k, args.memory_block, args.batch_size, args.scoring, label_tokens,
                                 on_seed=lambda seed, acc: print(f"Acc for random seed {seed}: {acc}", flush=True),
-                                cached=not args.no_prefix_cache, masses=masses)
+                                cached=not args.no_prefix_cache, masses=masses,
+                                memory_floor=getattr(args, "memory_floor", None))
         except ValueError as e:
             raise ConfigError(f"{name} {mode}: {e}")
         out[mode] = {"accuracies": accs, "mean": statistics.mean(accs),

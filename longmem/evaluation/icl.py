@@ -184,6 +184,28 @@ def memory_blocks(token_ids: List[int], block: int) -> List[List[int]]:
     return [token_ids[i: i + block] for i in range(0, len(token_ids) - block + 1, block)]
 
 
+def memory_to_hold(blocks: List[List[int]], chunk_size: int) -> int:
+    """The least memory, in tokens, that still holds every block once all are written, whatever the eviction: the
+    blocks' tokens in whole chunks, plus one chunk (the release's eviction drops the oldest chunks as soon as an add
+    would reach the capacity)."""
+    chunks = sum(-(-len(b) // chunk_size) for b in blocks)
+    return (chunks + 1) * chunk_size
+
+
+def size_memory(model, blocks: List[List[int]], floor: Optional[int]) -> None:
+    """``floor`` given (``--memory-size fit``): the memory's capacity set to ``floor`` tokens (the checkpoint's), or
+    more where the blocks need it, so that it holds every memory demonstration. ``floor`` None: the capacity as
+    configured, and a warning where it holds only part of the blocks."""
+    settings = model.memory.settings
+    need = memory_to_hold(blocks, settings.chunk_size)
+    if floor is not None:
+        model.memory.configure(memory_size=max(floor, need))
+    elif settings.memory_size < need:
+        tokens = sum(len(b) for b in blocks)
+        logger.warning("a memory of %d tokens holds only part of the %d tokens of memory demonstrations (the last "
+                       "ones; %d would hold them all: --memory-size fit)", settings.memory_size, tokens, need)
+
+
 @torch.no_grad()
 def fill_memory(model, blocks: List[List[int]], device) -> None:
     """Run each block through a LongMem model with memory writes on, so that it lands in memory. The
@@ -287,10 +309,11 @@ def prompts_for_seed(spec: TaskSpec, train, queries, codec, dictionary, k: int, 
 
 def seed_log_probs(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seed: int, k: int,
                    cache_k: int, memory_block: int, batch_size: int, cached: bool = True,
-                   head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+                   head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   memory_floor: Optional[int] = None) -> torch.Tensor:
     """The next-token log-probabilities (N, V) after each query of one seed, in one mode: memory emptied, then
     filled with the seed's memory demonstrations for "memory-on". ``head``: as ``predict_cached``'s (needs
-    ``cached``)."""
+    ``cached``). ``memory_floor``: as ``size_memory``'s ``floor`` (None: the memory as configured)."""
     blocks, prompts, context = prompts_for_seed(spec, train, evaluation, codec, dictionary, k, cache_k, seed,
                                                 memory_block, with_context=True)
     if mode != "backbone":
@@ -300,6 +323,7 @@ def seed_log_probs(model, mode: str, spec: TaskSpec, train, evaluation, codec, d
         if not blocks:
             raise ValueError(f"{cache_k} memory demonstrations of {spec.name} fill no whole block of {memory_block} "
                              f"tokens: memory would stay empty; raise --cache-k or lower --memory-block")
+        size_memory(model, blocks, memory_floor)
         fill_memory(model, blocks, device)
     if cached:
         return predict_cached(model, context, prompts, dictionary.pad(), device, batch_size, head=head)
@@ -311,17 +335,17 @@ def seed_log_probs(model, mode: str, spec: TaskSpec, train, evaluation, codec, d
 def evaluate(model, mode: str, spec: TaskSpec, train, evaluation, codec, dictionary, device, seeds, k: int,
              cache_k: int, memory_block: int, batch_size: int, scoring: str, label_tokens,
              on_seed: Optional[Callable[[int, float], None]] = None, cached: bool = True,
-             masses: Optional[List[float]] = None) -> List[float]:
+             masses: Optional[List[float]] = None, memory_floor: Optional[int] = None) -> List[float]:
     """Accuracy per seed of one model in one mode ("backbone", "memory-off", "memory-on");
     ``on_seed(seed, accuracy)`` after each seed. ``cached``: the context demonstrations computed once per seed
     (``predict_cached``); False: every prompt run whole (``predict``, the reference). ``masses``: a list that
-    receives each seed's ``label_mass``."""
+    receives each seed's ``label_mass``. ``memory_floor``: as ``seed_log_probs``'s."""
     from tqdm import tqdm
 
     accs = []
     for seed in tqdm(seeds, desc=f"{spec.name} {mode}", unit="seed"):
         lp = seed_log_probs(model, mode, spec, train, evaluation, codec, dictionary, device, seed, k, cache_k,
-                            memory_block, batch_size, cached)
+                            memory_block, batch_size, cached, memory_floor=memory_floor)
         acc = score(lp, [gold for _, gold in evaluation], spec, codec.decode, label_tokens, scoring)
         if masses is not None:
             masses.append(label_mass(lp, label_tokens))

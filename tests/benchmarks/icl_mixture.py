@@ -56,7 +56,8 @@ def score_task(args, name, task_data, model, codec, dictionary, device) -> dict:
         for seed in args.seeds:
             evidence.clear()
             lp = icl.seed_log_probs(model, mode, spec, train, evaluation, codec, dictionary, device, seed, args.k,
-                                    args.cache_k, args.memory_block, args.batch_size, head=both)
+                                    args.cache_k, args.memory_block, args.batch_size, head=both,
+                                    memory_floor=getattr(args, "memory_floor", None))
             mixtures = {str(lam): mixed_log_probs(lp[:, 0], lp[:, 1], lam) for lam in args.lambdas}
             if args.memory_rules:
                 z, present = torch.cat(evidence).unbind(-1)
