@@ -1,6 +1,8 @@
 """The demo's results table and plot, from a hand-made results dictionary (as results.json holds it)."""
 import json
 
+import pytest
+
 from longmem.demo import ICL_MODES, MODELS, plot_results, read_preset, results_table
 from longmem.paths import REPO
 
@@ -362,3 +364,42 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
         assert (args[args.index("--mix-with-backbone") + 1] == "memory") if updates else args[3] == "0.6"
         stamp = json.loads((tmp_path / f"rule{updates}" / "out" / ".stages" / "mix.json").read_text())["mix"]
         assert (stamp["MIX_MEMORY_SLOPE"], stamp["MIX_MEMORY_CENTER"]) == ("1.5", "2.5")
+
+
+def test_stamps_holding_the_weights_files_path_are_rewritten_with_the_weights_and_stay_cached(tmp_path):
+    """Stamps of stage broad written before the weights themselves were stamped held the weights file's absolute
+    path (a moved clone refused its OUT): rewritten with the weights, they are cached; other weights are refused."""
+    from longmem.errors import ConfigError
+    from longmem.recipes import smollm2
+    from longmem.stages import Pipeline
+
+    with open(smollm2.BROAD_WEIGHTS, encoding="utf-8") as f:
+        weights = json.load(f)
+    stages = tmp_path / ".stages"
+    stages.mkdir()
+    before = {"model": {"package": smollm2.PACKAGE}, "corpus": {},
+              "broad": {"weights": "/a/clone/moved/since/configs/broad_corpus_weights.json"}}
+    (stages / "model.json").write_text(json.dumps({"model": before["model"]}))
+    (stages / "broad.json").write_text(json.dumps(before))
+    (stages / "tokens.json").write_text(json.dumps({**before, "tokens": {"seed": 1}}))
+
+    def stages_to_broad(w):
+        pipe = Pipeline(str(tmp_path))
+        with pipe.stage("model", package=smollm2.PACKAGE) as st:
+            assert st.cached
+        pipe.stage("corpus")  # its settings only (no stamp of its own here)
+        return pipe, pipe.stage("broad", weights=w)
+
+    pipe, broad = stages_to_broad(weights)
+    with pytest.raises(ConfigError, match="broad.weights"):  # the old path is other settings
+        broad.__enter__()
+    smollm2.path_stamps_to_weights(pipe, weights)
+    assert json.loads((stages / "broad.json").read_text()) == {**before, "broad": {"weights": weights}}
+    assert json.loads((stages / "tokens.json").read_text()) == {**before, "broad": {"weights": weights},
+                                                                 "tokens": {"seed": 1}}
+    assert json.loads((stages / "model.json").read_text()) == {"model": before["model"]}
+    with stages_to_broad(weights)[1] as st:
+        assert st.cached
+    with pytest.raises(ConfigError, match="broad.weights"):
+        with stages_to_broad({**weights, "GCIDE": 9.0})[1]:
+            pass

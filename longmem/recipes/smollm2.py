@@ -24,6 +24,7 @@ adaptation resumes):
     evaluate   longmem-eval-lm: backbone alone / memory off / memory on (and what EVAL_SETS names)
 """
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ from longmem.commands.set_mixture import gate_logit
 from longmem.corpus.mix import mix_marked, read_documents, write_documents, write_marks
 from longmem.errors import ConfigError
 from longmem.stages import Pipeline, read_preset, run, shakespeare_corpus
-from longmem.utils.atomic import atomic_dir
+from longmem.utils.atomic import atomic_dir, atomic_open
 from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,7 +116,10 @@ def broad_stage(pipe: Pipeline, model: str, cfg: dict) -> str:
     encoded = os.path.join(pipe.out, BROAD_ENCODED)
     if float(cfg["BROAD_SHARE"]) == 0:
         return encoded
-    with pipe.stage("broad", weights=BROAD_WEIGHTS) as st:
+    with open(BROAD_WEIGHTS, encoding="utf-8") as f:
+        weights = json.load(f)
+    path_stamps_to_weights(pipe, weights)
+    with pipe.stage("broad", weights=weights) as st:
         if not st.cached:
             corpus = os.path.join(pipe.out, "broad")
             run([sys.executable, "-m", "longmem.commands.build_broad_corpus", "--out", corpus])
@@ -124,6 +128,26 @@ def broad_stage(pipe: Pipeline, model: str, cfg: dict) -> str:
                  "--hf-tokenizer", model, "--destdir", os.path.join(pipe.out, "broad-smollm2"), "--no-binarize",
                  "--workers", "2"])
     return encoded
+
+
+def path_stamps_to_weights(pipe: Pipeline, weights: dict) -> None:
+    """Stage broad's stamp records the subset weights themselves. Stamps written before 2026-12-07 recorded the
+    weights file's absolute path instead, so a clone moved elsewhere refused its own OUT: each such stamp (broad's and
+    every later stage's, which repeat it) is rewritten with the weights as they are now, taken to be unchanged since
+    (logged)."""
+    folder = os.path.dirname(pipe.stamp("broad"))
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in (n for n in names if n.endswith(".json") and not n.startswith("tmp-")):
+        path = os.path.join(folder, name)
+        with open(path, encoding="utf-8") as f:
+            stamp = json.load(f)
+        old = stamp.get("broad", {}).get("weights")
+        if isinstance(old, str) and os.path.basename(old) == os.path.basename(BROAD_WEIGHTS):
+            stamp["broad"]["weights"] = json.loads(json.dumps(weights, sort_keys=True))
+            with atomic_open(path) as f:
+                json.dump(stamp, f, indent=1, sort_keys=True)
+            pipe.log.info("%s: stage broad's weights recorded as they are now in %s, in place of the path %s",
+                          path, BROAD_WEIGHTS, old)
 
 
 TOKENS_SETTINGS = ("TRAIN_DOCS", "EVAL_DOCS", "DOC_TOKENS", "MIN_GAP", "COPY_DOCS", "TRAIN_PAIRS", "TRAIN_QUERY_FILL",
