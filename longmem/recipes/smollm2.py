@@ -143,7 +143,7 @@ def path_stamps_to_weights(pipe: Pipeline, weights: dict) -> None:
             stamp = json.load(f)
         old = stamp.get("broad", {}).get("weights")
         if isinstance(old, str) and os.path.basename(old) == os.path.basename(BROAD_WEIGHTS):
-            stamp["broad"]["weights"] = json.loads(json.dumps(weights, sort_keys=True))
+            stamp["broad"]["weights"] = weights
             with atomic_open(path) as f:
                 json.dump(stamp, f, indent=1, sort_keys=True)
             pipe.log.info("%s: stage broad's weights recorded as they are now in %s, in place of the path %s",
