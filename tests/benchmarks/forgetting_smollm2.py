@@ -12,7 +12,8 @@ and for the model as initialised (update 0: built from the run's config, not tra
   recurring and queried tokens), memory off and on (``longmem-eval-lm``).
 
 The backbone alone is scored once. Every score is cached in ``OUT/forgetting/`` (delete a file to redo it).
-Writes the table (Markdown) and a PNG beside it, and prints both paths.
+Writes the table (Markdown) and a PNG beside it (ICL accuracy, label-word mass, real-text perplexity and the
+memory's gain on the long-range set, against updates), and prints both paths.
 
     python tests/benchmarks/forgetting_smollm2.py demo_out/smollm2 [--queries 200] [--tasks sst2 mr] [--updates 0 600]
 """
@@ -147,25 +148,42 @@ def write(args, backbone, rows):
 
 
 def plot(args, backbone, rows, path):
+    import logging
+
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG otherwise
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
+    (acc, mass), (real, recall) = axes
     x = [r["updates"] for r in rows]
     for t, color in zip(args.tasks, ("tab:blue", "tab:orange", "tab:green")):
         for m, style in (("memory-off", "--"), ("memory-on", "-")):
-            axes[0].plot(x, [100 * r["icl"][t][m]["mean"] for r in rows], style, color=color, marker="o",
-                         label=f"{t} {m}")
-            axes[1].plot(x, [r["icl"][t][m]["label_mass"][0] for r in rows], style, color=color, marker="o",
-                         label=f"{t} {m}")
-        axes[0].axhline(100 * backbone[t]["backbone"]["mean"], color=color, lw=0.8, ls=":",
-                        label=f"{t} backbone")
-        axes[1].axhline(backbone[t]["backbone"]["label_mass"][0], color=color, lw=0.8, ls=":")
-    axes[0].set(xlabel="adaptation updates", ylabel="ICL accuracy (%)", title="accuracy")
-    axes[1].set(xlabel="adaptation updates", ylabel="probability on label words", title="label-word mass")
-    axes[0].legend(fontsize=7)
+            acc.plot(x, [100 * r["icl"][t][m]["mean"] for r in rows], style, color=color, marker="o",
+                     label=f"{t} {m}")
+            mass.plot(x, [r["icl"][t][m]["label_mass"][0] for r in rows], style, color=color, marker="o",
+                      label=f"{t} {m}")
+        acc.axhline(100 * backbone[t]["backbone"]["mean"], color=color, lw=0.8, ls=":", label=f"{t} backbone")
+        mass.axhline(backbone[t]["backbone"]["label_mass"][0], color=color, lw=0.8, ls=":")
+    for m, style in (("off", "--"), ("on", "-")):
+        real.plot(x, [r["real"][f"LongMem, memory {m}"]["ppl"] for r in rows], style, color="black", marker="o",
+                  label=f"memory {m}")
+    for key, name, color in (("1", "recurring", "tab:purple"), ("2", "queried", "tab:red")):
+        recall.plot(x, [r["longrange"]["LongMem, memory on"]["ppl_by_mark"][key]
+                        / r["longrange"]["LongMem, memory off"]["ppl_by_mark"][key] for r in rows],
+                    color=color, marker="o", label=f"{name} tokens")
+    acc.set(ylabel="ICL accuracy (%)", title="in-context learning")
+    mass.set(ylabel="probability on label words", title="label-word mass at the answer")
+    real.set(ylabel="perplexity", yscale="log", title="held-out real text")
+    recall.set(ylabel="perplexity, memory on / off", yscale="log", title="long-range set: recall")
+    for ax in axes.flat:
+        # the early updates are where the model changes most: a linear scale up to the first save, log beyond
+        ax.set_xscale("symlog", linthresh=max(min([u for u in x if u > 0], default=1), 1))
+        ax.set_xticks(x, [str(u) for u in x])
+        ax.set_xlabel("adaptation updates")
+        ax.legend(fontsize=7)
     fig.suptitle(f"LongMem over SmolLM2-135M: {args.out}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
