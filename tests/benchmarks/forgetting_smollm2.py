@@ -120,12 +120,28 @@ def main():
     write(args, backbone, rows)
 
 
+def acc(scores, task, mode):
+    return 100 * scores[task][mode]["mean"]
+
+
+def mass(scores, task, mode):
+    return scores[task][mode]["label_mass"][0]
+
+
+def ppl(models, memory, key=None):
+    """Perplexity of ``longmem-eval-lm``'s LongMem row with memory ``on``/``off``; ``key``: of one mark only."""
+    row = models[f"LongMem, memory {memory}"]
+    return row["ppl"] if key is None else row["ppl_by_mark"][key]
+
+
+def gain(longrange, key):
+    """Perplexity with memory over without, on the long-range set's tokens of mark ``key`` (1 recurring,
+    2 queried)."""
+    return ppl(longrange, "on", key) / ppl(longrange, "off", key)
+
+
 def write(args, backbone, rows):
     tasks = args.tasks
-    acc = lambda r, t, m: 100 * r[t][m]["mean"]  # noqa: E731
-    mass = lambda r, t, m: r[t][m]["label_mass"][0]  # noqa: E731
-    ppl = lambda models, m, key=None: (models[f"LongMem, memory {m}"]["ppl"] if key is None  # noqa: E731
-                                       else models[f"LongMem, memory {m}"]["ppl_by_mark"][key])
     head = ("| updates | " + " | ".join(f"{t} acc off / on | {t} label mass off / on" for t in tasks)
             + " | real text ppl off / on | recurring on / off | queried on / off |")
     lines = [head, "|---:|" + "---:|" * (2 * len(tasks) + 3)]
@@ -136,8 +152,7 @@ def write(args, backbone, rows):
                  f"{mass(r['icl'], t, 'memory-off'):.2f} / {mass(r['icl'], t, 'memory-on'):.2f}" for t in tasks]
         lr = r["longrange"]
         lines.append(f"| {r['updates']} | " + " | ".join(cells) + f" | {ppl(r['real'], 'off'):.2f} / "
-                     f"{ppl(r['real'], 'on'):.2f} | {ppl(lr, 'on', '1') / ppl(lr, 'off', '1'):.3f} | "
-                     f"{ppl(lr, 'on', '2') / ppl(lr, 'off', '2'):.3f} |")
+                     f"{ppl(r['real'], 'on'):.2f} | {gain(lr, '1'):.3f} | {gain(lr, '2'):.3f} |")
     table = "\n".join(lines) + "\n"
     path = os.path.join(args.out, "forgetting", "table.md")
     with open(path, "w", encoding="utf-8") as f:
@@ -157,27 +172,22 @@ def plot(args, backbone, rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7.2))
-    (acc, mass), (real, recall) = axes
+    (acc_ax, mass_ax), (real_ax, recall_ax) = axes
     x = [r["updates"] for r in rows]
     for t, color in zip(args.tasks, ("tab:blue", "tab:orange", "tab:green")):
         for m, style in (("memory-off", "--"), ("memory-on", "-")):
-            acc.plot(x, [100 * r["icl"][t][m]["mean"] for r in rows], style, color=color, marker="o",
-                     label=f"{t} {m}")
-            mass.plot(x, [r["icl"][t][m]["label_mass"][0] for r in rows], style, color=color, marker="o",
-                      label=f"{t} {m}")
-        acc.axhline(100 * backbone[t]["backbone"]["mean"], color=color, lw=0.8, ls=":", label=f"{t} backbone")
-        mass.axhline(backbone[t]["backbone"]["label_mass"][0], color=color, lw=0.8, ls=":")
+            acc_ax.plot(x, [acc(r["icl"], t, m) for r in rows], style, color=color, marker="o", label=f"{t} {m}")
+            mass_ax.plot(x, [mass(r["icl"], t, m) for r in rows], style, color=color, marker="o", label=f"{t} {m}")
+        acc_ax.axhline(acc(backbone, t, "backbone"), color=color, lw=0.8, ls=":", label=f"{t} backbone")
+        mass_ax.axhline(mass(backbone, t, "backbone"), color=color, lw=0.8, ls=":")
     for m, style in (("off", "--"), ("on", "-")):
-        real.plot(x, [r["real"][f"LongMem, memory {m}"]["ppl"] for r in rows], style, color="black", marker="o",
-                  label=f"memory {m}")
+        real_ax.plot(x, [ppl(r["real"], m) for r in rows], style, color="black", marker="o", label=f"memory {m}")
     for key, name, color in (("1", "recurring", "tab:purple"), ("2", "queried", "tab:red")):
-        recall.plot(x, [r["longrange"]["LongMem, memory on"]["ppl_by_mark"][key]
-                        / r["longrange"]["LongMem, memory off"]["ppl_by_mark"][key] for r in rows],
-                    color=color, marker="o", label=f"{name} tokens")
-    acc.set(ylabel="ICL accuracy (%)", title="in-context learning")
-    mass.set(ylabel="probability on label words", title="label-word mass at the answer")
-    real.set(ylabel="perplexity", yscale="log", title="held-out real text")
-    recall.set(ylabel="perplexity, memory on / off", yscale="log", title="long-range set: recall")
+        recall_ax.plot(x, [gain(r["longrange"], key) for r in rows], color=color, marker="o", label=f"{name} tokens")
+    acc_ax.set(ylabel="ICL accuracy (%)", title="in-context learning")
+    mass_ax.set(ylabel="probability on label words", title="label-word mass at the answer")
+    real_ax.set(ylabel="perplexity", yscale="log", title="held-out real text")
+    recall_ax.set(ylabel="perplexity, memory on / off", yscale="log", title="long-range set: recall")
     for ax in axes.flat:
         # the early updates are where the model changes most: a linear scale up to the first save, log beyond
         ax.set_xscale("symlog", linthresh=max(min([u for u in x if u > 0], default=1), 1))
