@@ -31,6 +31,7 @@ setup(
         "longmem-hf-tokens = longmem.commands.hf_tokens:main",
         "longmem-generate = longmem.commands.generate:main",
         "longmem-set-mixture = longmem.commands.set_mixture:main",
+        "longmem-average-checkpoints = longmem.commands.average_checkpoints:main",
         "longmem-generation-recall = longmem.commands.generation_recall:main",
         "longmem-demo = longmem.demo:main",
         "longmem-recipe = longmem.recipes:main",

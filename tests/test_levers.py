@@ -434,3 +434,61 @@ def test_set_mixture_with_a_memory_rule(make_sidenet, make_dictionary, tmp_path)
                      "--memory-center", "2"])
     with pytest.raises(SystemExit):
         set_mixture(args + ["--memory-slope", "1"])
+
+
+def test_average_checkpoints_writes_the_mean_of_the_sidenets_and_refuses_another_backbone(make_sidenet, make_dictionary,
+                                                                                          tmp_path):
+    """``longmem-average-checkpoints OUT A B C``: every SideNet weight is the mean of the three inputs' (by hand, in
+    float64), the frozen backbone is the inputs' bit for bit, the copy loads strictly, holds the last input's config
+    and update count and records its inputs; one input, an input named twice, another backbone, other shapes and a
+    checkpoint that is not LongMem are one-line errors that write nothing."""
+    import dataclasses
+
+    from longmem.commands.average_checkpoints import run as average
+    from longmem.errors import ConfigError
+    from longmem.utils.checkpoints import load_checkpoint_state, save_fairseq_checkpoint
+
+    d = make_dictionary(20)
+    model, _ = make_sidenet(d, use_external_memory=True)
+    cfg = {**dataclasses.asdict(model.decoder.cfg), "_name": "transformer_lm_sidenet"}
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    side = [k for k, v in base.items() if v.is_floating_point() and not k.startswith("decoder.pretrained_model.")]
+    assert side and any(k.startswith("decoder.layers.") for k in side)
+    inputs = []
+    for i, updates in enumerate((100, 200, 300)):
+        state = {k: v + torch.randn_like(v) if k in side else v.clone() for k, v in base.items()}
+        path = tmp_path / f"checkpoint_1_{updates}.pt"
+        save_fairseq_checkpoint(path, state, cfg={"model": {**cfg, "seed_note": i}, "task": {"_name": "x"}})
+        raw = torch.load(path, weights_only=False)
+        raw["optimizer_history"][-1]["num_updates"] = updates
+        torch.save(raw, path)
+        inputs.append((path, state))
+    average([str(tmp_path / "avg.pt"), *(str(p) for p, _ in inputs)])
+    got = load_checkpoint_state(str(tmp_path / "avg.pt"))
+    for key, value in base.items():
+        if key in side:
+            want = sum(s[key].double() for _, s in inputs) / 3
+            torch.testing.assert_close(got["model"][key].double(), want, rtol=0, atol=1e-6)
+            assert got["model"][key].dtype == value.dtype
+        else:
+            assert torch.equal(got["model"][key], value), key
+    assert got["cfg"]["model"]["seed_note"] == 2 and got["optimizer_history"][-1]["num_updates"] == 300
+    assert [e["num_updates"] for e in got["extra_state"]["averaged_from"]] == [100, 200, 300]
+    assert got["last_optimizer_state"] is None
+    fresh, _ = make_sidenet(d, use_external_memory=True)
+    fresh.load_state_dict(got["model"])  # strict
+
+    (a, state_a), (b, _), _ = inputs
+    other = {k: v.clone() for k, v in state_a.items()}
+    frozen = next(k for k in other if k.startswith("decoder.pretrained_model.") and other[k].is_floating_point())
+    other[frozen] += 1e-3
+    save_fairseq_checkpoint(tmp_path / "other_backbone.pt", other, cfg={"model": cfg, "task": {"_name": "x"}})
+    wider = dict(state_a, **{side[0]: torch.zeros(*state_a[side[0]].shape[:-1], state_a[side[0]].shape[-1] + 1)})
+    save_fairseq_checkpoint(tmp_path / "wider.pt", wider, cfg={"model": cfg, "task": {"_name": "x"}})
+    save_fairseq_checkpoint(tmp_path / "bb.pt", {}, cfg={"model": {"_name": "newgpt-tiny"}})
+    for args, message in (([a], "at least two"), ([a, a], "named twice"),
+                          ([a, tmp_path / "other_backbone.pt"], "frozen backbone"),
+                          ([a, tmp_path / "wider.pt"], side[0]), ([a, tmp_path / "bb.pt"], "not a LongMem")):
+        with pytest.raises(ConfigError, match=message):
+            average([str(tmp_path / "bad.pt"), *map(str, args)])
+    assert not (tmp_path / "bad.pt").exists()
