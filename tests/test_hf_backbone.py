@@ -242,3 +242,44 @@ def test_the_llama_memory_layers_evidence_scores_local_keys_rotated_and_memory_k
                 num += gate[h] * (memory.logsumexp(-1) - local.logsumexp(-1))
     assert present.all()  # every token has memory slots here
     torch.testing.assert_close(z[0], num / gate.sum(), rtol=0, atol=1e-4)
+
+
+def test_filling_memory_runs_the_llama_to_its_retrieval_layer_only_and_writes_the_full_forwards_memory(llama):
+    """``fill_memory`` (ICL's demonstrations into memory) stops the Hugging Face model once layer m's keys and values
+    are captured: the rest of layer m, the layers above it, the final norm and both output heads never run; the memory it writes is the one a
+    full forward pass writes, bit for bit; the model runs whole again afterwards."""
+    from longmem.evaluation import icl
+
+    path, d = llama
+    model, _ = longmem_over(path, d, use_external_memory=True, memory_size=64, k=4, chunk_size=2)
+    model.eval()
+    model.memory.configure(mode="shared")
+    hf = model.decoder.pretrained_model.hf
+    tokens = torch.randint(4, len(d), (1, 7))
+    with torch.no_grad():
+        before = model.decoder.pretrained_model.frozen_states(tokens, True)
+    ran = []
+    hooks = [m.register_forward_hook(lambda mod, a, out, name=name: ran.append(name))
+             for name, m in [*((f"layer{i}", layer) for i, layer in enumerate(hf.model.layers)),
+                             ("norm", hf.model.norm), ("lm_head", hf.lm_head), ("sidenet", model.decoder.layers[0])]]
+    blocks = icl.memory_blocks(torch.randint(4, len(d), (30,)).tolist(), 8)
+    try:
+        icl.fill_memory(model, blocks, torch.device("cpu"))
+        assert ran == ["layer0", "layer1"] * 3, ran  # layer 2 stops at its key/value projections, unfinished
+        fast = model.memory.bank.state_dict()
+        assert model.memory.bank.num_tokens(0) == 24
+        model.memory.reset()
+        with model.memory.configured(enabled=True, writes=True, reads=False), torch.no_grad():
+            for b in blocks:
+                model(torch.tensor([b]))
+        assert "layer3" in ran and "sidenet" in ran
+    finally:
+        for h in hooks:
+            h.remove()
+    full = model.memory.bank.state_dict()
+    assert all(torch.equal(fast[k], v) if torch.is_tensor(v) else fast[k] == v for k, v in full.items())
+    with torch.no_grad():
+        after = model.decoder.pretrained_model.frozen_states(tokens, True)
+    assert len(after.hidden) == len(before.hidden) == 5
+    assert all(torch.equal(a, b) for a, b in zip(after.hidden + list(after.retrieval_kv),
+                                                 before.hidden + list(before.retrieval_kv)))

@@ -4,7 +4,8 @@ For each seed, ``random.seed(seed)``, then ``k`` context demonstrations ``= rand
 and ``cache_k`` memory demonstrations ``= random.sample(train, cache_k)`` (the two may overlap). Every
 demonstration is encoded on its own as ``[<s>] + tokens + [</s>]`` and the encodings are concatenated.
 The memory demonstrations are cut into whole blocks of ``memory_block`` tokens (the remainder is
-dropped) and each block is run through the model so that it lands in memory. Each query is the context
+dropped) and each block is written into memory (the backbone's layer-m keys/values: only the backbone up to that
+layer runs, docs/fidelity.md E5). Each query is the context
 demonstrations followed by ``[<s>] + tokens(template up to the label)``, without a final ``</s>``, run
 with memory writes off. The prediction is the argmax over the whole vocabulary at the last position,
 correct when the gold label starts with the decoded token (an empty decoded token is wrong), or, with
@@ -208,12 +209,13 @@ def size_memory(model, blocks: List[List[int]], floor: Optional[int]) -> None:
 
 @torch.no_grad()
 def fill_memory(model, blocks: List[List[int]], device) -> None:
-    """Run each block through a LongMem model with memory writes on, so that it lands in memory. The
-    blocks' outputs are not used and memory holds the backbone's keys/values whatever was retrieved, so
-    the blocks do not read memory (the release's fill reads it too: the same memory, more work)."""
+    """Write each block into a LongMem model's memory. The blocks' outputs are not used and memory holds the
+    backbone's layer-m keys/values whatever was retrieved, so only the backbone up to that layer runs
+    (``write_memory_only``; the release runs the whole model over each block, reading memory too: the same memory,
+    about three times the work)."""
     with model.memory.configured(enabled=True, writes=True, reads=False):
         for b in blocks:
-            model(torch.tensor([b], device=device))
+            model.decoder.write_memory_only(torch.tensor([b], device=device))
 
 
 @torch.no_grad()

@@ -61,6 +61,11 @@ class FrozenBackbone:
         states and position returned are those of the new tokens (attending to all S)."""
         raise NotImplementedError
 
+    def retrieval_kv_only(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer m's (keys, values) of ``tokens`` (B, S), as ``frozen_states(tokens, True).retrieval_kv`` gives them,
+        without running the blocks above m where a family can stop there: all that filling memory needs."""
+        return self.frozen_states(tokens, retrieval_kv=True).retrieval_kv
+
     def new_cache(self):
         """An empty cache for ``frozen_states``."""
         raise NotImplementedError

@@ -16,6 +16,7 @@ is then its ``<|im_end|>``), ids from 4 on are written as their decimal strings.
 command of this project read the model's own ids.
 """
 import copy
+import functools
 import json
 import logging
 import os
@@ -145,6 +146,10 @@ def select_cache_rows(cache, index: torch.Tensor):
     return new
 
 
+class _KeysAndValuesCaptured(Exception):
+    """Stops a Hugging Face model's forward once the retrieval layer's keys and values are captured."""
+
+
 def positions(pad: torch.Tensor) -> torch.Tensor:
     """Each token's position counted over non-pad tokens (left padding leaves the text's positions)."""
     return (torch.cumsum((~pad).long(), dim=1) - 1).clamp(min=0)
@@ -224,24 +229,45 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
     def memory_heads(self):
         return self.hf.config.num_key_value_heads, self.head_dim
 
-    @torch.no_grad()
-    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool, cache=None) -> BackboneStates:
+    def _run(self, tokens: torch.Tensor, cache, retrieval_kv: bool, stop_at_kv: bool = False):
+        """The Hugging Face model over the new tokens of ``tokens`` (those ``cache`` does not hold), with layer m's
+        key/value projections captured (``retrieval_kv``; before the rotary embedding) and, with ``stop_at_kv``, the
+        model stopped as soon as both are (its output then None). Returns (output, captured, pad, position_ids,
+        done)."""
         pad = self.decoder.padding(tokens)  # (B, S)
         done = cache.get_seq_length() if cache is not None else 0
         position_ids = positions(pad)[:, done:]  # the new tokens'
         captured = {}
         hooks = []
+
+        def capture(module, args, out, name):
+            captured[name] = out.detach()
+            if stop_at_kv and len(captured) == 2:
+                raise _KeysAndValuesCaptured
+
         if retrieval_kv:
             attn = self.hf.model.layers[self.retrieval_layer_index].self_attn
-            for name in ("k_proj", "v_proj"):  # before the rotary embedding
-                hooks.append(getattr(attn, name).register_forward_hook(
-                    lambda module, args, out, name=name: captured.__setitem__(name, out.detach())))
+            for name in ("k_proj", "v_proj"):
+                hooks.append(getattr(attn, name).register_forward_hook(functools.partial(capture, name=name)))
+        out = None
         try:
             out = self.hf.model(input_ids=tokens[:, done:], attention_mask=(~pad).long(), position_ids=position_ids,
-                                output_hidden_states=True, use_cache=cache is not None, cache=cache)
+                                output_hidden_states=not stop_at_kv, use_cache=cache is not None, cache=cache)
+        except _KeysAndValuesCaptured:
+            pass
         finally:
             for h in hooks:
                 h.remove()
+        return out, captured, pad, position_ids, done
+
+    @torch.no_grad()
+    def retrieval_kv_only(self, tokens: torch.Tensor):
+        _, captured, *_ = self._run(tokens, None, retrieval_kv=True, stop_at_kv=True)
+        return captured["k_proj"], captured["v_proj"]
+
+    @torch.no_grad()
+    def frozen_states(self, tokens: torch.Tensor, retrieval_kv: bool, cache=None) -> BackboneStates:
+        out, captured, pad, position_ids, done = self._run(tokens, cache, retrieval_kv)
         hidden = [h.detach() for h in out.hidden_states]  # L + 1, of the new tokens
         cos, sin = self.hf.model.rotary_emb(hidden[0], position_ids=position_ids)  # (B, T, d)
         S = tokens.size(1)

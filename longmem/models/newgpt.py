@@ -186,6 +186,10 @@ class NewGPTLanguageModel(FairseqLanguageModel, FrozenBackbone):
         bias = self.decoder.model.attention_bias(tokens, x.size(1), hidden[0].dtype)  # (B or 1, H, T, S)
         return BackboneStates(hidden=hidden, retrieval_kv=kv, position=bias)
 
+    @torch.no_grad()
+    def retrieval_kv_only(self, tokens: torch.Tensor):
+        return self.decoder.model.retrieval_kv(tokens)
+
     def new_cache(self):
         """An empty key/value cache for ``frozen_states``: one dict per block."""
         return [{} for _ in self.decoder.model.transformer.h]

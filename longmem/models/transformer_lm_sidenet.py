@@ -330,6 +330,19 @@ class SideNetDecoder(FairseqIncrementalDecoder):
             memory.write(*bb.retrieval_kv)  # after the read: a segment never retrieves itself
         return x, {"attn": [None], "inner_states": None, "backbone_features": H[-1]}
 
+    @torch.no_grad()
+    def write_memory_only(self, tokens):
+        """Write ``tokens`` (B, T), one segment, into memory as a forward pass with memory on writes it, and compute
+        nothing else: memory holds the frozen backbone's layer-m keys/values whatever the SideNet does, so the
+        backbone runs only up to that layer and the SideNet, the reads and the output head not at all (filling memory
+        with demonstrations, ``longmem.evaluation.icl.fill_memory``). Memory off or writes off: nothing."""
+        memory = self.memory.step(tokens.size(0), tokens.device)
+        if not memory.active or not self.memory.writes:
+            return
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16(tokens.device)):
+            keys, values = self._frozen(tokens.device).retrieval_kv_only(tokens)
+        memory.write(keys, values)
+
     def _sidenet(self, bb, memory: MemoryStep, device, caches=None):
         """The SideNet over the backbone's states ``bb`` of some tokens: (output features, the hidden states used).
         ``caches``: one key/value cache per layer (incremental decoding)."""

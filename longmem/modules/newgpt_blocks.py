@@ -157,3 +157,12 @@ class NewGPTModel(nn.Module):
         if hidden_states is not None:
             hidden_states.append(x)  # L + 1 entries
         return x, hidden_states, retrieval_kv
+
+    def retrieval_kv(self, tokens: torch.Tensor):
+        """Layer ``retrieval_layer_index``'s (k, v) of ``tokens`` (B, S), each (B, S, C), as ``forward`` computes
+        them, the blocks above it not run."""
+        x = self.transformer.drop(self.transformer.wte(tokens))
+        bias = self.attention_bias(tokens, tokens.size(1), x.dtype)
+        for block in self.transformer.h[: self.retrieval_layer_index + 1]:
+            x, key, value = block(x, bias, None)
+        return key, value
