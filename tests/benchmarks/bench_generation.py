@@ -60,6 +60,18 @@ def build(gguf, d):
     return model
 
 
+def smollm2_model(gguf, who):
+    """(``build``'s model, its dictionary of SmolLM2's ids), or None after a line saying why ``who`` is skipped when
+    the GGUF file is not there."""
+    if not os.path.isfile(gguf):
+        print(f"{who}: skipped: {gguf} is not there (make demo downloads it)")
+        return None
+    d = Dictionary()
+    for i in range(4, VOCAB):
+        d.add_symbol(str(i))
+    return build(gguf, d), d
+
+
 def icl_rows(model, gguf, d, n_uncached, n_cached):
     codec = TextCodec(d, tokenizer=Tokenizer(hf_tokenizer=gguf))
     spec, train, dev = icl.load_task(paths.ICL, "sst2")
@@ -123,13 +135,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="generation rounds")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    if not os.path.isfile(args.gguf):
-        print(f"bench_generation: skipped: {args.gguf} is not there (make demo downloads it)")
+    built = smollm2_model(args.gguf, "bench_generation")
+    if built is None:
         return
-    d = Dictionary()
-    for i in range(4, VOCAB):
-        d.add_symbol(str(i))
-    model = build(args.gguf, d)
+    model, d = built
     rows, context, prompt_tokens, blocks = icl_rows(model, args.gguf, d, args.uncached, args.cached)
     model.memory.configure(mode="stream", chunk_size=4, slot="generate", writes=True)
     rate = generation_rows(model, args.repeats)

@@ -16,14 +16,12 @@ Interleaved rounds, median; both memories compared bit for bit. Writes its table
     python tests/benchmarks/bench_icl_fill.py [--gguf PATH] [--blocks 6] [--repeats 2] [--no-write]
 """
 import argparse
-import os
 
 import torch
 
-from bench_generation import GGUF, VOCAB, build
+from bench_generation import GGUF, smollm2_model
 
 import longmem  # noqa: F401
-from fairseq.data import Dictionary
 from longmem import paths
 from longmem.evaluation import icl
 from longmem.evaluation.codec import TextCodec
@@ -38,13 +36,10 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="timed rounds (after one warm-up round)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    if not os.path.isfile(args.gguf):
-        print(f"bench_icl_fill: skipped: {args.gguf} is not there (make demo downloads it)")
+    built = smollm2_model(args.gguf, "bench_icl_fill")
+    if built is None:
         return
-    d = Dictionary()
-    for i in range(4, VOCAB):
-        d.add_symbol(str(i))
-    model = build(args.gguf, d)
+    model, d = built
     codec = TextCodec(d, tokenizer=Tokenizer(hf_tokenizer=args.gguf))
     spec, train, dev = icl.load_task(paths.ICL, "sst2")
     blocks, _ = icl.prompts_for_seed(spec, train, dev[:1], codec, d, 20, 2000, 1, 1024)
