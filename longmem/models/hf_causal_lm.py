@@ -247,7 +247,7 @@ class HFCausalLM(FairseqLanguageModel, FrozenBackbone):
 
         if retrieval_kv:
             attn = self.hf.model.layers[self.retrieval_layer_index].self_attn
-            for name in ("k_proj", "v_proj"):
+            for name in ("k_proj", "v_proj"):  # before the rotary embedding
                 hooks.append(getattr(attn, name).register_forward_hook(functools.partial(capture, name=name)))
         out = None
         try:
