@@ -223,6 +223,17 @@ def assert_one_line_error():
     return _assert_one_line_error
 
 
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+@pytest.fixture(scope="session")
+def same_state():
+    """``same_state(a, b)``: two state dicts (a memory bank's) with the same keys and every value equal, bit for bit."""
+    return _same_state
+
+
 @pytest.fixture(scope="session")
 def binarize(run_cli):
     """``binarize(destdir, srcdict=None, train=None, valid=None, test=None) -> destdir``: ``fairseq-preprocess

@@ -244,7 +244,8 @@ def test_the_llama_memory_layers_evidence_scores_local_keys_rotated_and_memory_k
     torch.testing.assert_close(z[0], num / gate.sum(), rtol=0, atol=1e-4)
 
 
-def test_filling_memory_runs_the_llama_to_its_retrieval_layer_only_and_writes_the_full_forwards_memory(llama):
+def test_filling_memory_runs_the_llama_to_its_retrieval_layer_only_and_writes_the_full_forwards_memory(llama,
+                                                                                                      same_state):
     """``fill_memory`` (ICL's demonstrations into memory) stops the Hugging Face model once layer m's keys and values
     are captured: the rest of layer m, the layers above it, the final norm and both output heads never run; the memory it writes is the one a
     full forward pass writes, bit for bit; the model runs whole again afterwards."""
@@ -276,8 +277,7 @@ def test_filling_memory_runs_the_llama_to_its_retrieval_layer_only_and_writes_th
     finally:
         for h in hooks:
             h.remove()
-    full = model.memory.bank.state_dict()
-    assert all(torch.equal(fast[k], v) if torch.is_tensor(v) else fast[k] == v for k, v in full.items())
+    assert same_state(fast, model.memory.bank.state_dict())
     with torch.no_grad():
         after = model.decoder.pretrained_model.frozen_states(tokens, True)
     assert len(after.hidden) == len(before.hidden) == 5

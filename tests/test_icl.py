@@ -65,7 +65,7 @@ def test_memory_is_cut_into_whole_blocks():
     assert icl.memory_blocks(list(range(3)), 4) == []
 
 
-def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sidenet, make_dictionary):
+def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sidenet, make_dictionary, same_state):
     model, _ = make_sidenet(make_dictionary(40), use_external_memory=True, memory_size=64, k=4, chunk_size=2)
     model.eval()
     model.memory.configure(mode="shared")
@@ -84,16 +84,12 @@ def test_memory_holds_exactly_the_blocks_and_queries_leave_it_unchanged(make_sid
     model.memory.configure(enabled=True, writes=True, reads=True)
     for b in blocks:
         model(torch.tensor([b]))
-    assert model.memory.reads and all(
-        torch.equal(before[k], v) if torch.is_tensor(v) else before[k] == v
-        for k, v in model.memory.bank.state_dict().items())
+    assert model.memory.reads and same_state(before, model.memory.bank.state_dict())
     bank = model.memory.bank
     model.memory.configure(enabled=True, writes=False)
     lp = icl.predict(model, [[2, 5, 6, 7], [2, 9, 10]], pad=1, device=torch.device("cpu"), batch_size=2)
     assert lp.shape == (2, 44)
-    after = bank.state_dict()
-    assert all(torch.equal(before[k], after[k]) if torch.is_tensor(before[k]) else before[k] == after[k]
-               for k in before)
+    assert same_state(before, bank.state_dict())
 
 
 def test_memory_fit_holds_every_demonstration_where_one_chunk_less_evicts_the_oldest(make_sidenet, make_dictionary,
