@@ -89,6 +89,11 @@ def test_plot_has_smollm2_panel_with_half_memory_off_targets(tmp_path):
     assert targets == [4.0, 5.0]
 
 
+def flag_value(args, flag):
+    """The value of ``flag`` in a command's ``args``: its last one, as argparse keeps the last of a flag given twice."""
+    return args[len(args) - 1 - args[::-1].index(flag) + 1]
+
+
 def run_recipe_dry(tmp_path, monkeypatch, preset):
     """``longmem-recipe smollm2 OUT --preset configs/PRESET`` with every data stage's output already there and a
     ``run`` that records each command instead of running it (the training script run for real with DRY_RUN=1):
@@ -126,12 +131,9 @@ def run_recipe_dry(tmp_path, monkeypatch, preset):
                 train.extend(args)
             os.makedirs(cmd[4], exist_ok=True)  # SAVE_DIR
             (out / cmd[4] / "checkpoint_last.pt").write_text("x")
-
-            def last(flag):  # argparse keeps the last value of a flag given twice
-                return int(args[len(args) - 1 - args[::-1].index(flag) + 1])
-
-            interval, keep = last("--save-interval-updates"), last("--keep-interval-updates")
-            saved = list(range(interval, last("--max-update") + 1, interval))
+            interval, keep, updates = (int(flag_value(args, f)) for f in
+                                       ("--save-interval-updates", "--keep-interval-updates", "--max-update"))
+            saved = list(range(interval, updates + 1, interval))
             for u in saved[-keep:] if keep > 0 else saved:  # the interval checkpoints fairseq keeps
                 (out / cmd[4] / f"checkpoint_1_{u}.pt").write_text("x")
         elif cmd[2] in ("longmem.commands.set_mixture", "longmem.commands.average_checkpoints"):
@@ -321,8 +323,8 @@ def test_stage_mix_trains_the_gate_alone_from_stage_longmems_checkpoint_and_eval
     (mix,) = [c[1] for c in calls if c[0] == "train"]
     out = tmp_path / "out"
 
-    def last(flag):  # argparse keeps the last value of a flag given twice
-        return mix[len(mix) - 1 - mix[::-1].index(flag) + 1]
+    def last(flag):
+        return flag_value(mix, flag)
 
     assert last("--restore-file") == str(out / "longmem" / "checkpoint_last.pt")
     assert last("--save-dir") == str(out / "longmem-mix")
@@ -393,7 +395,7 @@ def test_stage_average_means_the_last_checkpoints_kept_and_stage_mix_starts_from
         (tmp_path / f"{name}.sh").write_text(base + extra)
     train, calls = run_recipe_dry(tmp_path / "avg", monkeypatch, str(tmp_path / "avg.sh"))
     out = tmp_path / "avg" / "out"
-    assert train[len(train) - 1 - train[::-1].index("--keep-interval-updates") + 1] == "3"
+    assert flag_value(train, "--keep-interval-updates") == "3"
     (args,) = [c[1] for c in calls if c[0] == "average_checkpoints"]
     assert args == [str(out / "longmem-avg" / "checkpoint_last.pt")] + [
         str(out / "longmem" / f"checkpoint_1_{u}.pt") for u in (800, 1600, 2400)]

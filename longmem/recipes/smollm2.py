@@ -104,7 +104,8 @@ def check(p: argparse.ArgumentParser, args) -> dict:
 def check_average(preset: str, cfg: dict) -> None:
     """AVERAGE_LAST (default 1: no averaging) a whole number >= 1; above 1, MAX_UPDATE a multiple of
     SAVE_INTERVAL_UPDATES with at least AVERAGE_LAST checkpoints kept by then."""
-    n, interval, last = (cfg.setdefault("AVERAGE_LAST", "1"), cfg.get("SAVE_INTERVAL_UPDATES", "500"),
+    # train_scripts/train_longmem.sh's default interval
+    n, interval, last = (cfg.setdefault("AVERAGE_LAST", "1"), cfg.setdefault("SAVE_INTERVAL_UPDATES", "500"),
                          cfg["MAX_UPDATE"])
     try:
         n, interval, last = int(n), int(interval), int(last)
@@ -112,7 +113,7 @@ def check_average(preset: str, cfg: dict) -> None:
         n = interval = last = 0
     if n < 1 or interval < 1 or last < 1:
         raise ConfigError(f"preset {preset}: AVERAGE_LAST, SAVE_INTERVAL_UPDATES and MAX_UPDATE must be whole numbers "
-                          f">= 1, got {cfg['AVERAGE_LAST']!r}, {cfg.get('SAVE_INTERVAL_UPDATES')!r} and "
+                          f">= 1, got {cfg['AVERAGE_LAST']!r}, {cfg['SAVE_INTERVAL_UPDATES']!r} and "
                           f"{cfg['MAX_UPDATE']!r}")
     if n > 1 and (last % interval or last // interval < n):
         fits = [d for d in range(1, last // n + 1) if last % d == 0]  # intervals that end at MAX_UPDATE, n or more
@@ -123,8 +124,8 @@ def check_average(preset: str, cfg: dict) -> None:
 
 
 def averaged_updates(cfg: dict) -> list:
-    """The updates of the checkpoints stage average reads (none with AVERAGE_LAST=1)."""
-    n, interval, last = int(cfg["AVERAGE_LAST"]), int(cfg.get("SAVE_INTERVAL_UPDATES", "500")), int(cfg["MAX_UPDATE"])
+    """The updates of the checkpoints stage average reads (none with AVERAGE_LAST=1); ``cfg`` as ``check`` leaves it."""
+    n, interval, last = int(cfg["AVERAGE_LAST"]), int(cfg["SAVE_INTERVAL_UPDATES"]), int(cfg["MAX_UPDATE"])
     return [last - i * interval for i in reversed(range(n))] if n > 1 else []
 
 
